@@ -1,0 +1,61 @@
+"""Fused sparse kernels for Deja Vu decoding (Triton), each with a plain PyTorch reference.
+
+Launchers (need Triton; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``):
+
+* MLP: :func:`gather_up` (fc1 + bias + ReLU), :func:`gather_swiglu`, :func:`gather_down`
+  (transposed ``w2t``, + bias + residual);
+* attention projections: :func:`head_gather_gemv`, :func:`head_gather_down`;
+* attention: :func:`sparse_decode_attention` (selected query heads, GQA, flash-decoding).
+
+Plain torch (no Triton needed): :func:`lowrank_scores`, :func:`batch_topk`,
+:func:`kv_heads_for`, :func:`predictor_bytes` and every ``*_ref``.
+
+``HAS_TRITON`` tells whether the launchers can run; without Triton they raise ``RuntimeError``.
+All launchers check their inputs and raise ``ValueError`` naming the problem and the fix;
+index range/duplicate checks sync with the device and run only with ``validate=True``
+outside CUDA-graph capture.
+"""
+
+from ._checks import HAS_TRITON, MAX_BATCH
+from .decode_attention import sparse_decode_attention, sparse_decode_attention_ref
+from .gather_mlp import (
+    gather_down,
+    gather_down_ref,
+    gather_swiglu,
+    gather_swiglu_ref,
+    gather_up,
+    gather_up_ref,
+)
+from .head_sparse import (
+    head_gather_down,
+    head_gather_down_ref,
+    head_gather_gemv,
+    head_gather_gemv_ref,
+    head_rows,
+    kv_heads_for,
+)
+from .predictor_ops import batch_topk, batch_topk_ref, lowrank_scores, lowrank_scores_ref, predictor_bytes
+
+__all__ = [
+    "HAS_TRITON",
+    "MAX_BATCH",
+    "gather_up",
+    "gather_up_ref",
+    "gather_swiglu",
+    "gather_swiglu_ref",
+    "gather_down",
+    "gather_down_ref",
+    "head_gather_gemv",
+    "head_gather_gemv_ref",
+    "head_gather_down",
+    "head_gather_down_ref",
+    "head_rows",
+    "kv_heads_for",
+    "sparse_decode_attention",
+    "sparse_decode_attention_ref",
+    "lowrank_scores",
+    "lowrank_scores_ref",
+    "batch_topk",
+    "batch_topk_ref",
+    "predictor_bytes",
+]

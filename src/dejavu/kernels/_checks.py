@@ -1,0 +1,265 @@
+"""Shared plumbing for the sparse kernels: optional Triton import, input checks, small heuristics.
+
+Every launcher in this package does three things: check its inputs with the helpers below,
+allocate its output, launch. The checks exist so that a wrong call fails loudly with a
+``ValueError`` that names the problem *and* the fix, instead of returning a silently wrong
+answer (a Triton kernel happily reads out of bounds or mixes dtypes).
+
+Two kinds of checks:
+
+* metadata checks (dtype, device, rank, shape, contiguity, batch size, index dtype): free,
+  always on;
+* data checks on index tensors (range and duplicates): these read device memory, i.e. they
+  synchronise the host with the GPU. They run only when ``validate=True`` *and* no CUDA graph
+  is being captured on the current stream (a sync inside capture is an error). Runtimes that
+  build their indices by construction (``batch_topk``) pass ``validate=False``.
+
+Triton is optional: without it the package still imports, the ``*_ref`` functions work, and
+the launchers raise a ``RuntimeError`` saying how to get Triton.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+try:  # Triton is optional: the refs and the package import must work without it.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised by a subprocess test
+    triton = None
+    HAS_TRITON = False
+
+    class _MissingTritonLanguage:
+        """Stands in for ``triton.language`` so kernel signatures (``tl.constexpr``) still parse."""
+
+        constexpr = None
+
+    tl = _MissingTritonLanguage()
+
+
+MAX_BATCH = 16
+"""Largest decode batch the kernels are designed (and tested) for: memory-bound GEMV regime."""
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+DEFAULT_NUM_SMS = 132  # H100 SXM; used when no CUDA device can be queried (interpreter).
+
+
+def jit(fn):
+    """``triton.jit`` when Triton is installed, otherwise the plain function (never launched)."""
+    return triton.jit(fn) if HAS_TRITON else fn
+
+
+# --------------------------------------------------------------------------------------------
+# environment
+# --------------------------------------------------------------------------------------------
+
+
+def is_interpreted(kernel) -> bool:
+    """True when ``kernel`` was decorated under ``TRITON_INTERPRET=1`` (numpy interpreter).
+
+    Triton decides this once, when the ``@triton.jit`` decorator runs (module import), so we ask
+    the kernel object rather than the environment.
+    """
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def capturing() -> bool:
+    """True while a CUDA graph is being captured on the current stream (no syncs allowed)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def should_validate(validate: bool) -> bool:
+    """Run the data-dependent (syncing) checks only when asked and when it is legal."""
+    return bool(validate) and not capturing()
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms_cached(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Number of SMs of ``device`` (cached); a sensible H100 default off-GPU."""
+    if device.type == "cuda":
+        return _num_sms_cached(device.index if device.index is not None else torch.cuda.current_device())
+    return DEFAULT_NUM_SMS
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --------------------------------------------------------------------------------------------
+# checks (all raise ValueError naming the problem and the fix)
+# --------------------------------------------------------------------------------------------
+
+
+def require_triton(op: str) -> None:
+    """Raise ``RuntimeError`` (not ``ValueError``: the call was fine, the install is not)."""
+    if not HAS_TRITON:
+        raise RuntimeError(
+            f"{op}: Triton is not installed, so the fused kernel cannot run. Install it "
+            f"(`pip install triton` or `pip install dejavu-llm[kernels]`) or use {op}_ref, the plain "
+            f"PyTorch reference, which needs no Triton."
+        )
+
+
+def check_launch_device(op: str, kernel, t: torch.Tensor) -> None:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``."""
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and is_interpreted(kernel):
+        return
+    raise ValueError(
+        f"{op}: tensors are on {t.device}, but the Triton kernel needs CUDA tensors. Move them with "
+        f".cuda(), use {op}_ref on CPU, or set TRITON_INTERPRET=1 before importing triton/dejavu."
+    )
+
+
+def check_tensor(
+    op: str,
+    name: str,
+    t,
+    *,
+    ndim: int,
+    dtype: torch.dtype | None = None,
+    dtype_of: str = "the weights",
+    device: torch.device | None = None,
+    device_of: str = "the weights",
+    shape: tuple | None = None,
+    contiguous: bool = False,
+    last_dim_contiguous: bool = False,
+) -> None:
+    """Rank / shape / dtype / device / layout checks for one tensor argument.
+
+    ``shape`` entries may be ``None`` (any size). ``contiguous`` is for weights (the kernels
+    assume packed rows); ``last_dim_contiguous`` for activations and caches, whose other
+    strides are passed to the kernel.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}.")
+    if t.dim() != ndim:
+        raise ValueError(
+            f"{op}: {name} must have {ndim} dimensions, got shape {tuple(t.shape)}. "
+            f"Reshape it (e.g. x.view(-1, x.shape[-1]) for a single token per sequence)."
+        )
+    if shape is not None:
+        for axis, (got, want) in enumerate(zip(t.shape, shape)):
+            if want is not None and got != want:
+                raise ValueError(
+                    f"{op}: {name} has shape {tuple(t.shape)} but dimension {axis} must be {want} "
+                    f"(expected {tuple('*' if s is None else s for s in shape)}); check which matrix "
+                    f"layout the op expects (see its docstring)."
+                )
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(
+            f"{op}: {name} has dtype {t.dtype} but {dtype_of} are {dtype}; cast one side, "
+            f"e.g. {name}.to({dtype})."
+        )
+    if dtype is None and t.dtype not in KERNEL_DTYPES:
+        raise ValueError(
+            f"{op}: {name} has dtype {t.dtype}; the kernels support float16, bfloat16 and float32. "
+            f"Cast with .half()/.bfloat16()/.float() (or use {op}_ref for other dtypes)."
+        )
+    if device is not None and t.device != device:
+        raise ValueError(
+            f"{op}: {name} is on {t.device} but {device_of} are on {device}; move it with "
+            f".to({str(device)!r})."
+        )
+    if contiguous and not t.is_contiguous():
+        raise ValueError(
+            f"{op}: {name} must be contiguous (packed rows, stride {tuple(t.stride())} given); "
+            f"store it once with .contiguous() when loading the model, not per call."
+        )
+    if last_dim_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"{op}: the last dimension of {name} must have stride 1 (got strides "
+            f"{tuple(t.stride())}); call .contiguous() on it."
+        )
+
+
+def check_batch(op: str, batch: int) -> None:
+    if batch < 1 or batch > MAX_BATCH:
+        raise ValueError(
+            f"{op}: batch size {batch} is outside 1..{MAX_BATCH}. These kernels target memory-bound "
+            f"decoding; split the batch into chunks of at most {MAX_BATCH} rows, or use a dense "
+            f"GEMM for large batches."
+        )
+
+
+def check_index(
+    op: str,
+    name: str,
+    idx,
+    *,
+    n: int,
+    device: torch.device,
+    validate: bool,
+    what: str = "rows",
+) -> None:
+    """Index tensors: 1-D, int32/int64, same device, contiguous, non-empty, and (synced) valid.
+
+    ``n`` is the number of selectable items (rows, heads): valid entries are ``0 <= i < n``,
+    without duplicates (a duplicate would read a row twice and, for the down projections,
+    count it twice).
+    """
+    if not isinstance(idx, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor of int32/int64 indices.")
+    if idx.dtype not in INDEX_DTYPES:
+        raise ValueError(
+            f"{op}: {name} has dtype {idx.dtype}; indices must be int32 or int64 "
+            f"(e.g. {name}.to(torch.int32))."
+        )
+    if idx.dim() != 1:
+        raise ValueError(
+            f"{op}: {name} must be 1-D (the union of selected {what} for the whole batch), "
+            f"got shape {tuple(idx.shape)}; flatten and de-duplicate it, e.g. with batch_topk."
+        )
+    if idx.device != device:
+        raise ValueError(
+            f"{op}: {name} is on {idx.device} but the weights are on {device}; move it with .to({str(device)!r})."
+        )
+    if not idx.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous; call {name}.contiguous().")
+    if idx.numel() < 1 or idx.numel() > n:
+        raise ValueError(
+            f"{op}: {name} selects {idx.numel()} {what}, but it must select between 1 and {n} "
+            f"(the number of {what} available)."
+        )
+    if not should_validate(validate):
+        return
+    # One host sync for all three statistics.
+    ii = idx.long()
+    dups = (ii.sort().values.diff() == 0).sum() if ii.numel() > 1 else ii.new_zeros(())
+    lo, hi, n_dup = torch.stack([ii.min(), ii.max(), dups]).tolist()
+    if lo < 0 or hi >= n:
+        raise ValueError(
+            f"{op}: {name} has entries in [{lo}, {hi}] but valid {what} are 0..{n - 1}; the kernel "
+            f"would read out of bounds. Check the predictor output / head count."
+        )
+    if n_dup:
+        raise ValueError(
+            f"{op}: {name} contains {n_dup} duplicated entries; each selected {what[:-1]} must "
+            f"appear once (torch.unique(idx) fixes it; batch_topk never produces duplicates)."
+        )
+
+
+def check_out(op: str, out, *, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    """Optional caller-provided output buffer (e.g. a static buffer inside a CUDA graph)."""
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or out.dtype != dtype \
+            or out.device != device or not out.is_contiguous():
+        got = (tuple(out.shape), out.dtype, out.device) if isinstance(out, torch.Tensor) else type(out)
+        raise ValueError(
+            f"{op}: out must be a contiguous tensor of shape {tuple(shape)}, dtype {dtype} on {device}; "
+            f"got {got}. Pass out=None to let the op allocate it."
+        )

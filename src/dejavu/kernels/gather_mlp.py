@@ -1,0 +1,515 @@
+"""Sparse MLP projections for decoding: read only the selected neurons' weight rows.
+
+Deja Vu's MLP sparsity picks, per token, a small set of active neurons (the predictor's
+top-k, unioned over the batch into one index vector ``idx`` of length ``k``). An MLP block
+``y = W2 act(W1 x + b1) + b2`` then only needs rows ``idx`` of ``W1`` and columns ``idx`` of
+``W2``. At decode batch sizes (B <= 16) both projections are GEMVs: the time is the time to
+stream the selected weights from HBM once, so the kernels are built around that read:
+
+* every selected weight row is read exactly once per call, for the whole batch (the batch
+  lives inside the program, padded to a tile);
+* rows are contiguous along ``d``, so tiles are ``[rows, d-chunk]`` with 16-byte vector loads;
+* accumulation is fp32, the output is cast back to the input dtype.
+
+``W2`` is stored *transposed*, ``w2t = W2.T.contiguous()`` of shape ``[N, d]``: column ``j`` of
+``W2`` (neuron ``j``'s output weights) becomes a contiguous row, so the down projection is a
+gather of rows too, and neither projection ever strides across a matrix.
+
+Three ops, each with its torch reference next to it:
+
+* :func:`gather_up`      ``[B, d] x W1[idx]^T  -> [B, k]`` with fused bias + ReLU (OPT fc1);
+* :func:`gather_swiglu`  ``silu(x Wg[idx]^T) * (x Wu[idx]^T) -> [B, k]`` (LLaMA gate/up);
+* :func:`gather_down`    ``h [B, k] x w2t[idx] -> [B, d]`` with fused bias + residual.
+
+The two kernels also take ``ROWS_PER_IDX``: each index then selects a *block* of consecutive
+rows (``idx[j] * R + r``). With ``R = head_dim`` this is exactly the head-sparse attention
+projection, see :mod:`dejavu.kernels.head_sparse`.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import (
+    check_batch,
+    check_index,
+    check_launch_device,
+    check_out,
+    check_tensor,
+    cdiv,
+    is_interpreted,
+    jit,
+    next_pow2,
+    num_sms,
+    require_triton,
+    tl,
+)
+
+ACT_NONE, ACT_RELU, ACT_SWIGLU = 0, 1, 2
+_ACTS = {"none": ACT_NONE, "relu": ACT_RELU}
+
+
+# ============================================================================================
+# kernel 1: gather rows, GEMV against the whole batch, fused epilogue
+# ============================================================================================
+
+
+@jit
+def _gather_rows_kernel(
+    # pointers
+    x_ptr,  # [B, D] activations
+    w_ptr,  # [N * R, D] weight, row-major (rows contiguous)
+    w2_ptr,  # [N * R, D] second weight (SwiGLU up-projection), else == w_ptr
+    idx_ptr,  # [K] selected indices (int32/int64)
+    bias_ptr,  # [N * R] or dummy
+    out_ptr,  # [B, K * R]
+    # sizes
+    B,
+    n_out,  # K * R, number of output columns
+    D,
+    # strides (weights: last stride is 1 by contract)
+    stride_xb,
+    stride_xd,
+    stride_wn,
+    stride_w2n,
+    stride_ob,
+    # meta-parameters
+    ROWS_PER_IDX: tl.constexpr,  # R: 1 for neurons, head_dim for heads
+    ACT: tl.constexpr,  # 0 none, 1 relu, 2 swiglu
+    HAS_BIAS: tl.constexpr,
+    BLOCK_B: tl.constexpr,  # batch tile (B padded); 16 on the tensor-core path
+    BLOCK_K: tl.constexpr,  # output columns (weight rows) per program
+    BLOCK_D: tl.constexpr,  # reduction chunk along d
+    USE_DOT: tl.constexpr,  # tensor-core tl.dot (B > 2) vs. CUDA-core FMA (B <= 2)
+    DOT_FP32: tl.constexpr,  # upcast dot operands to fp32 (fp32 inputs, or the interpreter)
+    NUM_STAGES: tl.constexpr,  # software-pipelining depth of the d loop
+):
+    """out[b, c] = act(x[b] . w[row(c)] + bias[row(c)]), row(c) = idx[c // R] * R + c % R.
+
+    One program owns BLOCK_K output columns, i.e. BLOCK_K weight rows, and walks the full
+    reduction dimension d; the batch is a tile inside the program, so each weight element is
+    loaded once. Grid: (cdiv(n_out, BLOCK_K),).
+    """
+    pid = tl.program_id(0)
+
+    # -- which weight rows this program reads ------------------------------------------------
+    offs_c = pid * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K] output columns
+    c_mask = offs_c < n_out
+    sel = tl.load(idx_ptr + offs_c // ROWS_PER_IDX, mask=c_mask, other=0)
+    rows = sel.to(tl.int64) * ROWS_PER_IDX + offs_c % ROWS_PER_IDX  # [BLOCK_K]
+
+    offs_b = tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+    offs_d0 = tl.arange(0, BLOCK_D)
+    x_rows = x_ptr + offs_b[:, None] * stride_xb  # [BLOCK_B, 1]
+    w_rows = w_ptr + rows[:, None] * stride_wn  # [BLOCK_K, 1]
+    w2_rows = w2_ptr + rows[:, None] * stride_w2n
+
+    if USE_DOT:
+        # [BLOCK_B, BLOCK_D] @ [BLOCK_D, BLOCK_K] on tensor cores; padding rows of x are zero.
+        acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+        for d0 in tl.range(0, D, BLOCK_D, num_stages=NUM_STAGES):
+            offs_d = d0 + offs_d0
+            d_mask = offs_d < D
+            x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=b_mask[:, None] & d_mask[None, :], other=0.0)
+            w = tl.load(w_rows + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :], other=0.0)
+            if DOT_FP32:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+            if ACT == 2:
+                w2 = tl.load(w2_rows + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :], other=0.0)
+                if DOT_FP32:
+                    acc2 = tl.dot(x, tl.trans(w2.to(tl.float32)), acc2, input_precision="ieee")
+                else:
+                    acc2 = tl.dot(x, tl.trans(w2), acc2)
+    else:
+        # B <= 2: broadcast-multiply in fp32 registers, [BLOCK_B, BLOCK_K, BLOCK_D]; reduce
+        # over d once after the loop (no cross-lane shuffles inside the streaming loop).
+        acc3 = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_D], dtype=tl.float32)
+        acc3_2 = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_D], dtype=tl.float32)
+        for d0 in tl.range(0, D, BLOCK_D, num_stages=NUM_STAGES):
+            offs_d = d0 + offs_d0
+            d_mask = offs_d < D
+            x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=b_mask[:, None] & d_mask[None, :], other=0.0)
+            w = tl.load(w_rows + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :], other=0.0)
+            x3 = x.to(tl.float32)[:, None, :]
+            acc3 += x3 * w.to(tl.float32)[None, :, :]
+            if ACT == 2:
+                w2 = tl.load(w2_rows + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :], other=0.0)
+                acc3_2 += x3 * w2.to(tl.float32)[None, :, :]
+        acc = tl.sum(acc3, axis=2)
+        acc2 = tl.sum(acc3_2, axis=2)
+
+    # -- epilogue: bias, activation, cast --------------------------------------------------------
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:
+        acc = tl.maximum(acc, 0.0)
+    if ACT == 2:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc2  # silu(gate) * up
+    out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_c[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=b_mask[:, None] & c_mask[None, :])
+
+
+def _rows_config(batch: int, n_out: int, d: int, two_mats: bool, device: torch.device) -> dict:
+    """Tile sizes for :func:`_gather_rows_kernel` (a heuristic, no autotuning).
+
+    B <= 2: FMA path, 4 or 8 rows per program so that even k ~ 1000 gives about one program
+    per SM or more; d-chunks up to 512 (1 KiB of fp16 per row and stage) with the fp32
+    accumulator held to <= 64 registers/thread. B > 2: tensor-core path, the batch padded to
+    16 (tl.dot's minimum), 16 or 32 rows per program, 128-wide d chunks, 4 pipeline stages.
+    """
+    sms = num_sms(device)
+    if batch <= 2:
+        block_b = next_pow2(batch)
+        block_k = 8 if cdiv(n_out, 8) >= sms else 4
+        budget = 64 * 128 // (block_b * block_k * (2 if two_mats else 1))
+        block_d = max(16, min(512, next_pow2(d), budget))
+        return dict(BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=block_d, USE_DOT=False, NUM_STAGES=3, num_warps=4)
+    block_k = 32 if cdiv(n_out, 32) >= 2 * sms else 16
+    block_d = max(16, min(128, next_pow2(d)))
+    return dict(BLOCK_B=16, BLOCK_K=block_k, BLOCK_D=block_d, USE_DOT=True, NUM_STAGES=4, num_warps=4)
+
+
+def _launch_gather_rows(x, w, w2, idx, bias, act: int, rows_per_idx: int, out):
+    """Shared launch for gather_up / gather_swiglu / head_gather_gemv (inputs already checked)."""
+    B, D = x.shape
+    n_out = out.shape[1]
+    cfg = _rows_config(B, n_out, D, act == ACT_SWIGLU, x.device)
+    num_warps = cfg.pop("num_warps")
+    grid = (cdiv(n_out, cfg["BLOCK_K"]),)
+    _gather_rows_kernel[grid](
+        x, w, w2, idx, bias if bias is not None else w, out,
+        B, n_out, D,
+        x.stride(0), x.stride(1), w.stride(0), w2.stride(0), out.stride(0),
+        ROWS_PER_IDX=rows_per_idx, ACT=act, HAS_BIAS=bias is not None,
+        DOT_FP32=x.dtype == torch.float32 or is_interpreted(_gather_rows_kernel),
+        num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg,
+    )  # fmt: skip
+    return out
+
+
+def _check_rows_inputs(op, x, w, idx, *, rows_per_idx, validate, what):
+    """Checks shared by the row-gather launchers; returns (B, N_items)."""
+    require_triton(op)
+    check_tensor(op, "w", w, ndim=2, contiguous=True)
+    check_tensor(op, "x", x, ndim=2, dtype=w.dtype, device=w.device, shape=(None, w.shape[1]))
+    check_launch_device(op, _gather_rows_kernel, w)
+    check_batch(op, x.shape[0])
+    if w.shape[0] % rows_per_idx:
+        raise ValueError(f"{op}: w has {w.shape[0]} rows, not a multiple of head_dim={rows_per_idx}.")
+    n_items = w.shape[0] // rows_per_idx
+    name = "idx" if rows_per_idx == 1 else "head_idx"
+    check_index(op, name, idx, n=n_items, device=w.device, validate=validate, what=what)
+    return x.shape[0], n_items
+
+
+def _check_bias(op, name, bias, w, n_rows):
+    if bias is not None:
+        check_tensor(op, name, bias, ndim=1, dtype=w.dtype, device=w.device, shape=(n_rows,), contiguous=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# gather_up
+# ---------------------------------------------------------------------------------------------
+
+
+def gather_up(x, w, idx, bias=None, act="relu", *, validate=True, out=None):
+    """Sparse up-projection ``act(x @ w[idx].T + bias[idx])`` -> ``[B, k]``.
+
+    Args:
+        x: ``[B, d]`` activations, 1 <= B <= 16, same dtype as ``w`` (fp16/bf16/fp32).
+        w: ``[N, d]`` contiguous weight in ``nn.Linear`` layout (OPT ``fc1.weight``).
+        idx: ``[k]`` int32/int64, the union of active neurons for the batch, no duplicates.
+        bias: optional ``[N]`` (the *full* bias; it is gathered with ``idx``).
+        act: ``"relu"`` (OPT fc1) or ``"none"`` (plain row gather).
+        validate: check index range/duplicates (one host sync; skipped under graph capture).
+        out: optional preallocated ``[B, k]`` output.
+    """
+    op = "gather_up"
+    if act not in _ACTS:
+        raise ValueError(f"{op}: act must be one of {sorted(_ACTS)}, got {act!r}.")
+    B, N = _check_rows_inputs(op, x, w, idx, rows_per_idx=1, validate=validate, what="rows")
+    _check_bias(op, "bias", bias, w, N)
+    k = idx.shape[0]
+    if out is None:
+        out = torch.empty((B, k), dtype=x.dtype, device=x.device)
+    else:
+        check_out(op, out, shape=(B, k), dtype=x.dtype, device=x.device)
+    return _launch_gather_rows(x, w, w, idx, bias, _ACTS[act], 1, out)
+
+
+def gather_up_ref(x, w, idx, bias=None, act="relu"):
+    """Reference for :func:`gather_up` in plain torch, computed in the inputs' dtype."""
+    idx = idx.long()
+    y = x @ w[idx].T
+    if bias is not None:
+        y = y + bias[idx]
+    return torch.relu(y) if act == "relu" else y
+
+
+# ---------------------------------------------------------------------------------------------
+# gather_swiglu
+# ---------------------------------------------------------------------------------------------
+
+
+def gather_swiglu(x, w_gate, w_up, idx, *, validate=True, out=None):
+    """Sparse SwiGLU ``silu(x @ w_gate[idx].T) * (x @ w_up[idx].T)`` -> ``[B, k]``.
+
+    Both weights are ``[N, d]`` contiguous (LLaMA ``gate_proj.weight`` / ``up_proj.weight``);
+    one kernel reads the two selected rows of each neuron and never writes the intermediate.
+    """
+    op = "gather_swiglu"
+    B, N = _check_rows_inputs(op, x, w_gate, idx, rows_per_idx=1, validate=validate, what="rows")
+    check_tensor(op, "w_up", w_up, ndim=2, dtype=w_gate.dtype, dtype_of="w_gate", device=w_gate.device,
+                 device_of="w_gate", shape=tuple(w_gate.shape), contiguous=True)  # fmt: skip
+    k = idx.shape[0]
+    if out is None:
+        out = torch.empty((B, k), dtype=x.dtype, device=x.device)
+    else:
+        check_out(op, out, shape=(B, k), dtype=x.dtype, device=x.device)
+    return _launch_gather_rows(x, w_gate, w_up, idx, None, ACT_SWIGLU, 1, out)
+
+
+def gather_swiglu_ref(x, w_gate, w_up, idx):
+    """Reference for :func:`gather_swiglu`."""
+    idx = idx.long()
+    return F.silu(x @ w_gate[idx].T) * (x @ w_up[idx].T)
+
+
+# ============================================================================================
+# kernel 2: down projection, weighted sum of gathered rows
+# ============================================================================================
+
+
+@jit
+def _gather_down_kernel(
+    # pointers
+    h_ptr,  # [B, K * R] compact activations (viewed as [B, K, R])
+    w_ptr,  # [N * R, D] transposed down weight, rows contiguous
+    idx_ptr,  # [K]
+    bias_ptr,  # [D] or dummy
+    res_ptr,  # [B, D] residual or dummy
+    out_ptr,  # [B, D]
+    part_ptr,  # [SPLITS, B, D] fp32 partial sums (only when WRITE_PARTIAL)
+    # sizes
+    B,
+    n_in,  # K * R, the reduction length
+    D,
+    rows_per_split,
+    # strides
+    stride_hb,
+    stride_hg,  # between index groups (h.stride(1) for [B, K], a.stride(1) for [B, K, R])
+    stride_hr,  # inside a group (0 when R == 1)
+    stride_wn,
+    stride_rb,
+    stride_ob,
+    # meta-parameters
+    ROWS_PER_IDX: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr,  # split-k: store fp32 partials, a second kernel finishes
+    BLOCK_B: tl.constexpr,
+    BLOCK_J: tl.constexpr,  # gathered rows per loop step
+    BLOCK_D: tl.constexpr,  # output columns per program
+    USE_DOT: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """out[b, :] = sum_j h[b, j] * w[row(j), :] (+ bias) (+ residual).
+
+    Grid: (cdiv(D, BLOCK_D), SPLITS). Program (i, s) owns output columns
+    [i*BLOCK_D, (i+1)*BLOCK_D) and reduction rows [s*rows_per_split, (s+1)*rows_per_split).
+    With one split (the default for d >= 32 * #SMs) it owns the whole sum and writes the
+    final result, epilogue fused; no atomics, no workspace, deterministic.
+    """
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    d_mask = offs_d < D
+    offs_b = tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+    j_lo = pid_s * rows_per_split
+    j_hi = tl.minimum(j_lo + rows_per_split, n_in)
+
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    else:
+        acc3 = tl.zeros([BLOCK_B, BLOCK_J, BLOCK_D], dtype=tl.float32)
+    for j0 in tl.range(j_lo, j_hi, BLOCK_J, num_stages=NUM_STAGES):
+        offs_j = j0 + tl.arange(0, BLOCK_J)  # [BLOCK_J] positions in h
+        j_mask = offs_j < j_hi
+        grp = offs_j // ROWS_PER_IDX
+        within = offs_j % ROWS_PER_IDX
+        sel = tl.load(idx_ptr + grp, mask=j_mask, other=0)
+        rows = sel.to(tl.int64) * ROWS_PER_IDX + within
+        w = tl.load(w_ptr + rows[:, None] * stride_wn + offs_d[None, :],
+                    mask=j_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_J, BLOCK_D]  # fmt: skip
+        h = tl.load(h_ptr + offs_b[:, None] * stride_hb + grp[None, :] * stride_hg + within[None, :] * stride_hr,
+                    mask=b_mask[:, None] & j_mask[None, :], other=0.0)  # [BLOCK_B, BLOCK_J]  # fmt: skip
+        if USE_DOT:
+            if DOT_FP32:
+                acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(h, w, acc)
+        else:
+            acc3 += h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
+    if not USE_DOT:
+        acc = tl.sum(acc3, axis=1)
+
+    bd_mask = b_mask[:, None] & d_mask[None, :]
+    if WRITE_PARTIAL:
+        part_ptrs = part_ptr + (pid_s * B + offs_b[:, None]) * D + offs_d[None, :]
+        tl.store(part_ptrs, acc, mask=bd_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_RES:
+            res = tl.load(res_ptr + offs_b[:, None] * stride_rb + offs_d[None, :], mask=bd_mask, other=0.0)
+            acc += res.to(tl.float32)
+        out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_d[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=bd_mask)
+
+
+@jit
+def _reduce_splits_kernel(
+    # pointers
+    part_ptr,  # [SPLITS, B, D] fp32
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    # sizes
+    B,
+    D,
+    splits,
+    # strides
+    stride_rb,
+    stride_ob,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Second stage of split-k: sum the partials in a fixed order (deterministic), epilogue."""
+    pid_b = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in range(0, splits):
+        acc += tl.load(part_ptr + (s * B + pid_b) * D + offs_d, mask=d_mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        acc += tl.load(res_ptr + pid_b * stride_rb + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid_b * stride_ob + offs_d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def _down_config(batch: int, n_in: int, d: int, device: torch.device, split_k: int | None) -> dict:
+    """Tile sizes and split count for :func:`_gather_down_kernel`.
+
+    Why columns, not split-k atomics: for the target shapes (d >= 4096, k*d large, B small)
+    32-column slabs already give d/32 >= 128 programs, each streaming 64-byte row segments
+    (two full 32-byte sectors; neighbouring programs read the neighbouring segments of the
+    same rows at the same time). That needs no workspace, no memset, no second launch and
+    no fp32 atomics (which would make results run-to-run nondeterministic and cost a zeroing
+    launch, ~1 us on a 5-10 us kernel). Only when d is too narrow to fill the GPU do we split
+    the reduction, with fp32 partials reduced in a fixed order by a tiny second kernel.
+    """
+    if batch <= 2:  # fp32 accumulator [B, 128, 32]: 32 (B=1) or 64 (B=2) registers/thread
+        block_b, block_j, use_dot, stages = next_pow2(batch), 128, False, 4
+    else:
+        block_b, block_j, use_dot, stages = 16, 128, True, 4
+    block_d = 32
+    n_d = cdiv(d, block_d)
+    if split_k is None:
+        sms = num_sms(device)
+        split_k = 1 if n_d >= sms else max(1, min(cdiv(2 * sms, n_d), cdiv(n_in, 2 * block_j)))
+    rows_per_split = cdiv(n_in, max(1, min(int(split_k), n_in)))
+    if rows_per_split > block_j:  # whole tiles per split; the split count may shrink
+        rows_per_split = cdiv(rows_per_split, block_j) * block_j
+    split_k = cdiv(n_in, rows_per_split)
+    return dict(BLOCK_B=block_b, BLOCK_J=block_j, BLOCK_D=block_d, USE_DOT=use_dot, NUM_STAGES=stages,
+                num_warps=4, splits=split_k, rows_per_split=rows_per_split)  # fmt: skip
+
+
+def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out, split_k):
+    """Shared launch for gather_down / head_gather_down (inputs already checked)."""
+    B, D = out.shape
+    n_in = idx.shape[0] * rows_per_idx
+    cfg = _down_config(B, n_in, D, w.device, split_k)
+    num_warps, splits, rows_per_split = cfg.pop("num_warps"), cfg.pop("splits"), cfg.pop("rows_per_split")
+    part = torch.empty((splits, B, D), dtype=torch.float32, device=w.device) if splits > 1 else out
+    res = residual if residual is not None else out
+    grid = (cdiv(D, cfg["BLOCK_D"]), splits)
+    _gather_down_kernel[grid](
+        h, w, idx, bias if bias is not None else w, res, out, part,
+        B, n_in, D, rows_per_split,
+        *h_strides, w.stride(0), res.stride(0), out.stride(0),
+        ROWS_PER_IDX=rows_per_idx, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        WRITE_PARTIAL=splits > 1, DOT_FP32=w.dtype == torch.float32 or is_interpreted(_gather_down_kernel),
+        num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg,
+    )  # fmt: skip
+    if splits > 1:
+        block = 256
+        _reduce_splits_kernel[(B, cdiv(D, block))](
+            part, bias if bias is not None else w, res, out, B, D, splits, res.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, HAS_RES=residual is not None, BLOCK_D=block, num_warps=2,
+        )  # fmt: skip
+    return out
+
+
+def _check_down_epilogue(op, bias, residual, w, B, D):
+    if bias is not None:
+        check_tensor(op, "bias", bias, ndim=1, dtype=w.dtype, device=w.device, shape=(D,), contiguous=True)
+    if residual is not None:
+        check_tensor(op, "residual", residual, ndim=2, dtype=w.dtype, device=w.device, shape=(B, D),
+                     last_dim_contiguous=True)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# gather_down
+# ---------------------------------------------------------------------------------------------
+
+
+def gather_down(h, w2t, idx, bias=None, residual=None, *, validate=True, out=None, split_k=None):
+    """Sparse down-projection ``h @ w2t[idx] (+ bias) (+ residual)`` -> ``[B, d]``.
+
+    Args:
+        h: ``[B, k]`` compact activations (column j belongs to neuron ``idx[j]``).
+        w2t: ``[N, d]`` contiguous, the *transposed* down weight (``fc2.weight.T`` /
+            ``down_proj.weight.T``, stored once at load time instead of the original).
+        idx: ``[k]`` int32/int64 selected neurons, no duplicates.
+        bias: optional ``[d]`` output bias; residual: optional ``[B, d]`` added in fp32.
+        split_k: number of reduction splits (None: heuristic, 1 for d >= 32 * #SMs).
+    """
+    op = "gather_down"
+    require_triton(op)
+    check_tensor(op, "w2t", w2t, ndim=2, contiguous=True)
+    check_launch_device(op, _gather_down_kernel, w2t)
+    check_tensor(op, "h", h, ndim=2, dtype=w2t.dtype, device=w2t.device)
+    check_batch(op, h.shape[0])
+    check_index(op, "idx", idx, n=w2t.shape[0], device=w2t.device, validate=validate)
+    B, D = h.shape[0], w2t.shape[1]
+    if h.shape[1] != idx.shape[0]:
+        raise ValueError(f"{op}: h has {h.shape[1]} columns but idx selects {idx.shape[0]} rows; "
+                         f"h must be the compact activations of exactly the selected neurons.")  # fmt: skip
+    _check_down_epilogue(op, bias, residual, w2t, B, D)
+    if out is None:
+        out = torch.empty((B, D), dtype=h.dtype, device=h.device)
+    else:
+        check_out(op, out, shape=(B, D), dtype=h.dtype, device=h.device)
+    return _launch_gather_down(h, (h.stride(0), h.stride(1), 0), w2t, idx, bias, residual, 1, out, split_k)
+
+
+def gather_down_ref(h, w2t, idx, bias=None, residual=None):
+    """Reference for :func:`gather_down`."""
+    y = h @ w2t[idx.long()]
+    if bias is not None:
+        y = y + bias
+    if residual is not None:
+        y = y + residual
+    return y

@@ -1,0 +1,126 @@
+"""Low-rank predictors (d -> r -> heads or neurons), one pair per layer, saved as one safetensors file + JSON.
+
+Files (in a predictor directory):
+  predictors.safetensors  all layers' weights; its header metadata repeats the JSON below (self-describing)
+  predictors.json         model identity and shapes, ranks, label rules, calibration source, training metrics,
+                          and (after ``dejavu calibrate``'s operating-point search) the chosen per-layer densities
+Both are written to a temp file and renamed, so a crash never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..models.spec import ModelSpec, dtype_bytes
+
+WEIGHTS, META = "predictors.safetensors", "predictors.json"
+FORMAT_VERSION = 1
+
+
+class PredictorFileError(ValueError):
+    pass
+
+
+class LowRank(nn.Module):
+    """score = B(A(rmsnorm(x))) + b: a rank-r factorization of a d x out linear map on the normalized stream."""
+
+    def __init__(self, d: int, r: int, out: int):
+        super().__init__()
+        self.a = nn.Linear(d, r, bias=False)
+        self.b = nn.Linear(r, out, bias=True)
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.b(self.a(xf.to(self.a.weight.dtype))).float()
+
+
+class PredictorSet(nn.Module):
+    """Per-layer neuron and head predictors plus the metadata that ties them to one model."""
+
+    def __init__(self, meta: dict):
+        super().__init__()
+        self.meta = meta
+        d, L = meta["d_model"], meta["n_layers"]
+        self.neuron = nn.ModuleList(LowRank(d, meta["mlp_rank"], meta["ffn_dim"]) for _ in range(L))
+        self.head = nn.ModuleList(LowRank(d, meta["head_rank"], meta["n_heads"]) for _ in range(L))
+
+    @classmethod
+    def for_model(cls, spec: ModelSpec, mlp_rank: int, head_rank: int, lookahead: bool = True, **extra):
+        meta = {"format_version": FORMAT_VERSION, "model": spec.identity(), "model_name": spec.name,
+                "d_model": spec.d_model, "n_layers": spec.n_layers, "n_heads": spec.n_heads,
+                "ffn_dim": spec.ffn_dim, "mlp_rank": int(mlp_rank), "head_rank": int(head_rank),
+                "lookahead": bool(lookahead), **extra}
+        return cls(meta)
+
+    def neuron_scores(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.neuron[layer](x)
+
+    def head_scores(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.head[layer](x)
+
+    def bytes_per_token(self, dtype=torch.float16, mlp=True, heads=True) -> int:
+        """Weight bytes the predictors read per decode step (all layers), at ``dtype``."""
+        m = self.meta
+        n = 0
+        if mlp:
+            n += m["n_layers"] * (m["d_model"] * m["mlp_rank"] + m["mlp_rank"] * m["ffn_dim"] + m["ffn_dim"])
+        if heads:
+            n += m["n_layers"] * (m["d_model"] * m["head_rank"] + m["head_rank"] * m["n_heads"] + m["n_heads"])
+        return n * dtype_bytes(dtype)
+
+    def check_model(self, spec: ModelSpec):
+        want, have = self.meta.get("model", {}), spec.identity()
+        if want != have:
+            diff = {k: (want.get(k), have[k]) for k in have if want.get(k) != have[k]}
+            raise PredictorFileError(
+                f"these predictors were made for another model ({self.meta.get('model_name')!r}); mismatched "
+                f"fields (file, model): {diff}. Run `dejavu calibrate --model ...` for this model.")
+
+    # ---- persistence ------------------------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike):
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = d / (WEIGHTS + ".tmp")
+        save_file(state, str(tmp), metadata={"dejavu": json.dumps(self.meta)})
+        os.replace(tmp, d / WEIGHTS)
+        write_json_atomic(d / META, self.meta)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, spec: ModelSpec | None = None) -> "PredictorSet":
+        d = Path(directory)
+        if not (d / WEIGHTS).is_file() or not (d / META).is_file():
+            raise PredictorFileError(f"{d} holds no predictors ({WEIGHTS} + {META}); make them with `dejavu calibrate`")
+        try:
+            meta = json.loads((d / META).read_text())
+        except json.JSONDecodeError as e:
+            raise PredictorFileError(f"{d / META} is corrupt ({e}); re-run `dejavu calibrate`") from None
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise PredictorFileError(f"{d / META}: unsupported format_version {meta.get('format_version')!r}")
+        try:
+            state = load_file(str(d / WEIGHTS))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise PredictorFileError(f"{d / WEIGHTS} is truncated or corrupt ({e}); re-run `dejavu calibrate`") from None
+        ps = cls(meta)
+        if spec is not None:
+            ps.check_model(spec)
+        try:
+            ps.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise PredictorFileError(f"{d / WEIGHTS} does not match {META}: {str(e)[:300]}") from None
+        return ps.eval().requires_grad_(False)
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)

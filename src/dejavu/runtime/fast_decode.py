@@ -1,0 +1,457 @@
+"""Fast decode runtime: static KV cache, dense prefill, sparse decode with the whole step in one CUDA graph.
+
+Why this shape (gpt-fast style, ``prefill`` / ``decode_step`` / ``generate``): at batch <= 16 a decode step is a chain
+of GEMVs whose time is the time to stream the weights once, plus one launch per kernel. Deja Vu cuts the bytes; the
+CUDA graph cuts the launches (a 40-layer step is ~1000 kernels), which is what makes the byte savings show up as time.
+A graph needs static shapes, so every sparse part reads a *fixed* number of rows per layer: ``k = round(density * N)``
+(>= 1) top-scoring heads / neurons of the batch (``batch_topk``: per-item max over the batch, then top-k, i.e. the
+union of what the sequences want, cut to k). Positions and lengths live in device tensors updated inside the graph,
+so one captured step replays for every token.
+
+Per layer l (``_block``), with ``x`` the residual stream entering the block:
+  norm1 -> q (selected heads, ``head_gather_gemv``; OPT bias) and K/V (see kv_policy) -> RoPE (Llama) ->
+  write K/V at the current position -> ``sparse_decode_attention`` over the selected heads ->
+  ``head_gather_down`` with the residual fused -> norm2 -> ``gather_up`` (OPT: bias + ReLU) or ``gather_swiglu``
+  -> ``gather_down`` with bias and residual fused.
+A layer at density 1 uses dense cuBLAS GEMVs for that part and runs no predictor. ``predictors=None`` is the
+all-dense runtime ("ours-dense": same graph, cuBLAS GEMVs, the decode-attention kernel over all heads), our
+stand-in for FasterTransformer / gpt-fast.
+
+Predictors (``policy.PredictorPolicy`` semantics): with lookahead, layer l+1's heads and neurons are scored from
+layer l's input; layer 0 from its own. On CUDA that lookahead runs on a side stream (forked and joined inside the
+graph), so it overlaps layer l instead of sitting on the critical path, which is the point of lookahead. Without
+lookahead the heads are scored from the layer input and the neurons from the residual after attention, inline.
+
+kv_policy:
+  "all"      K/V for every KV head at every step (complete cache; costs the full k/v projections).
+  "selected" K/V only for the KV heads the selected query heads need; the other heads' entries at this position
+             are marked as holes in ``KVCache.valid`` and attention skips them (``kv_valid``). Graph-friendly GQA:
+             the query heads are chosen freely (top-k, as in the reference policy); the KV heads computed are a
+             fixed-size set of ``min(k, H_kv)`` heads: every needed one (those rank first) padded with unneeded
+             ones. The padding heads' K/V is computed and written but still marked as a hole, so the cache holds
+             exactly what the reference (``DecoderLM`` with kv_policy="selected") holds. With MHA (OPT) the KV heads
+             are exactly the selected heads, no padding.
+
+RoPE is applied as a per-sequence [hd, hd] rotation (``q @ R``, one batched matmul; R built once per step from the
+position), instead of the four elementwise kernels of ``x * cos + rotate_half(x) * sin`` in every layer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels as K
+from ..models.decoder import KV_POLICIES, DecoderLM, KVCache, rotate_half
+from .policy import k_for, per_layer
+
+BACKENDS = ("triton", "torch")
+
+
+@dataclass
+class FastGeneration:
+    tokens: torch.Tensor  # (B, T + n_new): prompt then greedy continuation
+    step_ms: list[float]  # time of each decode step (n_new - 1 of them; the first new token comes from prefill)
+    prefill_ms: float
+    extra: dict = field(default_factory=dict)
+
+
+class _TritonOps:
+    """The fused kernels; indices are built by construction (batch_topk), so no validation syncs."""
+
+    def rows(self, x, w, idx, hd, bias):  # -> [B, k, hd]
+        return K.head_gather_gemv(x, w, idx, hd, bias, validate=False)
+
+    def oproj(self, a, wo_t, idx, hd, bias, res, out):
+        return K.head_gather_down(a, wo_t, idx, hd, bias, res, validate=False, out=out)
+
+    def up(self, x, w1, w3, idx, bias):  # -> [B, k]
+        if w3 is None:
+            return K.gather_up(x, w1, idx, bias, act="relu", validate=False)
+        return K.gather_swiglu(x, w1, w3, idx, validate=False)
+
+    def down(self, h, w2t, idx, bias, res, out):
+        return K.gather_down(h, w2t, idx, bias, res, validate=False, out=out)
+
+    def attn(self, q, kc, vc, lens, idx, group, valid):
+        return K.sparse_decode_attention(q, kc, vc, lens, idx, group, kv_valid=valid, validate=False)
+
+
+class _TorchOps:
+    """The same step on the plain-torch references (CPU tests, debugging)."""
+
+    def rows(self, x, w, idx, hd, bias):
+        return K.head_gather_gemv_ref(x, w, idx, hd, bias)
+
+    def oproj(self, a, wo_t, idx, hd, bias, res, out):
+        return out.copy_(K.head_gather_down_ref(a, wo_t, idx, hd, bias, res))
+
+    def up(self, x, w1, w3, idx, bias):
+        return K.gather_up_ref(x, w1, idx, bias, act="relu") if w3 is None else K.gather_swiglu_ref(x, w1, w3, idx)
+
+    def down(self, h, w2t, idx, bias, res, out):
+        return out.copy_(K.gather_down_ref(h, w2t, idx, bias, res))
+
+    def attn(self, q, kc, vc, lens, idx, group, valid):
+        return K.sparse_decode_attention_ref(q, kc, vc, lens, idx, group, kv_valid=valid)
+
+
+class FastDecoder:
+    """Static-cache, graph-captured (sparse) decoding of one DecoderLM at a fixed batch size.
+
+    ``prefill(ids)`` then ``decode_step(tokens)`` per token, or ``generate(ids, n_new)``. ``decode_step`` returns a
+    static buffer when graphed: consume (or clone) it before the next step.
+    """
+
+    def __init__(self, model: DecoderLM, predictors=None, mlp_density=1.0, head_density=1.0, batch: int = 1,
+                 max_len: int = 256, kv_policy: str = "selected", use_graph: bool = True, backend: str = "triton",
+                 overlap: bool = True):
+        s = model.spec
+        L, H, Hkv, N = s.n_layers, s.n_heads, s.n_kv_heads, s.ffn_dim
+        if not 1 <= int(batch) <= K.MAX_BATCH:
+            raise ValueError(f"batch={batch}: the decode kernels serve 1..{K.MAX_BATCH} sequences (memory-bound "
+                             f"GEMV regime); split larger batches")
+        if max_len < 2:
+            raise ValueError(f"max_len={max_len} must be >= 2 (prompt + at least one token)")
+        if s.pos_kind == "learned" and max_len > s.max_positions:
+            raise ValueError(f"max_len={max_len} exceeds the model's {s.max_positions} learned positions")
+        if kv_policy not in KV_POLICIES:
+            raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {kv_policy!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "triton" and not K.HAS_TRITON:
+            raise ValueError("backend='triton' needs Triton (pip install triton); use backend='torch'")
+        md, hd_ = per_layer(mlp_density, L, "mlp_density"), per_layer(head_density, L, "head_density")
+        if predictors is None and min(md + hd_) < 1.0:
+            raise ValueError("densities < 1 need predictors (predictors=None is the all-dense runtime)")
+        self.model, self.spec, self.predictors = model, s, predictors
+        self.batch, self.max_len, self.kv_policy, self.backend = int(batch), int(max_len), kv_policy, backend
+        self.device, self.dtype = model.device, model.dtype
+        self.mlp_density, self.head_density = md, hd_
+        self.k_mlp = [k_for(d, N) for d in md]  # rows read per layer (N = dense)
+        self.k_heads = [k_for(d, H) for d in hd_]
+        self.lookahead = bool(predictors.meta.get("lookahead", True)) if predictors is not None else True
+        cuda = self.device.type == "cuda"
+        self.use_graph = bool(use_graph) and cuda
+        self.ops = _TritonOps() if backend == "triton" else _TorchOps()
+        B, hd, d = self.batch, s.head_dim, s.d_model
+        g = s.group_size
+        # fixed KV-head count per layer: all, or min(k, H_kv) under "selected" (MHA: exactly the selected heads)
+        self.k_kv = [Hkv if (kv_policy == "all" or kh == H) else (kh if g == 1 else min(kh, Hkv))
+                     for kh in self.k_heads]
+        self.holes = [kv_policy == "selected" and kh < H for kh in self.k_heads]
+        self.caches = [KVCache(B, Hkv, self.max_len, hd, self.dtype, self.device) for _ in range(L)]
+        dev = dict(device=self.device)
+        self._tok = torch.zeros(B, dtype=torch.long, **dev)  # graph input
+        self._pos = torch.zeros(B, dtype=torch.long, **dev)  # position of the token being decoded
+        self._bi = torch.arange(B, **dev)
+        self._all_heads = torch.arange(H, **dev)
+        self._x = [torch.zeros(B, d, dtype=self.dtype, **dev) for _ in range(L + 1)]  # residual stream per layer
+        self._mid = torch.zeros(B, d, dtype=self.dtype, **dev)  # residual after attention
+        # selections, written by the predictors (possibly on the side stream), read by the block
+        self._hidx = [torch.arange(kh, **dev) for kh in self.k_heads]
+        self._nidx = [torch.arange(km, **dev) for km in self.k_mlp]
+        self._kvidx = [torch.arange(kk, **dev) for kk in self.k_kv]
+        self._needed = [torch.ones(Hkv, dtype=torch.bool, **dev) for _ in range(L)]
+        self._pred = self._prepare_predictors(predictors) if predictors is not None else None
+        if s.pos_kind == "rope":  # x @ P == rotate_half(x)
+            self._rot = rotate_half(torch.eye(hd, dtype=torch.float32, **dev)).to(self.dtype)
+        overlap = cuda and overlap and self.lookahead and predictors is not None
+        self._side = torch.cuda.Stream(self.device) if overlap else None  # lookahead predictors run here
+        self._graph, self._graph_out, self._len = None, None, 0
+
+    # ---- setup ------------------------------------------------------------------------------------------------------
+    def _prepare_predictors(self, p):
+        """Transposed, contiguous copies ([d, r] and [r, N]) in the model's dtype for ``lowrank_scores``."""
+        p.check_model(self.spec)
+        kw = dict(device=self.device, dtype=self.dtype)
+        out = []
+        for l in range(self.spec.n_layers):
+            ent = {}
+            for kind, mod, k, n in (("head", p.head[l], self.k_heads[l], self.spec.n_heads),
+                                    ("mlp", p.neuron[l], self.k_mlp[l], self.spec.ffn_dim)):
+                if k < n:  # dense layers run no predictor and keep no copy
+                    ent[kind] = (mod.a.weight.detach().t().to(**kw).contiguous(),
+                                 mod.b.weight.detach().t().to(**kw).contiguous(), mod.b.bias.detach().to(**kw))
+            out.append(ent)
+        return out
+
+    # ---- bytes ------------------------------------------------------------------------------------------------------
+    def bytes_per_token(self, dense: bool = False) -> int:
+        """Weight bytes one decode step reads: selected rows (at the configured k) + dense parts + biases + norms +
+        the predictors of the layers that run them + LM head (+ the embedding row). KV-cache reads: ``kv_bytes``."""
+        s = self.spec
+        d, hd, H, Hkv, N = s.d_model, s.head_dim, s.n_heads, s.n_kv_heads, s.ffn_dim
+        nw = 2 if s.norm_kind == "layernorm" else 1
+        n = d * (2 if s.pos_kind == "learned" else 1) + nw * d + s.vocab_size * d  # embed row(s), norm_f, LM head
+        meta = self.predictors.meta if self.predictors is not None else None
+        for l in range(s.n_layers):
+            kh, km, kkv = (H, N, Hkv) if dense else (self.k_heads[l], self.k_mlp[l], self.k_kv[l])
+            n += 2 * nw * d
+            n += 2 * kh * hd * d + (kh * hd if s.attn_bias else 0) + (d if s.out_bias else 0)  # q, o
+            n += 2 * kkv * hd * d + (2 * kkv * hd if s.attn_bias else 0)  # k, v
+            n += (3 if s.mlp_kind == "swiglu" else 2) * km * d + ((km + d) if s.mlp_bias else 0)
+            if not dense and meta is not None:
+                if kh < H:
+                    n += d * meta["head_rank"] + meta["head_rank"] * H + H
+                if km < N:
+                    n += d * meta["mlp_rank"] + meta["mlp_rank"] * N + N
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+    def dense_bytes_per_token(self) -> int:
+        return self.bytes_per_token(dense=True)
+
+    def kv_bytes(self, seq_len: int) -> int:
+        """KV-cache bytes the attention reads in one step at context ``seq_len`` (each selected head reads its
+        KV head's K and V; heads of one GQA group do not share loads)."""
+        s = self.spec
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return self.batch * sum(self.k_heads) * seq_len * s.head_dim * 2 * elem
+
+    def describe(self) -> dict:
+        return {"batch": self.batch, "max_len": self.max_len, "kv_policy": self.kv_policy, "backend": self.backend,
+                "graph": self.use_graph, "overlap": self._side is not None, "lookahead": self.lookahead,
+                "k_heads": self.k_heads, "k_mlp": self.k_mlp, "k_kv": self.k_kv}
+
+    # ---- prefill ----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dense forward over the prompt ids (B, T) into this runtime's cache -> last-position logits (B, V).
+
+        The model's own forward writes the KVCache objects (whose buffers the graph reads), so prefill and the
+        reference agree by construction; every prompt position is valid (K/V for all heads).
+        """
+        self._check_ids(ids)
+        T = ids.shape[1]
+        if T > self.max_len - 1:
+            raise ValueError(f"prompt of {T} tokens leaves no room in max_len={self.max_len}")
+        logits = self.model(ids, 0, self.caches, sparsity=None, kv_policy="all")[:, -1]
+        self._pos.fill_(T)
+        self._len = T
+        return logits
+
+    # ---- decode -----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,) at the next position -> logits (B, V). Graph replay when captured (captures on first use)."""
+        if tokens.shape != (self.batch,):
+            raise ValueError(f"tokens must have shape ({self.batch},), got {tuple(tokens.shape)}")
+        if self._len >= self.max_len:
+            raise ValueError(f"KV cache full: {self._len} positions used of max_len={self.max_len}")
+        self._tok.copy_(tokens)
+        if self.use_graph:
+            if self._graph is None:
+                self.capture()
+            self._graph.replay()
+            out = self._graph_out
+        else:
+            out = self._step()
+        self._len += 1
+        return out
+
+    @torch.no_grad()
+    def capture(self, warmup: int = 2):
+        """Capture one decode step in a CUDA graph. Warm-up runs (Triton JIT, cuBLAS handles, allocator) happen on
+        a side stream first; each rewinds the position, so they only write the next slot, which the real step
+        rewrites before anything reads it."""
+        if not self.use_graph:
+            raise ValueError("capture() needs CUDA and use_graph=True")
+        if self._len >= self.max_len:
+            raise ValueError("KV cache full: no slot for the capture warm-up")
+        pos0 = self._pos.clone()
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            for _ in range(warmup):
+                self._step()
+                self._pos.copy_(pos0)
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        torch.cuda.synchronize(self.device)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = self._step()
+        self._pos.copy_(pos0)  # capture does not execute, but be explicit
+        self._graph, self._graph_out = g, out
+
+    def _step(self) -> torch.Tensor:
+        """One decode step on static buffers: self._tok at self._pos -> logits (B, V); advances self._pos."""
+        m, L = self.model, self.spec.n_layers
+        pos = self._pos
+        x0 = self._x[0]
+        if m.pos_embed is not None:
+            torch.add(m.embed(self._tok), m.pos_embed(pos), out=x0)
+        else:
+            x0.copy_(m.embed(self._tok))
+        lens = (pos + 1).to(torch.int32)  # valid cache length incl. this token
+        rot = self._rope_rotation(pos)  # [B, hd, hd] or None
+        main = torch.cuda.current_stream(self.device) if self._side is not None else None
+        if self.lookahead:
+            self._predict(0, x0, heads=True, mlp=True)
+        forked = False  # join only work forked in this step (a capture may not wait on outside events)
+        for l in range(L):
+            if forked:
+                main.wait_stream(self._side)  # layer l's selection is ready (it ran during layer l-1)
+                forked = False
+            if self.lookahead and l + 1 < L:
+                if main is not None:
+                    self._side.wait_stream(main)  # x_l is written
+                    with torch.cuda.stream(self._side):
+                        self._predict(l + 1, self._x[l], heads=True, mlp=True)
+                    forked = True
+                else:
+                    self._predict(l + 1, self._x[l], heads=True, mlp=True)
+            elif not self.lookahead:
+                self._predict(l, self._x[l], heads=True, mlp=False)
+            self._block(l, lens, rot)
+        if forked:
+            main.wait_stream(self._side)
+        logits = F.linear(m.norm_f(self._x[L]), m.lm_head.weight)
+        pos.add_(1)
+        return logits
+
+    def _rope_rotation(self, pos):
+        """R[b] = diag(cos) + P diag(sin) so that q @ R[b] == q * cos + rotate_half(q) * sin (the model's RoPE)."""
+        if self.spec.pos_kind != "rope":
+            return None
+        cos, sin = self.model.rope(pos, self.dtype)  # [B, hd] each
+        return torch.diag_embed(cos) + self._rot[None] * sin[:, None, :]
+
+    def _predict(self, l: int, x: torch.Tensor, heads: bool, mlp: bool):
+        """Score layer l's heads / neurons from x (B, d) and write its fixed-size selections in place."""
+        ent = self._pred[l] if self._pred is not None else {}
+        if not ((heads and "head" in ent) or (mlp and "mlp" in ent)):
+            return
+        xn = F.rms_norm(x.float(), (x.shape[-1],), eps=1e-6).to(self.dtype)  # LowRank's own normalization
+        if heads and "head" in ent:
+            sel = self._topk(K.lowrank_scores(xn, *ent["head"]), self.k_heads[l])
+            self._hidx[l].copy_(sel)
+            if self.holes[l]:
+                self._select_kv(l, sel)
+        if mlp and "mlp" in ent:
+            self._nidx[l].copy_(self._topk(K.lowrank_scores(xn, *ent["mlp"]), self.k_mlp[l]))
+
+    def _topk(self, scores, k):
+        return K.batch_topk(scores[0] if scores.shape[0] == 1 else scores, k)  # [k] ascending
+
+    def _select_kv(self, l, heads):
+        """Needed KV heads (mask) and a fixed-size KV set: the needed ones first, padded with unneeded ones."""
+        g, Hkv = self.spec.group_size, self.spec.n_kv_heads
+        need = torch.zeros(Hkv, dtype=torch.float32, device=self.device).index_fill_(0, heads // g, 1.0)
+        self._needed[l].copy_(need > 0)
+        if g > 1 and self.k_kv[l] < Hkv:
+            self._kvidx[l].copy_(torch.sort(torch.topk(need, self.k_kv[l]).indices).values)
+        elif g == 1:
+            self._kvidx[l].copy_(heads)
+
+    def _block(self, l: int, lens, rot):
+        s, m, ops = self.spec, self.model, self.ops
+        blk = m.layers[l]
+        at, mlp, cache = blk.attn, blk.mlp, self.caches[l]
+        B, H, Hkv, hd = self.batch, s.n_heads, s.n_kv_heads, s.head_dim
+        x, x_next, mid, pos = self._x[l], self._x[l + 1], self._mid, self._pos
+        h = blk.norm1(x)  # (B, d)
+        dense_heads = self.k_heads[l] == H
+        if dense_heads:
+            hidx = self._all_heads
+            q = F.linear(h, at.wq, at.bq).view(B, H, hd)
+        else:
+            hidx = self._hidx[l]
+            q = ops.rows(h, at.wq, hidx, hd, at.bq)  # (B, kh, hd)
+        if self.k_kv[l] == Hkv:  # all KV heads: dense GEMVs
+            kvidx = None
+            k = F.linear(h, at.wk, at.bk).view(B, Hkv, hd)
+            v = F.linear(h, at.wv, at.bv).view(B, Hkv, hd)
+        else:
+            kvidx = self._kvidx[l]
+            k = ops.rows(h, at.wk, kvidx, hd, at.bk)  # (B, kkv, hd)
+            v = ops.rows(h, at.wv, kvidx, hd, at.bv)
+        if rot is not None:
+            q, k = torch.bmm(q, rot), torch.bmm(k, rot)
+        if kvidx is None:
+            cache.k[self._bi, :, pos] = k
+            cache.v[self._bi, :, pos] = v
+        else:
+            cache.k[self._bi[:, None], kvidx[None, :], pos[:, None]] = k
+            cache.v[self._bi[:, None], kvidx[None, :], pos[:, None]] = v
+        valid = None
+        if self.holes[l]:
+            cache.valid[self._bi, :, pos] = self._needed[l].expand(B, Hkv)
+            valid = cache.valid
+        a = ops.attn(q.contiguous(), cache.k, cache.v, lens, hidx, s.group_size, valid)  # (B, kh, hd)
+        if dense_heads:
+            torch.addmm(x, a.reshape(B, H * hd), at.wo_t, out=mid)
+            if at.bo is not None:
+                mid.add_(at.bo)
+        else:
+            ops.oproj(a, at.wo_t, hidx, hd, at.bo, x, mid)
+        h2 = blk.norm2(mid)
+        if not self.lookahead:
+            self._predict(l, mid, heads=False, mlp=True)
+        if self.k_mlp[l] == s.ffn_dim:
+            if mlp.w3 is None:
+                act = F.relu(F.linear(h2, mlp.w1, mlp.b1))
+            else:
+                act = F.silu(F.linear(h2, mlp.w1)) * F.linear(h2, mlp.w3)
+            torch.addmm(mid, act, mlp.w2t, out=x_next)
+            if mlp.b2 is not None:
+                x_next.add_(mlp.b2)
+        else:
+            nidx = self._nidx[l]
+            ops.down(ops.up(h2, mlp.w1, mlp.w3, nidx, mlp.b1), mlp.w2t, nidx, mlp.b2, mid, x_next)
+
+    # ---- generate ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, n_new: int) -> FastGeneration:
+        """Greedy: prefill (first new token) + n_new - 1 decode steps (graph replays), each step timed.
+
+        CUDA: one event per step boundary, read after the loop (no sync inside it); CPU: wall clock per step.
+        """
+        self._check_ids(ids)
+        B, T = ids.shape
+        if n_new < 1:
+            raise ValueError("n_new must be >= 1")
+        if T + n_new > self.max_len:
+            raise ValueError(f"prompt ({T}) + n_new ({n_new}) exceeds max_len={self.max_len}")
+        self._pos.zero_()
+        self._len = 0
+        if self.use_graph and self._graph is None:
+            self.capture()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        tok = self.prefill(ids).argmax(-1)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+        out = [ids, tok[:, None]]
+        marks = []
+        for _ in range(n_new - 1):
+            marks.append(self._mark(cuda))
+            tok = self.decode_step(tok).argmax(-1)
+            out.append(tok[:, None])
+        marks.append(self._mark(cuda))
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            step_ms = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
+        else:
+            step_ms = [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
+        return FastGeneration(torch.cat(out, 1), step_ms, prefill_ms)
+
+    @staticmethod
+    def _mark(cuda: bool):
+        if not cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def _check_ids(self, ids):
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != self.batch:
+            raise ValueError(f"ids must be a (batch={self.batch}, T) tensor of token ids, got "
+                             f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}")
+        if ids.device != self.device:
+            raise ValueError(f"ids are on {ids.device}, the model on {self.device}")

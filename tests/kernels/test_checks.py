@@ -1,0 +1,158 @@
+"""The shared plumbing: validation switches, import without Triton, sm_90 compilation."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from kernel_helpers import DEVICE, make_gen, randn
+
+from dejavu.kernels import _checks
+
+
+def test_should_validate_respects_flag_and_graph_capture(monkeypatch):
+    assert _checks.should_validate(True)
+    assert not _checks.should_validate(False)
+    monkeypatch.setattr(_checks, "capturing", lambda: True)
+    assert not _checks.should_validate(True)
+
+
+@pytest.mark.needs_kernels
+def test_no_data_checks_while_capturing(monkeypatch):
+    """Under (simulated) graph capture, duplicates are not looked for: no host sync."""
+    pytest.importorskip("triton")
+    from dejavu.kernels import gather_up
+
+    monkeypatch.setattr(_checks, "capturing", lambda: True)
+    g = make_gen("capture")
+    x, w = randn(1, 16, gen=g), randn(10, 16, gen=g)
+    idx = torch.tensor([3, 3], device=DEVICE)
+    y = gather_up(x, w, idx, act="none")  # would raise "duplicated" outside capture
+    assert torch.equal(y[:, 0], y[:, 1])
+
+
+def test_error_messages_name_the_fix():
+    x = torch.randn(2, 8, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"cast one side, e\.g\. x\.to\(torch\.float32\)"):
+        _checks.check_tensor("op", "x", x, ndim=2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="chunks of at most 16"):
+        _checks.check_batch("op", 17)
+    with pytest.raises(ValueError, match="torch.unique"):
+        _checks.check_index("op", "idx", torch.tensor([1, 1]), n=4, device=x.device, validate=True)
+    with pytest.raises(ValueError, match="between 1 and 4"):
+        _checks.check_index("op", "idx", torch.tensor([], dtype=torch.int32), n=4, device=x.device, validate=True)
+    _checks.check_index("op", "idx", torch.tensor([3, 0, 2], dtype=torch.int32), n=4, device=x.device, validate=True)
+
+
+def test_cpu_tensors_without_interpreter_are_rejected(monkeypatch):
+    """A non-interpreted kernel on CPU tensors must raise, not crash or return garbage."""
+    monkeypatch.setattr(_checks, "is_interpreted", lambda kernel: False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        _checks.check_launch_device("op", None, torch.zeros(1))
+
+
+def _run(code, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                          timeout=240)  # fmt: skip
+
+
+def test_import_without_triton():
+    """The package, the refs and the torch-only ops work without Triton; launchers say why not."""
+    r = _run("""
+        import sys
+        sys.modules["triton"] = None  # makes `import triton` raise ImportError
+        import torch
+        import dejavu.kernels as K
+        assert not K.HAS_TRITON
+        x, w, i = torch.randn(2, 8), torch.randn(10, 8), torch.tensor([1, 4])
+        assert K.gather_up_ref(x, w, i).shape == (2, 2)
+        assert K.batch_topk(torch.randn(2, 10), 3).shape == (3,)
+        for call in (lambda: K.gather_up(x, w, i), lambda: K.gather_down(x[:, :2], w, i)):
+            try:
+                call()
+            except RuntimeError as e:
+                assert "Triton is not installed" in str(e), e
+            else:
+                raise AssertionError("no RuntimeError")
+        print("ok")
+    """)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+_COMPILE_SCRIPT = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dejavu.kernels import gather_mlp as G, decode_attention as A
+
+TY = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64"}
+
+def build(kernel, args, num_warps, num_stages):
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        v = args[name]
+        if kernel.params[i].is_constexpr:
+            sig[name] = "constexpr"; consts[name] = v
+        elif isinstance(v, torch.dtype):
+            sig[name] = TY[v]; attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if v % 16 == 0: attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    opts = dict(num_warps=num_warps, num_stages=num_stages)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+cpu = torch.device("cpu")
+for dt in (torch.float16, torch.bfloat16, torch.float32):
+    for B, act in ((1, 1), (2, 2), (16, 1), (16, 2)):
+        cfg = G._rows_config(B, 2048, 5120, act == 2, cpu); nw = cfg.pop("num_warps")
+        build(G._gather_rows_kernel, dict(x_ptr=dt, w_ptr=dt, w2_ptr=dt, idx_ptr=torch.int32, bias_ptr=dt, out_ptr=dt,
+              B=B, n_out=2048, D=5120, stride_xb=5120, stride_xd=1, stride_wn=5120, stride_w2n=5120, stride_ob=2048,
+              ROWS_PER_IDX=1 if act == 2 else 128, ACT=act, HAS_BIAS=act == 1, DOT_FP32=dt == torch.float32, **cfg),
+              nw, cfg["NUM_STAGES"])
+    for B, split in ((1, None), (16, 4)):
+        cfg = G._down_config(B, 2048, 5120, cpu, split)
+        nw, s, rps = cfg.pop("num_warps"), cfg.pop("splits"), cfg.pop("rows_per_split")
+        build(G._gather_down_kernel, dict(h_ptr=dt, w_ptr=dt, idx_ptr=torch.int64, bias_ptr=dt, res_ptr=dt, out_ptr=dt,
+              part_ptr=torch.float32, B=B, n_in=2048, D=5120, rows_per_split=rps, stride_hb=2048, stride_hg=128,
+              stride_hr=1, stride_wn=5120, stride_rb=5120, stride_ob=5120, ROWS_PER_IDX=128, HAS_BIAS=True,
+              HAS_RES=True, WRITE_PARTIAL=s > 1, DOT_FP32=dt == torch.float32, **cfg), nw, cfg["NUM_STAGES"])
+    for splits in (1, 8):
+        cfg = A._attn_config(1, 4, 2048, 128, dt.itemsize, cpu, splits); nw = cfg.pop("num_warps")
+        build(A._decode_attn_kernel, dict(q_ptr=dt, k_ptr=dt, v_ptr=dt, seq_lens_ptr=torch.int32,
+              head_idx_ptr=torch.int64, out_ptr=dt, part_o_ptr=torch.float32, part_lse_ptr=torch.float32, KH=4,
+              HD=128, group_size=4, qk_scale=0.1, stride_qb=512, stride_qh=128, stride_kb=2048 * 128 * 8,
+              stride_kh=2048 * 128, stride_ks=128, stride_vb=2048 * 128 * 8, stride_vh=2048 * 128, stride_vs=128,
+              stride_ob=512, stride_oh=128, **cfg), nw, cfg["NUM_STAGES"])
+build(G._reduce_splits_kernel, dict(part_ptr=torch.float32, bias_ptr=torch.float16, res_ptr=torch.float16,
+      out_ptr=torch.float16, B=2, D=5120, splits=4, stride_rb=5120, stride_ob=5120, HAS_BIAS=True, HAS_RES=True,
+      BLOCK_D=256), 2, 1)
+build(A._decode_attn_combine_kernel, dict(part_o_ptr=torch.float32, part_lse_ptr=torch.float32, out_ptr=torch.bfloat16,
+      KH=4, HD=128, stride_ob=512, stride_oh=128, NUM_SPLITS=8, BLOCK_SPLITS=8, BLOCK_H=128), 4, 1)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel tests compile and run for real")
+def test_kernels_compile_for_sm90():
+    """Interpreter runs skip Triton's compiler; make sure the real sm_90 compile path works too.
+
+    Compiles every kernel (TTIR -> PTX -> cubin with the bundled ptxas, no GPU needed) for the
+    heuristic configurations of OPT-13B-sized layers, in a subprocess without TRITON_INTERPRET.
+    """
+    pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no offline compile API")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=280)
+    if r.returncode != 0 and ("ptxas" in r.stderr and "not found" in r.stderr):
+        pytest.skip("no ptxas bundled with this Triton")
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-4000:]

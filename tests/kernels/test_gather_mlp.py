@@ -1,0 +1,194 @@
+"""gather_up / gather_swiglu / gather_down against their torch references.
+
+Shapes are small and deliberately odd (not multiples of any block size); d=600 makes the
+B <= 2 path (512-wide d chunks) and d=200 the B > 2 path (128-wide chunks) loop over d with
+a masked tail. Batches 1 and 3/16 take the two code paths (FMA vs. tensor-core dot).
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernel_helpers import DEVICE, DTYPES, check_against, make_gen, poisoned, rand_index, randn  # noqa: E402
+
+from dejavu.kernels import (  # noqa: E402
+    gather_down,
+    gather_down_ref,
+    gather_swiglu,
+    gather_swiglu_ref,
+    gather_up,
+    gather_up_ref,
+)
+
+pytestmark = pytest.mark.needs_kernels
+
+SHAPES = [(72, 200), (600, 37), (200, 130)]  # (d, N)
+BATCHES = [1, 3, 16]
+
+
+def ks_for(n):
+    return sorted({1, n // 3 + 1, n})
+
+
+CASES = [(d, n, k) for d, n in SHAPES for k in ks_for(n)]
+
+
+def _idx_dtype(B):
+    return torch.int64 if B == 3 else torch.int32  # cover both index dtypes
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", BATCHES)
+@pytest.mark.parametrize("d,n,k", CASES)
+def test_gather_up(d, n, k, B, dtype):
+    g = make_gen("up", d, n, k, B, dtype)
+    x, w, bias = randn(B, d, dtype=dtype, gen=g), randn(n, d, dtype=dtype, gen=g), randn(n, dtype=dtype, gen=g)
+    idx = rand_index(n, k, gen=g, dtype=_idx_dtype(B))
+    # alternate the two epilogues: relu + bias (OPT fc1) and a plain gather
+    act, b = ("relu", bias) if (k + B) % 2 else ("none", None)
+    out = poisoned((B, k), dtype)
+    res = gather_up(x, w, idx, b, act, out=out)
+    assert res is out
+    check_against(res, gather_up_ref, (x, w, idx, b, act), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", BATCHES)
+@pytest.mark.parametrize("d,n,k", CASES)
+def test_gather_swiglu(d, n, k, B, dtype):
+    g = make_gen("swiglu", d, n, k, B, dtype)
+    x = randn(B, d, dtype=dtype, gen=g)
+    wg, wu = randn(n, d, dtype=dtype, gen=g, scale=0.2), randn(n, d, dtype=dtype, gen=g, scale=0.2)
+    idx = rand_index(n, k, gen=g, dtype=_idx_dtype(B))
+    res = gather_swiglu(x, wg, wu, idx, out=poisoned((B, k), dtype))
+    check_against(res, gather_swiglu_ref, (x, wg, wu, idx), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", BATCHES)
+@pytest.mark.parametrize("d,n,k", CASES)
+def test_gather_down(d, n, k, B, dtype):
+    g = make_gen("down", d, n, k, B, dtype)
+    h, w2t = randn(B, k, dtype=dtype, gen=g), randn(n, d, dtype=dtype, gen=g)
+    bias, residual = randn(d, dtype=dtype, gen=g), randn(B, d, dtype=dtype, gen=g)
+    idx = rand_index(n, k, gen=g, dtype=_idx_dtype(B))
+    b, r = (bias, residual) if (k + B) % 2 else (None, None)
+    res = gather_down(h, w2t, idx, b, r, out=poisoned((B, d), dtype))
+    check_against(res, gather_down_ref, (h, w2t, idx, b, r), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [1, 2, 16])
+@pytest.mark.parametrize("split_k", [2, 3, 7])
+def test_gather_down_split_k(split_k, B, dtype):
+    """The two-stage (split-k) path: fp32 partials reduced in a fixed order, then the epilogue."""
+    d, n, k = 72, 300, 290
+    g = make_gen("down-split", split_k, B, dtype)
+    h, w2t = randn(B, k, dtype=dtype, gen=g), randn(n, d, dtype=dtype, gen=g)
+    bias, residual = randn(d, dtype=dtype, gen=g), randn(B, d, dtype=dtype, gen=g)
+    idx = rand_index(n, k, gen=g)
+    res = gather_down(h, w2t, idx, bias, residual, split_k=split_k, out=poisoned((B, d), dtype))
+    check_against(res, gather_down_ref, (h, w2t, idx, bias, residual), dtype=dtype)
+    again = gather_down(h, w2t, idx, bias, residual, split_k=split_k)
+    assert torch.equal(res, again), "split-k reduction must be deterministic"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_batch_two_and_default_alloc(dtype):
+    """B=2 (padded FMA tile), out=None allocation, and the up -> down chain of an OPT MLP."""
+    B, d, n, k = 2, 72, 200, 50
+    g = make_gen("chain", dtype)
+    x, w1 = randn(B, d, dtype=dtype, gen=g), randn(n, d, dtype=dtype, gen=g, scale=0.2)
+    b1 = randn(n, dtype=dtype, gen=g)
+    w2t, b2 = randn(n, d, dtype=dtype, gen=g, scale=0.2), randn(d, dtype=dtype, gen=g)
+    idx = rand_index(n, k, gen=g).sort().values
+    h = gather_up(x, w1, idx, b1)
+    assert h.shape == (B, k) and h.dtype == dtype and h.device.type == DEVICE
+    y = gather_down(h, w2t, idx, b2, x)
+    check_against(y, lambda *a: gather_down_ref(gather_up_ref(*a[:4]), *a[4:]), (x, w1, idx, b1, w2t, idx, b2, x),
+                  dtype=dtype)  # fmt: skip
+
+
+def test_strided_activations():
+    """x / h need not be contiguous: their strides are passed to the kernels."""
+    g = make_gen("strided")
+    B, d, n, k = 3, 72, 200, 40
+    xs = randn(d, B, gen=g).t()  # [B, d] with strides (1, B)
+    w, idx = randn(n, d, gen=g), rand_index(n, k, gen=g)
+    check_against(gather_up(xs, w, idx, act="none"), gather_up_ref, (xs, w, idx, None, "none"), dtype=torch.float32)
+    hs = randn(k, B, gen=g).t()
+    check_against(gather_down(hs, w, idx), gather_down_ref, (hs, w, idx), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs: ValueError naming the problem
+# ---------------------------------------------------------------------------------------------
+
+
+def _up_inputs(B=2, dtype=torch.float16):
+    g = make_gen("bad", B)
+    return randn(B, 24, dtype=dtype, gen=g), randn(40, 24, dtype=dtype, gen=g), rand_index(40, 8, gen=g)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda x, w, i: (x, w, torch.cat([i[:-1], i.new_tensor([40])])), "out of bounds"),
+        (lambda x, w, i: (x, w, torch.cat([i[:-1], i.new_tensor([-1])])), "out of bounds"),
+        (lambda x, w, i: (x, w, torch.cat([i, i[:1]])), "duplicated"),
+        (lambda x, w, i: (x.float(), w, i), "dtype"),
+        (lambda x, w, i: (x, w, i.float()), "int32 or int64"),
+        (lambda x, w, i: (x, w, i[None]), "1-D"),
+        (lambda x, w, i: (x.to("meta"), w, i), "meta"),
+        (lambda x, w, i: (x[:, :20], w, i), "dimension 1"),
+        (lambda x, w, i: (x[0], w, i), "2 dimensions"),
+        (lambda x, w, i: (x, w.t().contiguous().t(), i), "contiguous"),
+        (lambda x, w, i: (x.repeat(9, 1), w, i), "batch size 18"),
+        (lambda x, w, i: (x.double(), w.double(), i), "float16, bfloat16 and float32"),
+    ],
+    ids=["idx>=N", "idx<0", "dup", "dtype", "idx-dtype", "idx-rank", "device", "shape", "rank", "noncontig", "batch",
+         "fp64"],  # fmt: skip
+)
+def test_gather_up_rejects(mutate, match):
+    x, w, idx = mutate(*_up_inputs())
+    with pytest.raises(ValueError, match=match):
+        gather_up(x, w, idx)
+
+
+def test_batch_17_rejected_everywhere():
+    x, w, idx = _up_inputs(B=17)
+    h = randn(17, idx.numel(), dtype=x.dtype)
+    for call in (lambda: gather_up(x, w, idx), lambda: gather_swiglu(x, w, w, idx), lambda: gather_down(h, w, idx)):
+        with pytest.raises(ValueError, match="batch size 17"):
+            call()
+
+
+def test_other_launchers_reject():
+    x, w, idx = _up_inputs()
+    h = randn(2, idx.numel(), dtype=x.dtype)
+    dup = torch.cat([idx, idx[:1]])
+    cases = [
+        (lambda: gather_swiglu(x, w, w.float(), idx), "w_up has dtype"),
+        (lambda: gather_swiglu(x, w, w[:30], idx), "dimension 0"),
+        (lambda: gather_swiglu(x, w, w, dup), "duplicated"),
+        (lambda: gather_down(h, w, idx[:1].repeat(8)), "duplicated"),
+        (lambda: gather_down(h[:, :-1], w, idx), "columns"),
+        (lambda: gather_down(h, w, idx, bias=torch.ones(23, dtype=x.dtype, device=DEVICE)), "bias"),
+        (lambda: gather_down(h, w, idx, residual=torch.ones(3, 24, dtype=x.dtype, device=DEVICE)), "residual"),
+        (lambda: gather_down(h, w, idx + 40, validate=True), "out of bounds"),
+        (lambda: gather_up(x, w, idx, act="gelu"), "act"),
+        (lambda: gather_up(x, w, idx, bias=torch.ones(40, device=DEVICE)), "bias has dtype"),
+        (lambda: gather_up(x, w, idx, out=torch.empty(2, 9, dtype=x.dtype, device=DEVICE)), "out must be"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_validate_false_skips_data_checks():
+    """validate=False trusts the indices (no host sync); duplicates then act as repeated rows."""
+    x, w, idx = _up_inputs(dtype=torch.float32)
+    dup = torch.cat([idx, idx[:2]])
+    y = gather_up(x, w, dup, act="none", validate=False)
+    check_against(y, gather_up_ref, (x, w, dup, None, "none"), dtype=torch.float32)

@@ -1,0 +1,126 @@
+"""head_gather_gemv / head_gather_down / kv_heads_for against their torch references."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernel_helpers import DEVICE, DTYPES, check_against, make_gen, poisoned, rand_index, randn  # noqa: E402
+
+from dejavu.kernels import (  # noqa: E402
+    head_gather_down,
+    head_gather_down_ref,
+    head_gather_gemv,
+    head_gather_gemv_ref,
+    kv_heads_for,
+)
+
+pytestmark = pytest.mark.needs_kernels
+
+SHAPES = [(72, 6, 16), (40, 5, 24)]  # (d, H, head_dim): head_dim 24 is not a power of two
+CASES = [(d, H, hd, kh) for d, H, hd in SHAPES for kh in sorted({1, H // 2, H})]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [1, 3, 16])
+@pytest.mark.parametrize("d,H,hd,kh", CASES)
+def test_head_gather_gemv(d, H, hd, kh, B, dtype):
+    g = make_gen("qkv", d, H, hd, kh, B, dtype)
+    x, w = randn(B, d, dtype=dtype, gen=g), randn(H * hd, d, dtype=dtype, gen=g)
+    bias = randn(H * hd, dtype=dtype, gen=g)
+    head_idx = rand_index(H, kh, gen=g, dtype=torch.int32 if B != 3 else torch.int64)
+    b = bias if (kh + B) % 2 else None
+    out = poisoned((B, kh, hd), dtype)
+    res = head_gather_gemv(x, w, head_idx, hd, b, out=out)
+    assert res is out
+    check_against(res, head_gather_gemv_ref, (x, w, head_idx, hd, b), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [1, 3, 16])
+@pytest.mark.parametrize("d,H,hd,kh", CASES)
+def test_head_gather_down(d, H, hd, kh, B, dtype):
+    g = make_gen("o", d, H, hd, kh, B, dtype)
+    a, wo_t = randn(B, kh, hd, dtype=dtype, gen=g), randn(H * hd, d, dtype=dtype, gen=g)
+    bias, residual = randn(d, dtype=dtype, gen=g), randn(B, d, dtype=dtype, gen=g)
+    head_idx = rand_index(H, kh, gen=g, dtype=torch.int32 if B != 3 else torch.int64)
+    b, r = (bias, residual) if (kh + B) % 2 else (None, None)
+    res = head_gather_down(a, wo_t, head_idx, hd, b, r, out=poisoned((B, d), dtype))
+    check_against(res, head_gather_down_ref, (a, wo_t, head_idx, hd, b, r), dtype=dtype)
+
+
+def test_head_gather_down_strided_and_split():
+    """Attention output laid out [B, hd, kh] and transposed; forced split-k."""
+    d, H, hd, kh, B = 72, 6, 16, 4, 3
+    g = make_gen("o-strided")
+    a = randn(B, hd, kh, gen=g).transpose(1, 2)  # [B, kh, hd], last stride kh
+    wo_t, idx = randn(H * hd, d, gen=g), rand_index(H, kh, gen=g)
+    for split_k in (None, 3):
+        res = head_gather_down(a, wo_t, idx, hd, split_k=split_k)
+        check_against(res, head_gather_down_ref, (a, wo_t, idx, hd), dtype=torch.float32)
+
+
+def test_default_alloc_and_views():
+    d, H, hd, kh, B = 40, 5, 24, 2, 2
+    g = make_gen("alloc")
+    x, w, idx = randn(B, d, gen=g), randn(H * hd, d, gen=g), rand_index(H, kh, gen=g)
+    q = head_gather_gemv(x, w, idx, hd)
+    assert q.shape == (B, kh, hd) and q.is_contiguous()
+    check_against(q, head_gather_gemv_ref, (x, w, idx, hd), dtype=torch.float32)
+
+
+def test_kv_heads_for():
+    idx = torch.tensor([7, 0, 5, 6, 1], device=DEVICE)
+    assert kv_heads_for(idx, 4).tolist() == [0, 1]
+    assert kv_heads_for(idx, 2).tolist() == [0, 2, 3]
+    assert kv_heads_for(idx.int(), 1).tolist() == [0, 1, 5, 6, 7]
+    assert kv_heads_for(idx.int(), 1).dtype == torch.int32
+    with pytest.raises(ValueError, match="group_size"):
+        kv_heads_for(idx, 0)
+    with pytest.raises(ValueError, match="int32/int64"):
+        kv_heads_for(idx.float(), 2)
+
+
+def test_gqa_kv_projection_roundtrip():
+    """k_proj gathered by kv_heads_for equals the dense k_proj restricted to those KV heads."""
+    d, H_kv, group, hd = 40, 3, 4, 16
+    g = make_gen("gqa")
+    x, wk = randn(2, d, gen=g), randn(H_kv * hd, d, gen=g)
+    q_heads = torch.tensor([11, 2, 3], device=DEVICE)
+    kv = kv_heads_for(q_heads, group)
+    assert kv.tolist() == [0, 2]
+    k = head_gather_gemv(x, wk, kv, hd)
+    dense = (x.double() @ wk.double().T).view(2, H_kv, hd)[:, kv.long()]
+    torch.testing.assert_close(k.double(), dense, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rejects_bad_inputs():
+    d, H, hd = 40, 5, 8
+    g = make_gen("bad-heads")
+    x, w = randn(2, d, dtype=torch.float16, gen=g), randn(H * hd, d, dtype=torch.float16, gen=g)
+    a = randn(2, 2, hd, dtype=torch.float16, gen=g)
+    idx = torch.tensor([4, 1], device=DEVICE)
+    cases = [
+        (lambda: head_gather_gemv(x, w, torch.tensor([5, 1], device=DEVICE), hd), "out of bounds"),
+        (lambda: head_gather_gemv(x, w, torch.tensor([1, 1], device=DEVICE), hd), "duplicated"),
+        (lambda: head_gather_gemv(x, w, idx, 7), "head_dim"),
+        (lambda: head_gather_gemv(x.float(), w, idx, hd), "dtype"),
+        (lambda: head_gather_gemv(x.to("meta"), w, idx, hd), "meta"),
+        (lambda: head_gather_gemv(x.repeat(9, 1)[:17], w, idx, hd), "batch size 17"),
+        (lambda: head_gather_gemv(x, w, idx, hd, bias=torch.ones(d - 1, dtype=x.dtype, device=DEVICE)), "bias"),
+        (lambda: head_gather_down(a, w, torch.tensor([5, 1], device=DEVICE), hd), "out of bounds"),
+        (lambda: head_gather_down(a, w, torch.tensor([3, 3], device=DEVICE), hd), "duplicated"),
+        (lambda: head_gather_down(a, w, idx[:1], hd), "heads"),
+        (lambda: head_gather_down(a[..., :4], w, idx, hd), "dimension 2"),
+        (lambda: head_gather_down(a.float(), w, idx, hd), "dtype"),
+        (lambda: head_gather_down(a.repeat(9, 1, 1)[:17], w, idx, hd), "batch size 17"),
+        (lambda: head_gather_down(a, w, idx.float(), hd), "int32 or int64"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()

@@ -1,0 +1,193 @@
+"""FastDecoder against the reference DecoderLM: dense decode == model.forward with a cache; sparse decode at batch 1
+== the reference PredictorPolicy (same selection); bad input is a ValueError. Triton kernels run under
+TRITON_INTERPRET=1 on CPU (set in tests/conftest.py); the slow interpreter is used for a few steps only."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from dejavu.accounting import bytes_summary, predictor_params  # noqa: E402
+from dejavu.predictors.model import PredictorSet  # noqa: E402
+from dejavu.runtime.fast_decode import FastDecoder  # noqa: E402
+from dejavu.runtime.policy import PredictorPolicy  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+MLP_D, HEAD_D = [1.0, 0.5, 0.25], [0.2, 1.0, 0.5]  # per layer: dense / sparse mixes, GQA gathered + padded KV sets
+TOL = 1e-4 if CUDA else 1e-5  # fp32; on a GPU cuBLAS / SDPA / the kernels sum in other orders
+
+
+def _predictors(spec, lookahead=True, seed=0):
+    torch.manual_seed(seed)
+    p = PredictorSet.for_model(spec, mlp_rank=8, head_rank=4, lookahead=lookahead)
+    return p.eval().requires_grad_(False).to(DEV)
+
+
+@torch.no_grad()
+def _compare(model, dec, policy, kv_policy, B, T=5, steps=3, seed=1):
+    """Prefill both, then feed both the reference's greedy tokens; return max |logit diff| per step and the
+    max |sparse - dense| (to show the sparse path is not secretly dense)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.spec.vocab_size, (B, T), generator=g).to(model.device)
+    cache = model.new_cache(B, dec.max_len)
+    ref = model(ids, 0, cache, sparsity=None)[:, -1]
+    torch.testing.assert_close(dec.prefill(ids), ref, rtol=1e-5, atol=1e-5)
+    tok, errs, gap = ref.argmax(-1), [], 0.0
+    dense_cache = model.new_cache(B, dec.max_len)
+    model(ids, 0, dense_cache, sparsity=None)
+    for t in range(steps):
+        r = model(tok[:, None], T + t, cache, sparsity=policy, kv_policy=kv_policy)[:, -1]
+        dense = model(tok[:, None], T + t, dense_cache, sparsity=None)[:, -1]
+        got = dec.decode_step(tok).clone()
+        errs.append((got - r).abs().max().item())
+        gap = max(gap, (r - dense).abs().max().item())
+        tok = r.argmax(-1)
+    return errs, gap
+
+
+def test_dense_decode_equals_model(tiny):
+    """(a) predictors=None: the Triton step equals model.forward with a KV cache, step by step (fp32)."""
+    model = tiny[1].to(DEV)
+    dec = FastDecoder(model, None, batch=2, max_len=16, backend="triton")
+    errs, _ = _compare(model, dec, None, "all", B=2)
+    assert max(errs) < TOL, errs
+
+
+@pytest.mark.parametrize("kv_policy", ["all", "selected"])
+def test_sparse_batch1_equals_reference_policy(tiny, kv_policy):
+    """(b) batch 1: the runtime's batch top-k is the reference's per-token top-k, so the logits agree."""
+    model = tiny[1].to(DEV)
+    p = _predictors(model.spec)
+    dec = FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=16, kv_policy=kv_policy, backend="triton")
+    errs, gap = _compare(model, dec, PredictorPolicy(p, MLP_D, HEAD_D), kv_policy, B=1)
+    assert max(errs) < TOL, errs
+    assert gap > 1e-3  # the sparse reference really differs from dense, so the match means something
+    if kv_policy == "selected" and model.spec.group_size > 1:
+        assert dec.k_kv == [1, model.spec.n_kv_heads, model.spec.n_kv_heads]  # gathered / dense-with-holes
+
+
+def test_sparse_without_lookahead_torch_backend(tiny):
+    """Same-layer predictors (heads from the layer input, neurons from the residual after attention)."""
+    model = tiny[1].to(DEV)
+    p = _predictors(model.spec, lookahead=False)
+    dec = FastDecoder(model, p, 0.5, 0.5, batch=1, max_len=16, kv_policy="selected", backend="torch")
+    errs, gap = _compare(model, dec, PredictorPolicy(p, 0.5, 0.5), "selected", B=1, steps=4)
+    assert max(errs) < TOL and gap > 1e-3, (errs, gap)
+
+
+def test_batch_union_shapes_and_identical_rows(tiny):
+    """batch > 1 selects one union per step: shapes and finiteness; identical rows give the batch-1 answer."""
+    model = tiny[1].to(DEV)
+    p = _predictors(model.spec)
+    ids = torch.randint(0, model.spec.vocab_size, (1, 6), generator=torch.Generator().manual_seed(3)).to(DEV)
+    one = FastDecoder(model, p, 0.5, 0.5, batch=1, max_len=12, backend="torch").generate(ids, 4)
+    four = FastDecoder(model, p, 0.5, 0.5, batch=4, max_len=12, backend="torch").generate(ids.expand(4, -1), 4)
+    assert four.tokens.shape == (4, 10) and len(four.step_ms) == 3
+    assert (four.tokens == one.tokens).all()
+    mixed = FastDecoder(model, p, 0.25, 0.5, batch=3, max_len=12, backend="torch")
+    logits = mixed.prefill(torch.randint(0, model.spec.vocab_size, (3, 6), device=DEV))
+    out = mixed.decode_step(logits.argmax(-1))
+    assert out.shape == (3, model.spec.vocab_size) and torch.isfinite(out).all()
+
+
+def test_generate_is_greedy_decode(tiny_llama):
+    model = tiny_llama.to(DEV)
+    p = _predictors(model.spec)
+    dec = FastDecoder(model, p, 0.5, 0.5, batch=2, max_len=12, backend="torch")
+    ids = torch.randint(0, model.spec.vocab_size, (2, 4), device=DEV)
+    res = dec.generate(ids, 5)
+    assert res.tokens.shape == (2, 9) and len(res.step_ms) == 4 and res.prefill_ms > 0
+    tok = dec.prefill(ids).argmax(-1)
+    for t in range(4):
+        assert (tok == res.tokens[:, 4 + t]).all()
+        tok = dec.decode_step(tok).argmax(-1)
+    assert (tok == res.tokens[:, 8]).all()
+
+
+def test_bad_input_is_a_value_error(tiny_llama):
+    """(c) batch above 16, max_len exceeded, densities without predictors, wrong shapes."""
+    model = tiny_llama
+    with pytest.raises(ValueError, match="batch=17"):
+        FastDecoder(model, None, batch=17, max_len=8, backend="torch")
+    with pytest.raises(ValueError, match="need predictors"):
+        FastDecoder(model, None, 0.5, batch=1, max_len=8, backend="torch")
+    with pytest.raises(ValueError, match="kv_policy"):
+        FastDecoder(model, None, batch=1, max_len=8, kv_policy="some", backend="torch")
+    dec = FastDecoder(model, None, batch=1, max_len=8, backend="torch")
+    ids = torch.randint(0, model.spec.vocab_size, (1, 6))
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        dec.generate(ids, 3)
+    with pytest.raises(ValueError, match="no room"):
+        dec.prefill(torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch=1"):
+        dec.prefill(torch.zeros(2, 3, dtype=torch.long))
+    tok = dec.prefill(ids).argmax(-1)
+    tok = dec.decode_step(tok).argmax(-1)  # position 6
+    dec.decode_step(tok)  # position 7: the last slot
+    with pytest.raises(ValueError, match="cache full"):
+        dec.decode_step(tok)
+    with pytest.raises(ValueError, match="shape"):
+        dec.decode_step(torch.zeros(2, dtype=torch.long))
+
+
+def test_opt_learned_positions_limit(tiny):
+    _, model = tiny
+    if model.spec.pos_kind != "learned":
+        pytest.skip("learned positions only")
+    with pytest.raises(ValueError, match="learned positions"):
+        FastDecoder(model, None, batch=1, max_len=model.spec.max_positions + 1, backend="torch")
+
+
+def test_bytes_accounting(tiny):
+    _, model = tiny
+    s = model.spec
+    p = _predictors(s)
+    dense = FastDecoder(model, None, batch=1, max_len=8, backend="torch")
+    weights = sum(t.numel() for name, t in model.named_parameters() if not name.startswith(("embed.", "pos_embed.")))
+    if s.tie_embeddings:  # the tied LM head is read through lm_head, not as an embedding table
+        weights += model.lm_head.weight.numel()
+    extra = s.d_model * (2 if s.pos_kind == "learned" else 1)  # the embedding row(s) of one token
+    assert dense.dense_bytes_per_token() == dense.bytes_per_token() == 4 * (weights + extra)
+    sparse = FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=8, kv_policy="all", backend="torch")
+    ref = bytes_summary(s, [k / s.ffn_dim for k in sparse.k_mlp], [k / s.n_heads for k in sparse.k_heads],
+                        predictor_params=predictor_params(p.meta, MLP_D, HEAD_D), bytes_per_param=4)
+    got = sparse.bytes_per_token() / sparse.dense_bytes_per_token()
+    assert got == pytest.approx(ref["step_bytes_ratio"], rel=0.05)  # the accounting ignores biases and norms
+    sel = FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=8, kv_policy="selected", backend="torch")
+    assert sel.bytes_per_token() < sparse.bytes_per_token() < sparse.dense_bytes_per_token()
+    assert sel.kv_bytes(10) == sum(sel.k_heads) * 10 * s.head_dim * 2 * 4
+
+
+# ---- GPU: graph capture and timing ---------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_graph_replay_equals_eager_and_reference(tiny, dtype):
+    _, model = tiny
+    model = model.to(device="cuda", dtype=dtype)
+    p = _predictors(model.spec)
+    ids = torch.randint(0, model.spec.vocab_size, (1, 7), device="cuda")
+    eager = FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=32, use_graph=False)
+    graph = FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=32, use_graph=True)
+    a, b = eager.generate(ids, 12), graph.generate(ids, 12)
+    assert graph._graph is not None and (a.tokens == b.tokens).all()
+    assert len(b.step_ms) == 11 and all(t > 0 for t in b.step_ms)
+    b2 = graph.generate(ids, 12)  # the captured graph is reused across generations
+    assert (b2.tokens == b.tokens).all()
+    if dtype == torch.float32:
+        errs, _ = _compare(model, FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=32), PredictorPolicy(
+            p, MLP_D, HEAD_D), "selected", B=1, steps=4)
+        assert max(errs) < 1e-3, errs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_dense_graph_batch16_matches_model(tiny):
+    _, model = tiny
+    model = model.to(device="cuda", dtype=torch.float32)
+    dec = FastDecoder(model, None, batch=16, max_len=24)
+    errs, _ = _compare(model, dec, None, "all", B=16, steps=4)
+    assert max(errs) < 1e-3, errs
