@@ -7,6 +7,11 @@ M="$R/model.gguf"
 C4="$R/data/c4/c4_train_sample.jsonl"
 run() { python3 -m dejavu.cli "$@" --device cuda --no-progress; }
 nvidia-smi --query-gpu=name,memory.total --format=csv
+if [ -n "${STUDY:-}" ]; then
+  run calibrate --model "$M" --data "$C4" --docs 500 --tokens-per-doc 64 --epochs 1 --out "$R/pred-study" || exit 1
+  python3 bench/predictor_study.py --model "$M" --activations "$R/pred-study/activations" --out "$R/results/predictor_study.json"
+  touch "$R/job.done"; exit 0
+fi
 if [ ! -f "$R/pred-topk/predictors.json" ]; then
   run calibrate --model "$M" --data "$C4" --docs 500 --tokens-per-doc 64 --out "$R/pred-topk" || exit 1
 fi

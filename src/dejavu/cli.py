@@ -33,6 +33,10 @@ def _density(s: str) -> float:
     return v
 
 
+def _levels(s: str) -> tuple[float, ...]:
+    return tuple(_density(x) for x in s.split(",") if x.strip())
+
+
 def _layers(s: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in s.split(",") if x.strip())
@@ -74,13 +78,18 @@ def _calib_args(p):
     p.add_argument("--tokens-per-doc", type=int, default=32, help="recorded token positions per document")
     p.add_argument("--mlp-rank", type=int, default=None)
     p.add_argument("--head-rank", type=int, default=None)
-    p.add_argument("--same-layer", action="store_true", help="predict from the same layer's input (no lookahead)")
+    p.add_argument("--predictor-input", choices=["lookahead", "half", "same"], default="lookahead",
+                   help="lookahead: layer l's input scores layer l+1 (default); half: the paper's scheme (neurons from "
+                        "the same layer's input, heads from the previous MLP's input); same: inline")
+    p.add_argument("--mlp-label-frac", type=_density, default=0.5, help="SwiGLU neuron label: top fraction by |act|")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--max-ppl-increase", type=_percent, default=0.01, help="quality budget, e.g. 1%% (default)")
     p.add_argument("--mode", choices=["topk", "threshold"], default="topk",
                    help="fixed top-k per layer (CUDA-graph friendly) or per-token thresholds")
     p.add_argument("--kv-policy", choices=["all", "selected"], default="all")
     p.add_argument("--dense-layers", type=_layers, default=(), help="layers kept dense, e.g. 0,-1")
+    p.add_argument("--mlp-levels", type=_levels, default=None, help="candidate MLP densities, e.g. 0.8,0.65,0.5")
+    p.add_argument("--head-levels", type=_levels, default=None, help="candidate head densities")
     p.add_argument("--holdout-windows", type=int, default=16)
     p.add_argument("--holdout-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -124,15 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, model=False)
     p.add_argument("--out", default=DEFAULT_DEMO_DIR)
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--docs", type=int, default=48)
+    p.add_argument("--docs", type=int, default=32)
     p.add_argument("--max-ppl-increase", type=_percent, default=0.02)
 
-    p = sub.add_parser("bench", help="GPU decode benchmark: HF, ours-dense, ours-sparse, with the roofline")
-    p.add_argument("--out", default="results/bench")
-    p.add_argument("--models", default="opt-6.7b,opt-13b,opt-30b,llama-2-7b,smollm2-135m")
-    p.add_argument("--batches", default="1,4,16")
-    p.add_argument("--quick", action="store_true", help="fewer repeats and tokens (smoke run)")
-    p.add_argument("--json", action="store_true")
+    from .bench.decode import add_arguments as bench_arguments
+
+    bench_arguments(sub.add_parser("bench", help="GPU decode benchmark: HF, ours-dense, ours-sparse, with the roofline"))
     return ap
 
 
@@ -165,10 +171,11 @@ def cmd_calibrate(args, log):
     lm = _load(args, log)
     cfg = CalibrateConfig(data=args.data, docs=args.docs, eval_docs=args.eval_docs, holdout_docs=args.holdout_docs,
                           max_len=args.max_len, tokens_per_doc=args.tokens_per_doc, mlp_rank=args.mlp_rank,
-                          head_rank=args.head_rank, lookahead=not args.same_layer, epochs=args.epochs,
+                          head_rank=args.head_rank, input_scheme=args.predictor_input, mlp_label_frac=args.mlp_label_frac, epochs=args.epochs,
                           max_ppl_increase=args.max_ppl_increase, mode=args.mode, kv_policy=args.kv_policy,
                           dense_layers=args.dense_layers, holdout_windows=args.holdout_windows,
-                          holdout_len=args.holdout_len, seed=args.seed, progress=not args.no_progress)
+                          holdout_len=args.holdout_len, mlp_levels=args.mlp_levels, head_levels=args.head_levels,
+                          seed=args.seed, progress=not args.no_progress)
     meta = run_calibrate(lm, args.out, cfg, log=log)
     return {"out": args.out, "operating_point": {k: meta["operating_point"][k] for k in
             ("mode", "mlp_density", "head_density", "holdout_ppl_increase", "bytes")}, "metrics": meta["metrics"]}
@@ -279,10 +286,10 @@ def cmd_demo(args, log):
     except (DataError, FileNotFoundError):
         data_dir, data = None, None
     log(f"[1/4] calibrate on {data or 'text the model generates itself (no corpus found)'}")
-    cfg = CalibrateConfig(data=data, docs=args.docs, holdout_docs=8, max_len=256, tokens_per_doc=48, epochs=10,
-                          max_ppl_increase=args.max_ppl_increase, holdout_windows=4, holdout_len=256,
-                          mlp_levels=(0.75, 0.6, 0.45, 0.3), head_levels=(6 / 9, 3 / 9) if lm.spec.n_heads == 9 else None,
-                          progress=not args.no_progress)
+    # small settings so that the whole demo fits in a few minutes on 2 CPU cores; see README for the full run
+    cfg = CalibrateConfig(data=data, docs=args.docs, holdout_docs=4, max_len=192, tokens_per_doc=48, epochs=10,
+                          max_ppl_increase=args.max_ppl_increase, holdout_windows=2, holdout_len=256,
+                          mlp_levels=(0.7, 0.5), head_levels=(0.67,), progress=not args.no_progress)
     meta = run_calibrate(lm, args.out, cfg, log=log)
     result = {"calibrate": {"operating_point": meta["operating_point"]["bytes"]}}
     if data_dir is not None:
@@ -311,6 +318,7 @@ def cmd_demo(args, log):
 
 
 def cmd_bench(args, log):
+    """Same options as ``python -m dejavu.bench.decode`` (see that module)."""
     from .bench.decode import main as bench_main
 
     return bench_main(args, log)

@@ -3,11 +3,11 @@
 1. Sensitivity: on held-apart text, make one layer's MLP (or heads) sparse at each candidate density, everything
    else dense, and record the loss increase. Blocks before the probed layer are not re-run: their dense output is
    cached once.
-2. Greedy allocation: treating per-layer loss increases as additive, repeatedly take the move (one layer one density
-   level down) with the most bytes saved per unit of predicted loss, while the predicted total stays within
+2. Greedy order: repeatedly take the move (one layer one density level down) with the most bytes saved per unit of
+   (single-layer) loss increase, until every layer is at its sparsest level.
+3. Measure, not add: per-layer increases are far from additive (and single-layer probes are noisy), so binary
+   search the longest prefix of that order whose *measured* loss, all chosen layers sparse at once, stays within
    ``log(1 + max_ppl_increase)``.
-3. Verify with every chosen layer sparse at once; if the measured increase is over budget, shrink the budget and
-   re-allocate (interactions between layers are usually super-additive).
 
 In threshold mode each (layer, level) gets a logit threshold: the (1 - level) quantile of the predictor's scores on
 the held-out tokens, so that on average ``level`` of the blocks pass and each token keeps as many as its scores say.
@@ -47,18 +47,18 @@ def _loss(model, x0, rope, ids, policy, first=0, kv_policy="all") -> float:
 @torch.no_grad()
 def score_thresholds(model: DecoderLM, predictors: PredictorSet, ids: torch.Tensor, levels_mlp, levels_heads):
     """Per layer, the predictor-logit threshold that keeps ``level`` of blocks on average over ``ids``' tokens."""
-    x, rope = model.embed_positions(ids)
-    inputs: list[torch.Tensor] = []
-    model.run_blocks(x, rope, record=inputs)
-    L = model.spec.n_layers
+    from .calibrate import Recorder
+    from .predictors.train import input_source
+
+    rec = Recorder(torch.arange(ids.numel(), device=ids.device))
+    model(ids, sparsity=rec)
     out = {"mlp": [], "heads": []}
-    for l in range(L):
-        src = inputs[max(l - 1, 0)] if predictors.meta["lookahead"] else inputs[l]
-        xs = src.reshape(-1, src.shape[-1])
+    for l in range(model.spec.n_layers):
         for kind, fn, levels in (("mlp", predictors.neuron_scores, levels_mlp), ("heads", predictors.head_scores, levels_heads)):
-            s = fn(l, xs).flatten()
+            key, src = input_source(l, kind, predictors.input_scheme)
+            s = fn(l, rec.rec[f"{key}.{src}"].to(model.device, model.dtype)).flatten()
             if s.numel() > 1 << 24:
-                s = s[torch.randperm(s.numel())[: 1 << 24]]
+                s = s[torch.randperm(s.numel(), device=s.device)[: 1 << 24]]
             out[kind].append({lv: float(torch.quantile(s.float(), 1 - lv)) for lv in levels if lv < 1})
     return out
 
@@ -104,52 +104,53 @@ def choose_operating_point(model: DecoderLM, predictors: PredictorSet, ids: torc
     def params_at(l, mi, hi):
         return layer_params_read(spec, levels["mlp"][mi], levels["heads"][hi])
 
-    # 2. greedy allocation under a (shrinking) budget, 3. verification
+    # 2. greedy order: every move (one layer, one level down) ranked by bytes saved per predicted loss
     budget = math.log1p(max_ppl_increase)
-    target = budget
-    best = None
-    history = []
-    for _ in range(6):
-        state = {"mlp": [0] * L, "heads": [0] * L}
-        cum = {k: [[max(0.0, max(sens[k][l][: j + 1])) for j in range(len(levels[k]))] for l in range(L)] for k in levels}
-        spent = 0.0
-        while True:
-            best_move, best_ratio = None, -1.0
-            for l in range(L):
-                if l in dense_set:
+    cum = {k: [[max(0.0, max(sens[k][l][: j + 1])) for j in range(len(levels[k]))] for l in range(L)] for k in levels}
+    state = {"mlp": [0] * L, "heads": [0] * L}
+    moves: list[tuple[int, str]] = []
+    while True:
+        best_move, best_ratio = None, -1.0
+        for l in range(L):
+            if l in dense_set:
+                continue
+            mi, hi = state["mlp"][l], state["heads"][l]
+            for kind in levels:
+                j = state[kind][l]
+                if j + 1 >= len(levels[kind]):
                     continue
-                for kind in levels:
-                    j = state[kind][l]
-                    if j + 1 >= len(levels[kind]):
-                        continue
-                    cost = cum[kind][l][j + 1] - cum[kind][l][j]
-                    if spent + cost > target:
-                        continue
-                    mi, hi = state["mlp"][l], state["heads"][l]
-                    saved = params_at(l, mi, hi) - (params_at(l, mi + 1, hi) if kind == "mlp" else params_at(l, mi, hi + 1))
-                    ratio = saved / max(cost, 1e-6)
-                    if ratio > best_ratio:
-                        best_move, best_ratio = (l, kind, cost), ratio
-            if best_move is None:
-                break
-            l, kind, cost = best_move
-            state[kind][l] += 1
-            spent += cost
-        md = [levels["mlp"][state["mlp"][l]] for l in range(L)]
-        hd = [levels["heads"][state["heads"][l]] for l in range(L)]
+                cost = cum[kind][l][j + 1] - cum[kind][l][j]
+                saved = params_at(l, mi, hi) - (params_at(l, mi + 1, hi) if kind == "mlp" else params_at(l, mi, hi + 1))
+                ratio = saved / max(cost, 1e-6)
+                if ratio > best_ratio:
+                    best_move, best_ratio = (l, kind), ratio
+        if best_move is None:
+            break
+        state[best_move[1]][best_move[0]] += 1
+        moves.append(best_move)
+
+    def densities(n_moves):
+        st = {"mlp": [0] * L, "heads": [0] * L}
+        for l, kind in moves[:n_moves]:
+            st[kind][l] += 1
+        return ([levels["mlp"][st["mlp"][l]] for l in range(L)], [levels["heads"][st["heads"][l]] for l in range(L)])
+
+    # 3. measure, not add: binary search the longest prefix of that order whose measured loss fits the budget
+    history = []
+    best = ([1.0] * L, [1.0] * L, 0.0, 0.0, None)
+    lo, hi_ = 0, len(moves)
+    while lo < hi_:
+        mid = (lo + hi_ + 1) // 2
+        md, hd = densities(mid)
         pol = _policy(predictors, md, hd, mode, thresholds)
         measured = _loss(model, x0, rope, ids, pol, 0, kv_policy) - base
         skipped = bytes_summary(spec, md, hd)["block_bytes_skipped"]
-        history.append({"budget_nats": target, "predicted_nats": spent, "measured_nats": measured,
-                        "block_bytes_skipped": skipped})
-        if measured <= budget and (best is None or skipped > best[2]):
+        history.append({"moves": mid, "of": len(moves), "measured_nats": measured, "block_bytes_skipped": skipped})
+        if measured <= budget:
+            lo = mid
             best = (md, hd, skipped, measured, pol.achieved())
-        if measured <= budget and measured > 0.8 * budget:
-            break
-        target *= max(0.3, min(1.5, budget / max(measured, 1e-6))) * (0.9 if measured > budget else 1.05)
-    if best is None:
-        md, hd = [1.0] * L, [1.0] * L
-        best = (md, hd, 0.0, 0.0, None)
+        else:
+            hi_ = mid - 1
     md, hd, skipped, measured, achieved = best
     op = {
         "mode": mode, "kv_policy": kv_policy, "max_ppl_increase": max_ppl_increase,

@@ -33,7 +33,7 @@ class CalibrateConfig:
     shard_tokens: int = 4096
     mlp_rank: int | None = None
     head_rank: int | None = None
-    lookahead: bool = True
+    input_scheme: str = "lookahead"  # see predictors/train.py
     mlp_label_frac: float = 0.5
     head_label_frac: float = 0.5
     epochs: int = 12
@@ -90,7 +90,7 @@ def run_calibrate(lm: LoadedModel, out: str | Path, cfg: CalibrateConfig, log=pr
     cal = CalibrationSet(out / "activations")
     log(f"recorded {cal.n_tokens} tokens in {len(cal.manifest['shards'])} shards ({time.perf_counter() - t0:.0f} s)")
     model = lm.model
-    ps = train_predictors(cal, model.spec, mlp_rank=cfg.mlp_rank, head_rank=cfg.head_rank, lookahead=cfg.lookahead,
+    ps = train_predictors(cal, model.spec, mlp_rank=cfg.mlp_rank, head_rank=cfg.head_rank, input_scheme=cfg.input_scheme,
                           mlp_label_frac=cfg.mlp_label_frac, head_label_frac=cfg.head_label_frac, epochs=cfg.epochs,
                           seed=cfg.seed, progress=cfg.progress).to(model.device)
     ps.meta["split"] = split

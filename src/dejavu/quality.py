@@ -158,7 +158,7 @@ def run_eval(lm: LoadedModel, predictors: PredictorSet, cfg: EvalConfig, log=pri
         "predictor_recall_vs_oracle_topk": fid.recall(),
         "teal_density": teal_density,
         "teal_block_bytes_skipped": teal_block_bytes_skipped(spec, teal_density) if teal_density else None,
-        "predictors": {k: predictors.meta[k] for k in ("mlp_rank", "head_rank", "lookahead", "labels", "calibration")},
+        "predictors": {k: predictors.meta[k] for k in ("mlp_rank", "head_rank", "input", "labels", "calibration")},
         **cfg.extra,
     }
     if op["mode"] == "threshold":  # threshold mode: what tokens actually read, not the nominal level
@@ -211,9 +211,11 @@ def to_markdown(r: dict, command: str) -> str:
                  + f" | {100 * (d['sparse_ppl'] / d['dense_ppl'] - 1):+.2f}% |")
     L.append("\nsparse = learned predictors at the chosen operating point (KV cache policy as listed above); "
              "sparse_kv_selected = the same selections with K/V computed only for the KV heads the selected query "
-             "heads need (holes in the cache are masked for later tokens);")
-    L.append(f"oracle = exact top-k at the same per-layer densities; teal = magnitude thresholds at density "
-             f"{r['teal_density']:.3f} (block bytes skipped {r['teal_block_bytes_skipped']:.3f}).\n")
+             "heads need (holes in the cache are masked for later tokens).")
+    if r.get("teal_density") is not None:
+        L.append(f"oracle = exact top-k at the same per-layer densities; teal = magnitude thresholds at density "
+                 f"{r['teal_density']:.3f} (block bytes skipped {r['teal_block_bytes_skipped']:.3f}).")
+    L.append("")
     L.append(f"| task ({r['num_fewshot']}-shot) | n | dense acc | sparse acc | dense acc_norm | sparse acc_norm |")
     L.append("|---|---|---|---|---|---|")
     for t, v in r["tasks"].items():

@@ -86,9 +86,9 @@ _COMPILE_SCRIPT = """
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from dejavu.kernels import gather_mlp as G, decode_attention as A
+from dejavu.kernels import gather_mlp as G, decode_attention as A, fused_ops as FO
 
-TY = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64"}
+TY = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8"}
 
 def build(kernel, args, num_warps, num_stages):
     sig, consts, attrs = {}, {}, {}
@@ -115,20 +115,33 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
               B=B, n_out=2048, D=5120, stride_xb=5120, stride_xd=1, stride_wn=5120, stride_w2n=5120, stride_ob=2048,
               ROWS_PER_IDX=1 if act == 2 else 128, ACT=act, HAS_BIAS=act == 1, DOT_FP32=dt == torch.float32, **cfg),
               nw, cfg["NUM_STAGES"])
-    for B, split in ((1, None), (16, 4)):
-        cfg = G._down_config(B, 2048, 5120, cpu, split)
-        nw, s, rps = cfg.pop("num_warps"), cfg.pop("splits"), cfg.pop("rows_per_split")
+    for B, split, fn in ((1, None, G._down_config), (2, None, G._down_config), (16, 4, G._down_config),
+                         (1, None, G._down_config_v1), (16, 4, G._down_config_v1)):
+        cfg = fn(B, 2048, 5120, cpu, split)
+        nw, s, rps, fused = cfg.pop("num_warps"), cfg.pop("splits"), cfg.pop("rows_per_split"), cfg.pop("fused")
         build(G._gather_down_kernel, dict(h_ptr=dt, w_ptr=dt, idx_ptr=torch.int64, bias_ptr=dt, res_ptr=dt, out_ptr=dt,
-              part_ptr=torch.float32, B=B, n_in=2048, D=5120, rows_per_split=rps, stride_hb=2048, stride_hg=128,
-              stride_hr=1, stride_wn=5120, stride_rb=5120, stride_ob=5120, ROWS_PER_IDX=128, HAS_BIAS=True,
-              HAS_RES=True, WRITE_PARTIAL=s > 1, DOT_FP32=dt == torch.float32, **cfg), nw, cfg["NUM_STAGES"])
+              part_ptr=torch.float32, cnt_ptr=torch.int32, B=B, n_in=2048, D=5120, rows_per_split=rps, n_splits=s,
+              stride_hb=2048, stride_hg=128, stride_hr=1, stride_wn=5120, stride_rb=5120, stride_ob=5120,
+              ROWS_PER_IDX=128, HAS_BIAS=True, HAS_RES=True, WRITE_PARTIAL=s > 1, FUSED_REDUCE=fused and s > 1,
+              DOT_FP32=dt == torch.float32, **cfg), nw, cfg["NUM_STAGES"])
+    for ln in (True, False):
+        build(FO._norm_kernel, dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, y_ptr=dt, rb_ptr=dt, init_ptr=dt, D=5120, eps=1e-5,
+              stride_x=5120, stride_y=5120, stride_i=5120, IS_LN=ln, HAS_W=True, HAS_B=ln, HAS_INIT=True,
+              HAS_RB=True, ROUND_MID=True, BLOCK=8192), 8, 1)
+    build(FO._qkv_post_kernel, dict(qkv_ptr=dt, cos_ptr=dt, sin_ptr=dt, q_out_ptr=dt, k_ptr=dt, v_ptr=dt,
+          kvidx_ptr=torch.int64, pos_ptr=torch.int64, valid_ptr=torch.uint8, hidx_ptr=torch.int64, KQ=4, KKV=4,
+          HD=128, H_KV=32, group=1, s_qb=1536, s_qh=128, s_cb=128, s_oqb=512, s_oqh=128, s_kb=32 * 256 * 128,
+          s_kh=256 * 128, s_ks=128, s_vb=32 * 256 * 128, s_vh=256 * 128, s_vs=128, s_mb=32 * 256, s_mh=256,
+          HAS_ROPE=True, WRITE_Q=True, HAS_VALID=True, BLOCK_H=128, BLOCK_KV=32, BLOCK_KQ=16), 1, 1)
     for splits in (1, 8):
         cfg = A._attn_config(1, 4, 2048, 128, dt.itemsize, cpu, splits); nw = cfg.pop("num_warps")
         build(A._decode_attn_kernel, dict(q_ptr=dt, k_ptr=dt, v_ptr=dt, seq_lens_ptr=torch.int32,
-              head_idx_ptr=torch.int64, out_ptr=dt, part_o_ptr=torch.float32, part_lse_ptr=torch.float32, KH=4,
+              head_idx_ptr=torch.int64, out_ptr=dt, part_o_ptr=torch.float32, part_lse_ptr=torch.float32,
+              valid_ptr=torch.uint8, KH=4,
               HD=128, group_size=4, qk_scale=0.1, stride_qb=512, stride_qh=128, stride_kb=2048 * 128 * 8,
               stride_kh=2048 * 128, stride_ks=128, stride_vb=2048 * 128 * 8, stride_vh=2048 * 128, stride_vs=128,
-              stride_ob=512, stride_oh=128, **cfg), nw, cfg["NUM_STAGES"])
+              stride_ob=512, stride_oh=128, stride_mb=8 * 2048, stride_mh=2048, HAS_VALID=splits > 1, **cfg), nw,
+              cfg["NUM_STAGES"])
 build(G._reduce_splits_kernel, dict(part_ptr=torch.float32, bias_ptr=torch.float16, res_ptr=torch.float16,
       out_ptr=torch.float16, B=2, D=5120, splits=4, stride_rb=5120, stride_ob=5120, HAS_BIAS=True, HAS_RES=True,
       BLOCK_D=256), 2, 1)

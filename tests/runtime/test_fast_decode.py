@@ -20,7 +20,7 @@ TOL = 1e-4 if CUDA else 1e-5  # fp32; on a GPU cuBLAS / SDPA / the kernels sum i
 
 def _predictors(spec, lookahead=True, seed=0):
     torch.manual_seed(seed)
-    p = PredictorSet.for_model(spec, mlp_rank=8, head_rank=4, lookahead=lookahead)
+    p = PredictorSet.for_model(spec, mlp_rank=8, head_rank=4, input_scheme="lookahead" if lookahead else "same")
     return p.eval().requires_grad_(False).to(DEV)
 
 

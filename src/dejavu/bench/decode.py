@@ -482,8 +482,8 @@ def main(args, log=print) -> dict:
     return bench.result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dejavu.bench.decode", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The benchmark's options (shared by ``dejavu bench`` and ``python -m dejavu.bench.decode``)."""
     p.add_argument("--out", default="results/bench")
     p.add_argument("--models", default="opt-13b,opt-6.7b,opt-30b,llama-2-7b,smollm2-135m")
     p.add_argument("--batches", default="1,4,16")
@@ -501,6 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", action="store_true", help="also run the kernel sweep (kernel_sweep.py) at the end")
     p.add_argument("--merge", nargs="+", default=None, help="merge result JSON files into --out (no GPU needed)")
     return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog="python -m dejavu.bench.decode", description=__doc__.split("\n\n")[0]))
 
 
 def cli(argv=None) -> int:

@@ -1,6 +1,9 @@
 """Perplexity of one or more models on exactly the same token windows.
 
-Convention (reproduces the reference SmolLM2-135M-Instruct WikiText-2 numbers, see the module tests/report):
+Convention (reproduces the reference SmolLM2-135M-Instruct WikiText-2 numbers: with this code the whole
+test file, 301,948 tokens, at 1024-token windows gives 294 windows, 300,762 predicted tokens, ppl 24.9837 --
+reference 24.984; keeping the 892-token tail instead would give 24.9865.  At 512: 589 windows, ppl 29.9955 --
+reference 29.996; with the tail 29.9983):
 
 * the text is tokenized once, whole, with plain ``tokenizer(text)["input_ids"]`` (no BOS is added by the
   SmolLM2 tokenizer, and none is inserted here);

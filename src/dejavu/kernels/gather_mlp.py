@@ -26,6 +26,8 @@ rows (``idx[j] * R + r``). With ``R = head_dim`` this is exactly the head-sparse
 projection, see :mod:`dejavu.kernels.head_sparse`.
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -295,11 +297,13 @@ def _gather_down_kernel(
     res_ptr,  # [B, D] residual or dummy
     out_ptr,  # [B, D]
     part_ptr,  # [SPLITS, B, D] fp32 partial sums (only when WRITE_PARTIAL)
+    cnt_ptr,  # [cdiv(D, BLOCK_D)] int32 arrival counters, zero between launches (FUSED_REDUCE)
     # sizes
     B,
     n_in,  # K * R, the reduction length
     D,
     rows_per_split,
+    n_splits,
     # strides
     stride_hb,
     stride_hg,  # between index groups (h.stride(1) for [B, K], a.stride(1) for [B, K, R])
@@ -312,6 +316,7 @@ def _gather_down_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr,  # split-k: store fp32 partials, a second kernel finishes
+    FUSED_REDUCE: tl.constexpr,  # split-k in one launch: the last program of a column slab sums the partials
     BLOCK_B: tl.constexpr,
     BLOCK_J: tl.constexpr,  # gathered rows per loop step
     BLOCK_D: tl.constexpr,  # output columns per program
@@ -365,14 +370,35 @@ def _gather_down_kernel(
     if WRITE_PARTIAL:
         part_ptrs = part_ptr + (pid_s * B + offs_b[:, None]) * D + offs_d[None, :]
         tl.store(part_ptrs, acc, mask=bd_mask)
+        if FUSED_REDUCE:
+            # threadfence-reduction pattern: every thread's partial is stored (barrier), one gpu-scope acq_rel
+            # arrival per program; the program that arrives last sums all partials of its slab in split order
+            # (deterministic: same order whoever is last) and resets the counter for the next launch/replay.
+            tl.debug_barrier()
+            old = tl.atomic_add(cnt_ptr + pid_d, 1, sem="acq_rel", scope="gpu")
+            if old == n_splits - 1:
+                tot = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+                for s in range(0, n_splits):
+                    tot += tl.load(part_ptr + (s * B + offs_b[:, None]) * D + offs_d[None, :], mask=bd_mask,
+                                   other=0.0, cache_modifier=".cg")  # fmt: skip
+                _down_epilogue(tot, bias_ptr, res_ptr, out_ptr, offs_b, offs_d, d_mask, bd_mask, stride_rb,
+                               stride_ob, HAS_BIAS, HAS_RES)  # fmt: skip
+                tl.atomic_xchg(cnt_ptr + pid_d, 0, sem="relaxed", scope="gpu")
     else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        if HAS_RES:
-            res = tl.load(res_ptr + offs_b[:, None] * stride_rb + offs_d[None, :], mask=bd_mask, other=0.0)
-            acc += res.to(tl.float32)
-        out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_d[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=bd_mask)
+        _down_epilogue(acc, bias_ptr, res_ptr, out_ptr, offs_b, offs_d, d_mask, bd_mask, stride_rb, stride_ob,
+                       HAS_BIAS, HAS_RES)  # fmt: skip
+
+
+@jit
+def _down_epilogue(acc, bias_ptr, res_ptr, out_ptr, offs_b, offs_d, d_mask, bd_mask, stride_rb, stride_ob,
+                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):  # fmt: skip
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES:
+        res = tl.load(res_ptr + offs_b[:, None] * stride_rb + offs_d[None, :], mask=bd_mask, other=0.0)
+        acc += res.to(tl.float32)
+    out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_d[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=bd_mask)
 
 
 @jit
@@ -408,16 +434,14 @@ def _reduce_splits_kernel(
     tl.store(out_ptr + pid_b * stride_ob + offs_d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-def _down_config(batch: int, n_in: int, d: int, device: torch.device, split_k: int | None) -> dict:
-    """Tile sizes and split count for :func:`_gather_down_kernel`.
+DOWN_SCHEDULE = os.environ.get("DEJAVU_DOWN_SCHEDULE", "split")  # "split" (v2) or "slab" (v1); for A/B sweeps
 
-    Why columns, not split-k atomics: for the target shapes (d >= 4096, k*d large, B small)
-    32-column slabs already give d/32 >= 128 programs, each streaming 64-byte row segments
-    (two full 32-byte sectors; neighbouring programs read the neighbouring segments of the
-    same rows at the same time). That needs no workspace, no memset, no second launch and
-    no fp32 atomics (which would make results run-to-run nondeterministic and cost a zeroing
-    launch, ~1 us on a 5-10 us kernel). Only when d is too narrow to fill the GPU do we split
-    the reduction, with fp32 partials reduced in a fixed order by a tiny second kernel.
+
+def _down_config_v1(batch: int, n_in: int, d: int, device: torch.device, split_k: int | None) -> dict:
+    """v1: 32-column slabs owning the whole reduction (split-k only for narrow d, with a second reduce kernel).
+
+    Measured on H200 (OPT-30B): ~2x roofline at density 1, 2.3x at 0.1: 64-byte row segments and only
+    d/32 programs do not stream HBM well. Kept for A/B (``DEJAVU_DOWN_SCHEDULE=slab``).
     """
     if batch <= 2:  # fp32 accumulator [B, 128, 32]: 32 (B=1) or 64 (B=2) registers/thread
         block_b, block_j, use_dot, stages = next_pow2(batch), 128, False, 4
@@ -433,7 +457,51 @@ def _down_config(batch: int, n_in: int, d: int, device: torch.device, split_k: i
         rows_per_split = cdiv(rows_per_split, block_j) * block_j
     split_k = cdiv(n_in, rows_per_split)
     return dict(BLOCK_B=block_b, BLOCK_J=block_j, BLOCK_D=block_d, USE_DOT=use_dot, NUM_STAGES=stages,
-                num_warps=4, splits=split_k, rows_per_split=rows_per_split)  # fmt: skip
+                num_warps=4, splits=split_k, rows_per_split=rows_per_split, fused=False)  # fmt: skip
+
+
+def _down_config(batch: int, n_in: int, d: int, device: torch.device, split_k: int | None) -> dict:
+    """Tile sizes and split count for :func:`_gather_down_kernel` (v2, "split").
+
+    Wide column slabs (256 columns = 512-byte contiguous runs per row at B <= 2; 128 on the tensor-core path) so
+    each row read is several full 128-byte lines, and the *rows* split over ~2 programs per SM to fill the GPU.
+    The partial sums are combined inside the same launch (``FUSED_REDUCE``: the last-arriving program of a slab
+    adds the fp32 partials in split order, then the fused bias/residual epilogue), so split-k costs no second
+    launch, no memset, and stays deterministic. ``split_k`` forces a split count.
+    """
+    if DOWN_SCHEDULE == "slab":
+        return _down_config_v1(batch, n_in, d, device, split_k)
+    if batch <= 2:  # FMA path: fp32 accumulator [B, 32, 256] = 64 (B=1) / 128 (B=2) registers/thread at 4 warps
+        block_b, block_j, block_d, use_dot, warps = next_pow2(batch), 32, 256, False, 4 if batch == 1 else 8
+    else:
+        block_b, block_j, block_d, use_dot, warps = 16, 64, 128, True, 4
+    block_d = max(16, min(block_d, next_pow2(d)))
+    n_d = cdiv(d, block_d)
+    if split_k is None:
+        split_k = max(1, min(cdiv(2 * num_sms(device), n_d), cdiv(n_in, 2 * block_j)))
+    rows_per_split = cdiv(n_in, max(1, min(int(split_k), n_in)))
+    rows_per_split = cdiv(rows_per_split, block_j) * block_j  # whole tiles per split; the count may shrink
+    split_k = cdiv(n_in, rows_per_split)
+    return dict(BLOCK_B=block_b, BLOCK_J=block_j, BLOCK_D=block_d, USE_DOT=use_dot, NUM_STAGES=4,
+                num_warps=warps, splits=split_k, rows_per_split=rows_per_split, fused=True)  # fmt: skip
+
+
+_COUNTERS: dict = {}  # device -> (int32 zeros, next offset): arrival counters of the fused split-k reduction
+_N_COUNTERS = 1 << 16
+
+
+def _counters(device, n: int) -> torch.Tensor:
+    """A slice of ``n`` zeroed counters. The kernel resets what it uses, so a slice is zero again once its launch
+    ends; slices rotate through 64 K entries so launches in flight together (other streams) never share one.
+    A CUDA graph bakes the slice into each captured launch, which is fine: replays of one launch are ordered."""
+    key = str(device)
+    buf, off = _COUNTERS.get(key, (None, 0))
+    if buf is None:
+        buf = torch.zeros(_N_COUNTERS, dtype=torch.int32, device=device)
+    if off + n > _N_COUNTERS:
+        off = 0
+    _COUNTERS[key] = (buf, off + n)
+    return buf[off:off + n]
 
 
 def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out, split_k):
@@ -442,18 +510,22 @@ def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out,
     n_in = idx.shape[0] * rows_per_idx
     cfg = _down_config(B, n_in, D, w.device, split_k)
     num_warps, splits, rows_per_split = cfg.pop("num_warps"), cfg.pop("splits"), cfg.pop("rows_per_split")
+    fused = cfg.pop("fused") and splits > 1
     part = torch.empty((splits, B, D), dtype=torch.float32, device=w.device) if splits > 1 else out
+    n_d = cdiv(D, cfg["BLOCK_D"])
+    cnt = _counters(w.device, n_d) if fused else part
     res = residual if residual is not None else out
-    grid = (cdiv(D, cfg["BLOCK_D"]), splits)
+    grid = (n_d, splits)
     _gather_down_kernel[grid](
-        h, w, idx, bias if bias is not None else w, res, out, part,
-        B, n_in, D, rows_per_split,
+        h, w, idx, bias if bias is not None else w, res, out, part, cnt,
+        B, n_in, D, rows_per_split, splits,
         *h_strides, w.stride(0), res.stride(0), out.stride(0),
         ROWS_PER_IDX=rows_per_idx, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        WRITE_PARTIAL=splits > 1, DOT_FP32=w.dtype == torch.float32 or is_interpreted(_gather_down_kernel),
+        WRITE_PARTIAL=splits > 1, FUSED_REDUCE=fused,
+        DOT_FP32=w.dtype == torch.float32 or is_interpreted(_gather_down_kernel),
         num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg,
     )  # fmt: skip
-    if splits > 1:
+    if splits > 1 and not fused:
         block = 256
         _reduce_splits_kernel[(B, cdiv(D, block))](
             part, bias if bias is not None else w, res, out, B, D, splits, res.stride(0), out.stride(0),

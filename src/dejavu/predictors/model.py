@@ -53,12 +53,16 @@ class PredictorSet(nn.Module):
         self.head = nn.ModuleList(LowRank(d, meta["head_rank"], meta["n_heads"]) for _ in range(L))
 
     @classmethod
-    def for_model(cls, spec: ModelSpec, mlp_rank: int, head_rank: int, lookahead: bool = True, **extra):
+    def for_model(cls, spec: ModelSpec, mlp_rank: int, head_rank: int, input_scheme: str = "lookahead", **extra):
         meta = {"format_version": FORMAT_VERSION, "model": spec.identity(), "model_name": spec.name,
                 "d_model": spec.d_model, "n_layers": spec.n_layers, "n_heads": spec.n_heads,
                 "ffn_dim": spec.ffn_dim, "mlp_rank": int(mlp_rank), "head_rank": int(head_rank),
-                "lookahead": bool(lookahead), **extra}
+                "input": input_scheme, "lookahead": input_scheme != "same", **extra}
         return cls(meta)
+
+    @property
+    def input_scheme(self) -> str:
+        return self.meta.get("input", "lookahead" if self.meta.get("lookahead", True) else "same")
 
     def neuron_scores(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self.neuron[layer](x)

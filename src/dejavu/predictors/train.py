@@ -3,8 +3,12 @@
 Labels, per token:
   MLP neuron   OPT (ReLU): active iff ReLU output > 0.  SwiGLU: in the top ``mlp_label_frac`` by |silu(gate)*up|.
   head         in the top ``head_label_frac`` of the block's heads by output norm.
-Inputs: with lookahead (default) layer l's predictors read layer l-1's block input (layer 0 reads its own);
-otherwise heads read layer l's block input and neurons the residual entering layer l's MLP.
+Inputs (``input_scheme``; every scheme lets the predictor run before the rows it selects are needed):
+  "lookahead"  layer l's heads and neurons are scored from layer l-1's block input (layer 0 from its own): a whole
+               block ahead, fully off the critical path
+  "half"       the paper's asynchronous scheme: layer l's neurons from layer l's block input (runs beside the
+               attention), layer l's heads from the residual entering layer l-1's MLP (runs beside that MLP)
+  "same"       heads from layer l's block input, neurons from the residual entering layer l's MLP (inline)
 Loss: binary cross-entropy with per-class positive weights #neg/#pos (the paper's class-weighted BCE), so rare
 positives are not drowned out. Metrics are measured on a held-out 10% of the recorded tokens.
 """
@@ -31,10 +35,22 @@ def labels_from(values: torch.Tensor, rule: str, frac: float) -> torch.Tensor:
     return torch.zeros_like(values, dtype=torch.bool).scatter_(1, top, True)
 
 
-def predictor_input(cal: CalibrationSet, layer: int, kind: str, lookahead: bool) -> torch.Tensor:
-    if lookahead:
-        return cal.get("x_in", max(layer - 1, 0))
-    return cal.get("x_in" if kind == "heads" else "mlp_in", layer)
+INPUT_SCHEMES = ("lookahead", "half", "same")
+
+
+def input_source(layer: int, kind: str, scheme: str) -> tuple[str, int]:
+    """Which recorded stream (and of which layer) feeds the ``kind`` predictor of ``layer``."""
+    if scheme == "lookahead":
+        return "x_in", max(layer - 1, 0)
+    if scheme == "half":
+        return ("x_in", layer) if kind == "mlp" else (("mlp_in", layer - 1) if layer > 0 else ("x_in", 0))
+    if scheme == "same":
+        return ("x_in", layer) if kind == "heads" else ("mlp_in", layer)
+    raise ValueError(f"input_scheme must be one of {INPUT_SCHEMES}, got {scheme!r}")
+
+
+def predictor_input(cal: CalibrationSet, layer: int, kind: str, scheme: str) -> torch.Tensor:
+    return cal.get(*input_source(layer, kind, scheme))
 
 
 @torch.no_grad()
@@ -75,7 +91,7 @@ def _fit(module, x, y, epochs, lr, batch, gen):
 
 
 def train_predictors(cal: CalibrationSet, spec: ModelSpec, mlp_rank: int | None = None, head_rank: int | None = None,
-                     lookahead: bool = True, mlp_label_frac: float = 0.5, head_label_frac: float = 0.5,
+                     input_scheme: str = "lookahead", mlp_label_frac: float = 0.5, head_label_frac: float = 0.5,
                      epochs: int = 12, lr: float = 3e-3, batch: int = 512, seed: int = 0, progress: bool = True) -> PredictorSet:
     """Fit every layer's neuron and head predictor; metrics per layer land in ``meta['metrics']``."""
     if cal.manifest["model"] != spec.identity():
@@ -83,11 +99,12 @@ def train_predictors(cal: CalibrationSet, spec: ModelSpec, mlp_rank: int | None 
     for name, f in (("mlp_label_frac", mlp_label_frac), ("head_label_frac", head_label_frac)):
         if not 0 < f <= 1:
             raise ValueError(f"{name} must be in (0, 1], got {f}")
+    input_source(0, "mlp", input_scheme)  # validates the scheme name
     mlp_rank = mlp_rank or max(32, spec.d_model // 8)
     head_rank = head_rank or max(16, spec.d_model // 32)
     mlp_rule = "positive" if spec.mlp_kind == "relu" else "top_frac"
     ps = PredictorSet.for_model(
-        spec, mlp_rank, head_rank, lookahead,
+        spec, mlp_rank, head_rank, input_scheme,
         labels={"mlp": {"rule": mlp_rule, "frac": None if mlp_rule == "positive" else mlp_label_frac},
                 "heads": {"rule": "top_frac", "frac": head_label_frac}},
         calibration={"source": cal.manifest["source"], "tokens": cal.n_tokens, "settings": cal.manifest["settings"]},
@@ -102,7 +119,7 @@ def train_predictors(cal: CalibrationSet, spec: ModelSpec, mlp_rank: int | None 
     for layer in tqdm(range(spec.n_layers), desc="training predictors", unit="layer", disable=not progress):
         for kind, module, key, rule, frac in (("mlp", ps.neuron[layer], "act", mlp_rule, mlp_label_frac),
                                               ("heads", ps.head[layer], "heads", "top_frac", head_label_frac)):
-            x = predictor_input(cal, layer, kind, lookahead).float()
+            x = predictor_input(cal, layer, kind, input_scheme).float()
             values = cal.get(key, layer)
             y = labels_from(values, rule, frac)
             _fit(module, x[tr], y[tr], epochs, lr, batch, gen)

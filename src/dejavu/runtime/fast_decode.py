@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels as K
+from ..kernels import fused_ops as FO
 from ..models.decoder import KV_POLICIES, DecoderLM, KVCache, rotate_half
 from .policy import k_for, per_layer
 
@@ -79,6 +80,12 @@ class _TritonOps:
     def attn(self, q, kc, vc, lens, idx, group, valid):
         return K.sparse_decode_attention(q, kc, vc, lens, idx, group, kv_valid=valid, validate=False)
 
+    def norm(self, x, kind, w, b, eps, out, init=None, init_bias=None):
+        return FO.norm_fused(x, kind, w, b, eps, out=out, init=init, init_bias=init_bias)
+
+    def post(self, *a, **kw):
+        return FO.qkv_post(*a, **kw)
+
 
 class _TorchOps:
     """The same step on the plain-torch references (CPU tests, debugging)."""
@@ -97,6 +104,12 @@ class _TorchOps:
 
     def attn(self, q, kc, vc, lens, idx, group, valid):
         return K.sparse_decode_attention_ref(q, kc, vc, lens, idx, group, kv_valid=valid)
+
+    def norm(self, x, kind, w, b, eps, out, init=None, init_bias=None):
+        return FO.norm_fused_ref(x, kind, w, b, eps, out=out, init=init, init_bias=init_bias)
+
+    def post(self, *a, **kw):
+        return FO.qkv_post_ref(*a, **kw)
 
 
 class FastDecoder:
@@ -133,7 +146,11 @@ class FastDecoder:
         self.mlp_density, self.head_density = md, hd_
         self.k_mlp = [k_for(d, N) for d in md]  # rows read per layer (N = dense)
         self.k_heads = [k_for(d, H) for d in hd_]
-        self.lookahead = bool(predictors.meta.get("lookahead", True)) if predictors is not None else True
+        scheme = predictors.input_scheme if predictors is not None else "lookahead"
+        if scheme not in ("lookahead", "same"):
+            raise ValueError(f"FastDecoder supports predictors with input scheme 'lookahead' or 'same', not {scheme!r}; "
+                             "re-run `dejavu calibrate --predictor-input lookahead`")
+        self.lookahead = scheme == "lookahead"
         cuda = self.device.type == "cuda"
         self.use_graph = bool(use_graph) and cuda
         self.ops = _TritonOps() if backend == "triton" else _TorchOps()
@@ -152,30 +169,84 @@ class FastDecoder:
         self._x = [torch.zeros(B, d, dtype=self.dtype, **dev) for _ in range(L + 1)]  # residual stream per layer
         self._mid = torch.zeros(B, d, dtype=self.dtype, **dev)  # residual after attention
         # selections, written by the predictors (possibly on the side stream), read by the block
-        self._hidx = [torch.arange(kh, **dev) for kh in self.k_heads]
+        # selections, written by the predictors (possibly on the side stream), read by the block. Per layer one
+        # combined q/k/v head index into the fused [q; k; v] weight (rows in units of hd): q heads, H + KV heads,
+        # H + H_kv + KV heads; the q part doubles as the selected-head index, the raw KV heads are _kvidx.
+        self._qkvidx, self._kvidx, self._hidx = [], [], []
+        for l, (kh, kk) in enumerate(zip(self.k_heads, self.k_kv)):
+            kv = torch.arange(kk, **dev)
+            idx = torch.cat([torch.arange(kh, **dev), H + kv, H + Hkv + kv])
+            self._qkvidx.append(idx)
+            self._hidx.append(idx[:kh])
+            self._kvidx.append(idx[:kh] if (g == 1 and self.holes[l]) else kv)  # MHA: KV heads == q heads
         self._nidx = [torch.arange(km, **dev) for km in self.k_mlp]
-        self._kvidx = [torch.arange(kk, **dev) for kk in self.k_kv]
-        self._needed = [torch.ones(Hkv, dtype=torch.bool, **dev) for _ in range(L)]
+        self._all_kv = torch.arange(Hkv, **dev)
+        self._kv_offs = torch.tensor([[H], [H + Hkv]], **dev)
+        self._wqkv, self._bqkv = self._fuse_qkv()
+        self._h = torch.zeros(B, d, dtype=self.dtype, **dev)  # normed activations (reused by both norms)
+        self._q = {kh: torch.zeros(B, kh, hd, dtype=self.dtype, **dev) for kh in set(self.k_heads)}  # RoPE'd q
         self._pred = self._prepare_predictors(predictors) if predictors is not None else None
-        if s.pos_kind == "rope":  # x @ P == rotate_half(x)
-            self._rot = rotate_half(torch.eye(hd, dtype=torch.float32, **dev)).to(self.dtype)
+        self._xn = torch.zeros(B, d, dtype=self.dtype, **dev)  # the predictors' RMS-normalized input
         overlap = cuda and overlap and self.lookahead and predictors is not None
         self._side = torch.cuda.Stream(self.device) if overlap else None  # lookahead predictors run here
         self._graph, self._graph_out, self._len = None, None, 0
 
     # ---- setup ------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _fuse_qkv(self):
+        """One [(H + 2 H_kv) hd, d] weight (and bias) per layer, so q/k/v is one GEMV (dense) or one gather launch.
+
+        No extra memory: the model's wq / wk / wv (bq / bk / bv) are re-pointed, layer by layer, to row slices of
+        the fused buffer (same values; the model's own forward and prefill keep working). A model already fused
+        (a second FastDecoder on it) is detected by storage adjacency and reused as is."""
+        out_w, out_b = [], []
+        for blk in self.model.layers:
+            at = blk.attn
+            ws = [at.wq, at.wk, at.wv]
+            bs = [at.bq, at.bk, at.bv] if at.bq is not None else None
+            out_w.append(self._fuse_params(ws))
+            out_b.append(self._fuse_params(bs) if bs is not None else None)
+        return out_w, out_b
+
+    @staticmethod
+    def _fuse_params(ps):
+        base = ps[0].data
+        n = sum(p.shape[0] for p in ps)
+        st = base.untyped_storage()
+        adjacent, off = True, base.storage_offset()
+        for p in ps:
+            if not p.data.is_contiguous() or p.data.untyped_storage().data_ptr() != st.data_ptr() \
+                    or p.data.storage_offset() != off:
+                adjacent = False
+                break
+            off += p.numel()
+        if adjacent:
+            return base.as_strided((n,) + tuple(base.shape[1:]), base.stride())
+        fused = torch.cat([p.data for p in ps], 0)
+        r = 0
+        for p in ps:
+            p.data = fused[r:r + p.shape[0]]
+            r += p.shape[0]
+        return fused
+
     def _prepare_predictors(self, p):
-        """Transposed, contiguous copies ([d, r] and [r, N]) in the model's dtype for ``lowrank_scores``."""
+        """Transposed, contiguous copies ([d, r] and [r, N]) in the model's dtype. The first factors of the head and
+        the MLP predictor of a layer are concatenated, [d, r_h + r_m]: both read the same input, one GEMM."""
         p.check_model(self.spec)
         kw = dict(device=self.device, dtype=self.dtype)
         out = []
         for l in range(self.spec.n_layers):
-            ent = {}
+            ent, firsts = {}, []
             for kind, mod, k, n in (("head", p.head[l], self.k_heads[l], self.spec.n_heads),
                                     ("mlp", p.neuron[l], self.k_mlp[l], self.spec.ffn_dim)):
                 if k < n:  # dense layers run no predictor and keep no copy
-                    ent[kind] = (mod.a.weight.detach().t().to(**kw).contiguous(),
-                                 mod.b.weight.detach().t().to(**kw).contiguous(), mod.b.bias.detach().to(**kw))
+                    a = mod.a.weight.detach().t().to(**kw)
+                    lo = sum(f.shape[1] for f in firsts)
+                    firsts.append(a)
+                    ent[kind] = (lo, lo + a.shape[1], mod.b.weight.detach().t().to(**kw).contiguous(),
+                                 mod.b.bias.detach().to(**kw))
+            if firsts:
+                ent["a"] = torch.cat(firsts, 1).contiguous()
             out.append(ent)
         return out
 
@@ -214,7 +285,16 @@ class FastDecoder:
     def describe(self) -> dict:
         return {"batch": self.batch, "max_len": self.max_len, "kv_policy": self.kv_policy, "backend": self.backend,
                 "graph": self.use_graph, "overlap": self._side is not None, "lookahead": self.lookahead,
-                "k_heads": self.k_heads, "k_mlp": self.k_mlp, "k_kv": self.k_kv}
+                "k_heads": self.k_heads, "k_mlp": self.k_mlp, "k_kv": self.k_kv,
+                "kernels_per_layer": self._kernel_summary()}
+
+    def _kernel_summary(self) -> dict:
+        per = self.kernels_per_layer()
+        kinds = {}
+        for p in per:
+            key = f"main {p['main']}, side {p['side']}"
+            kinds[key] = kinds.get(key, 0) + 1
+        return {"layers": kinds, "main_total": sum(p["main"] for p in per) + 4}  # + embed, norm_f, LM head, pos
 
     # ---- prefill ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -286,7 +366,7 @@ class FastDecoder:
         else:
             x0.copy_(m.embed(self._tok))
         lens = (pos + 1).to(torch.int32)  # valid cache length incl. this token
-        rot = self._rope_rotation(pos)  # [B, hd, hd] or None
+        rope = m.rope(pos, self.dtype)  # (cos, sin) [B, hd] once per step, applied inside qkv_post; or None
         main = torch.cuda.current_stream(self.device) if self._side is not None else None
         if self.lookahead:
             self._predict(0, x0, heads=True, mlp=True)
@@ -297,110 +377,131 @@ class FastDecoder:
                 forked = False
             if self.lookahead and l + 1 < L:
                 if main is not None:
-                    self._side.wait_stream(main)  # x_l is written
-                    with torch.cuda.stream(self._side):
-                        self._predict(l + 1, self._x[l], heads=True, mlp=True)
-                    forked = True
+                    if self._pred[l + 1]:  # fork only for layers that run a predictor
+                        self._side.wait_stream(main)  # x_l is written
+                        with torch.cuda.stream(self._side):
+                            self._predict(l + 1, self._x[l], heads=True, mlp=True)
+                        forked = True
                 else:
                     self._predict(l + 1, self._x[l], heads=True, mlp=True)
             elif not self.lookahead:
                 self._predict(l, self._x[l], heads=True, mlp=False)
-            self._block(l, lens, rot)
+            self._block(l, lens, rope)
         if forked:
             main.wait_stream(self._side)
-        logits = F.linear(m.norm_f(self._x[L]), m.lm_head.weight)
+        nf = m.norm_f
+        h = self.ops.norm(self._x[L], nf.kind, nf.weight, nf.bias, nf.eps, self._h)
+        logits = F.linear(h, m.lm_head.weight)
         pos.add_(1)
         return logits
 
-    def _rope_rotation(self, pos):
-        """R[b] = diag(cos) + P diag(sin) so that q @ R[b] == q * cos + rotate_half(q) * sin (the model's RoPE)."""
-        if self.spec.pos_kind != "rope":
-            return None
-        cos, sin = self.model.rope(pos, self.dtype)  # [B, hd] each
-        return torch.diag_embed(cos) + self._rot[None] * sin[:, None, :]
-
     def _predict(self, l: int, x: torch.Tensor, heads: bool, mlp: bool):
-        """Score layer l's heads / neurons from x (B, d) and write its fixed-size selections in place."""
+        """Score layer l's heads / neurons from x (B, d) and write its fixed-size selections in place.
+
+        One norm kernel (LowRank's RMS normalization), one GEMM for both predictors' first factors, one addmm each
+        for the second, then top-k; the selections go straight into the combined q/k/v index."""
         ent = self._pred[l] if self._pred is not None else {}
         if not ((heads and "head" in ent) or (mlp and "mlp" in ent)):
             return
-        xn = F.rms_norm(x.float(), (x.shape[-1],), eps=1e-6).to(self.dtype)  # LowRank's own normalization
+        xn = self.ops.norm(x, "rmsnorm", None, None, 1e-6, self._xn)
+        xa = xn @ ent["a"]  # [B, r_h + r_m]
         if heads and "head" in ent:
-            sel = self._topk(K.lowrank_scores(xn, *ent["head"]), self.k_heads[l])
-            self._hidx[l].copy_(sel)
+            lo, hi, b, bias = ent["head"]
+            sel = self._topk(torch.addmm(bias, xa[:, lo:hi], b), self.k_heads[l])
+            kh, idx = self.k_heads[l], self._qkvidx[l]
+            idx[:kh].copy_(sel)  # == self._hidx[l]
             if self.holes[l]:
-                self._select_kv(l, sel)
+                kv = sel if self.spec.group_size == 1 else self._select_kv(l, sel)
+                torch.add(kv[None, :], self._kv_offs, out=idx[kh:].view(2, -1))
         if mlp and "mlp" in ent:
-            self._nidx[l].copy_(self._topk(K.lowrank_scores(xn, *ent["mlp"]), self.k_mlp[l]))
+            lo, hi, b, bias = ent["mlp"]
+            self._nidx_copy(l, self._topk(torch.addmm(bias, xa[:, lo:hi], b), self.k_mlp[l]))
+
+    def _nidx_copy(self, l, sel):
+        self._nidx[l].copy_(sel)
 
     def _topk(self, scores, k):
         return K.batch_topk(scores[0] if scores.shape[0] == 1 else scores, k)  # [k] ascending
 
     def _select_kv(self, l, heads):
-        """Needed KV heads (mask) and a fixed-size KV set: the needed ones first, padded with unneeded ones."""
+        """GQA: a fixed-size KV set, the needed KV heads first, padded with unneeded ones (-> self._kvidx[l])."""
         g, Hkv = self.spec.group_size, self.spec.n_kv_heads
         need = torch.zeros(Hkv, dtype=torch.float32, device=self.device).index_fill_(0, heads // g, 1.0)
-        self._needed[l].copy_(need > 0)
-        if g > 1 and self.k_kv[l] < Hkv:
+        if self.k_kv[l] < Hkv:
             self._kvidx[l].copy_(torch.sort(torch.topk(need, self.k_kv[l]).indices).values)
-        elif g == 1:
-            self._kvidx[l].copy_(heads)
+        return self._kvidx[l]
 
-    def _block(self, l: int, lens, rot):
+    def _block(self, l: int, lens, rope):
         s, m, ops = self.spec, self.model, self.ops
         blk = m.layers[l]
         at, mlp, cache = blk.attn, blk.mlp, self.caches[l]
         B, H, Hkv, hd = self.batch, s.n_heads, s.n_kv_heads, s.head_dim
-        x, x_next, mid, pos = self._x[l], self._x[l + 1], self._mid, self._pos
-        h = blk.norm1(x)  # (B, d)
-        dense_heads = self.k_heads[l] == H
+        x, x_next, mid = self._x[l], self._x[l + 1], self._mid
+        kh, kkv = self.k_heads[l], self.k_kv[l]
+        dense_heads, dense_mlp = kh == H, self.k_mlp[l] == s.ffn_dim
+        n1, n2 = blk.norm1, blk.norm2
+        # norm1; a dense o_proj accumulates in place into mid, so mid = x + bo is written here in the same pass
+        h = ops.norm(x, n1.kind, n1.weight, n1.bias, n1.eps, self._h, init=mid if dense_heads else None,
+                     init_bias=at.bo)
+        if dense_heads:  # then every KV head too
+            qkv = F.linear(h, self._wqkv[l], self._bqkv[l]).view(B, H + 2 * Hkv, hd)
+            hidx, kvidx = self._all_heads, self._all_kv
+        else:
+            hidx, kvidx = self._hidx[l], self._kvidx[l]
+            qkv = ops.rows(h, self._wqkv[l], self._qkvidx[l], hd, self._bqkv[l])  # (B, kh + 2 kkv, hd)
+        valid = cache.valid if self.holes[l] else None
+        q_out = self._q[kh] if rope is not None else None
+        ops.post(qkv, kh, kkv, q_out, cache.k, cache.v, kvidx, self._pos, cos=rope[0] if rope else None,
+                 sin=rope[1] if rope else None, valid=valid, hidx=hidx, group=s.group_size)
+        q = q_out if q_out is not None else qkv[:, :kh]
+        a = ops.attn(q, cache.k, cache.v, lens, hidx, s.group_size, valid)  # (B, kh, hd)
         if dense_heads:
-            hidx = self._all_heads
-            q = F.linear(h, at.wq, at.bq).view(B, H, hd)
-        else:
-            hidx = self._hidx[l]
-            q = ops.rows(h, at.wq, hidx, hd, at.bq)  # (B, kh, hd)
-        if self.k_kv[l] == Hkv:  # all KV heads: dense GEMVs
-            kvidx = None
-            k = F.linear(h, at.wk, at.bk).view(B, Hkv, hd)
-            v = F.linear(h, at.wv, at.bv).view(B, Hkv, hd)
-        else:
-            kvidx = self._kvidx[l]
-            k = ops.rows(h, at.wk, kvidx, hd, at.bk)  # (B, kkv, hd)
-            v = ops.rows(h, at.wv, kvidx, hd, at.bv)
-        if rot is not None:
-            q, k = torch.bmm(q, rot), torch.bmm(k, rot)
-        if kvidx is None:
-            cache.k[self._bi, :, pos] = k
-            cache.v[self._bi, :, pos] = v
-        else:
-            cache.k[self._bi[:, None], kvidx[None, :], pos[:, None]] = k
-            cache.v[self._bi[:, None], kvidx[None, :], pos[:, None]] = v
-        valid = None
-        if self.holes[l]:
-            cache.valid[self._bi, :, pos] = self._needed[l].expand(B, Hkv)
-            valid = cache.valid
-        a = ops.attn(q.contiguous(), cache.k, cache.v, lens, hidx, s.group_size, valid)  # (B, kh, hd)
-        if dense_heads:
-            torch.addmm(x, a.reshape(B, H * hd), at.wo_t, out=mid)
-            if at.bo is not None:
-                mid.add_(at.bo)
+            mid.addmm_(a.reshape(B, H * hd), at.wo_t)
         else:
             ops.oproj(a, at.wo_t, hidx, hd, at.bo, x, mid)
-        h2 = blk.norm2(mid)
+        # norm2; a dense fc2 accumulates in place into x_next = mid + b2, written here
+        h2 = ops.norm(mid, n2.kind, n2.weight, n2.bias, n2.eps, self._h, init=x_next if dense_mlp else None,
+                      init_bias=mlp.b2)
         if not self.lookahead:
             self._predict(l, mid, heads=False, mlp=True)
-        if self.k_mlp[l] == s.ffn_dim:
+        if dense_mlp:
             if mlp.w3 is None:
-                act = F.relu(F.linear(h2, mlp.w1, mlp.b1))
+                act = F.linear(h2, mlp.w1, mlp.b1).relu_()
             else:
                 act = F.silu(F.linear(h2, mlp.w1)) * F.linear(h2, mlp.w3)
-            torch.addmm(mid, act, mlp.w2t, out=x_next)
-            if mlp.b2 is not None:
-                x_next.add_(mlp.b2)
+            x_next.addmm_(act, mlp.w2t)
         else:
             nidx = self._nidx[l]
             ops.down(ops.up(h2, mlp.w1, mlp.w3, nidx, mlp.b1), mlp.w2t, nidx, mlp.b2, mid, x_next)
+
+    def kernels_per_layer(self) -> list[dict]:
+        """Kernel launches per layer of one graphed step (static count of this code path, B and backend aside):
+        'main' on the critical path, 'side' the lookahead predictor for the next layer (overlapped)."""
+        s, out = self.spec, []
+        bias = s.attn_bias
+        for l in range(s.n_layers):
+            dense_h, dense_m = self.k_heads[l] == s.n_heads, self.k_mlp[l] == s.ffn_dim
+            n = 1  # norm1 (+ residual init)
+            n += (2 if bias else 1) if dense_h else 1  # fused qkv GEMV (+ cuBLAS bias copy at M = 1) / one gather
+            n += 1  # qkv_post: RoPE, q, K/V cache write, hole mask
+            n += 2  # decode attention + split combine
+            n += 1  # o_proj: in-place addmm_ (dense) / head_gather_down with fused bias + residual
+            n += 1  # norm2 (+ residual init)
+            if dense_m:
+                n += (3 if s.mlp_bias else 2) + 1 if s.mlp_kind == "relu" else 5  # fc1 (+bias copy), relu, fc2
+            else:
+                n += 2  # gather_up / gather_swiglu, gather_down (split-k reduced in the same launch)
+            side = 0
+            ent = self._pred[l] if self._pred is not None else {}
+            if ent:
+                side = 2  # norm, first factors
+                if "head" in ent:
+                    side += 2 + 2 + 1 + 1  # addmm (bias copy + gemm), topk, sort, copy; + kv offsets
+                    side += 3 if (self.holes[l] and s.group_size > 1) else 0
+                if "mlp" in ent:
+                    side += 2 + 2 + 1
+            out.append({"main": n, "side": side})
+        return out
 
     # ---- generate ---------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -136,9 +136,11 @@ class OraclePolicy(DensityPolicy):
 class PredictorPolicy(DensityPolicy):
     """Deja Vu: trained low-rank predictors choose each token's heads and neurons.
 
-    With ``lookahead`` the predictors of layer l+1 run on layer l's input (off the critical path on a GPU); layer 0
-    uses its own input. ``mode="threshold"`` keeps every block whose predictor logit exceeds a per-layer threshold
-    (calibrated to the target density), so easy tokens read fewer rows than hard ones.
+    Where a predictor reads from follows the predictors' ``input_scheme`` (see ``predictors/train.py``): with
+    "lookahead" layer l+1's sets are scored from layer l's input (off the critical path on a GPU), with "half"
+    (the paper's) neurons from the same layer's input and heads from the previous MLP's input, with "same" inline.
+    ``mode="threshold"`` keeps every block whose predictor logit exceeds a per-layer threshold (calibrated to the
+    target density), so easy tokens read fewer rows than hard ones.
     """
 
     def __init__(self, predictors, mlp_density=1.0, head_density=1.0, dense_layers=(), mode="topk",
@@ -151,33 +153,39 @@ class PredictorPolicy(DensityPolicy):
             raise ValueError("threshold mode needs per-layer mlp_threshold and head_threshold (see calibrate_thresholds)")
         self.predictors, self.mode = predictors, mode
         self.mlp_threshold, self.head_threshold = mlp_threshold, head_threshold
-        self.lookahead = bool(meta.get("lookahead", True))
-        self._scores: dict[int, tuple] = {}
+        self.scheme = predictors.input_scheme
+        self._scores: dict[tuple[str, int], torch.Tensor] = {}
 
     def begin(self, batch, time):
         self._scores = {}
 
-    def _score(self, layer, x):
-        p = self.predictors
-        n = x.shape[0] * x.shape[1]
-        xf = x.reshape(n, -1)
-        hs = p.head_scores(layer, xf) if self.head_density[layer] < 1.0 or self.mode == "threshold" else None
-        ns = p.neuron_scores(layer, xf) if self.mlp_density[layer] < 1.0 or self.mode == "threshold" else None
-        self._scores[layer] = (hs, ns)
+    def _score(self, kind, layer, x):
+        if layer >= self.n_layers:
+            return
+        density = self.head_density[layer] if kind == "heads" else self.mlp_density[layer]
+        if density >= 1.0 or (kind, layer) in self._scores:
+            return
+        fn = self.predictors.head_scores if kind == "heads" else self.predictors.neuron_scores
+        self._scores[(kind, layer)] = fn(layer, x.reshape(-1, x.shape[-1]))
 
     def layer_input(self, layer, x):
-        if self.lookahead:
-            if layer not in self._scores:  # layer 0 (or the first block run) has no earlier input: use its own
-                self._score(layer, x)
-            if layer + 1 < self.n_layers:
-                self._score(layer + 1, x)
+        if self.scheme == "lookahead":
+            for kind in ("heads", "mlp"):
+                self._score(kind, layer, x)  # no-op unless this is the first block run (layer 0)
+                self._score(kind, layer + 1, x)
+        elif self.scheme == "half":
+            self._score("heads", layer, x)  # only for the first block run; otherwise scored from the last MLP input
+            self._score("mlp", layer, x)
         else:
-            self._score(layer, x)  # heads from the layer input; neurons re-scored from the MLP input below
+            self._score("heads", layer, x)
 
-    def _select(self, kind, layer, scores, n, full):
+    def _select(self, kind, layer, n, full):
         density = self.head_density[layer] if kind == "heads" else self.mlp_density[layer]
-        if density >= 1.0 or scores is None:
+        scores = self._scores.pop((kind, layer), None)
+        if density >= 1.0:
             return self._account(kind, layer, None, n, full)
+        if scores is None:
+            raise RuntimeError(f"no {kind} scores for layer {layer} (input scheme {self.scheme!r})")
         if self.mode == "threshold":
             thr = (self.head_threshold if kind == "heads" else self.mlp_threshold)[layer]
             sel = threshold_selection(scores, thr)
@@ -186,15 +194,14 @@ class PredictorPolicy(DensityPolicy):
         return self._account(kind, layer, sel, n, full)
 
     def heads(self, layer, attn_in, attn, rope):
-        n = attn_in.shape[0] * attn_in.shape[1]
-        return self._select("heads", layer, self._scores[layer][0], n, self.n_heads)
+        return self._select("heads", layer, attn_in.shape[0] * attn_in.shape[1], self.n_heads)
 
     def neurons(self, layer, mlp_in, mlp, resid):
-        n = mlp_in.shape[0] * mlp_in.shape[1]
-        scores = self._scores[layer][1]
-        if not self.lookahead and scores is not None:
-            scores = self.predictors.neuron_scores(layer, resid.reshape(n, -1))
-        return self._select("mlp", layer, scores, n, self.ffn_dim)
+        if self.scheme == "same":
+            self._score("mlp", layer, resid)
+        elif self.scheme == "half":
+            self._score("heads", layer + 1, resid)
+        return self._select("mlp", layer, mlp_in.shape[0] * mlp_in.shape[1], self.ffn_dim)
 
 
 class TealPolicy(SparsityPolicy):

@@ -1,0 +1,204 @@
+"""Small fused kernels that take launches off the decode step's critical path (v2).
+
+At batch <= 16 a decode step is ~10 big weight streams per layer plus many tiny ops (norms, bias adds, RoPE,
+cache writes); in a CUDA graph each tiny op still costs ~2 us (launch, ramp, dependency gap), so 10 of them per
+layer is ~1 ms per token on a 40-layer model. Two kernels fold them:
+
+* :func:`norm_fused`: LayerNorm / RMSNorm of ``x [B, d]`` (fp32 statistics, the model's rounding), and in the same
+  pass an optional ``init = x + bias`` (the residual + output bias a following in-place ``addmm_`` accumulates
+  into, so the dense o_proj / fc2 need no bias-add or copy kernel).
+* :func:`qkv_post`: after the fused q/k/v projection ``qkv [B, kq + 2 kkv, hd]`` (q heads, then K heads, then V
+  heads): RoPE on q and K, q to a contiguous buffer, K/V written into the static cache at each sequence's
+  position, and the cache's hole mask for that position (``kv_valid``: KV heads needed by the selected query
+  heads). Replaces two bmm, two or three ``index_put`` and the mask ops.
+
+Both have plain torch references (``*_ref``) used by the CPU runtime backend and the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import jit, next_pow2, require_triton, tl
+
+NORM_KINDS = ("layernorm", "rmsnorm")
+
+
+@jit
+def _norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, rb_ptr, init_ptr, D, eps, stride_x, stride_y, stride_i,
+                 IS_LN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_INIT: tl.constexpr,
+                 HAS_RB: tl.constexpr, ROUND_MID: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """One row per program: y = norm(x) (* w) (+ b); init = x (+ rb)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    m = offs < D
+    x_raw = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0)
+    x = x_raw.to(tl.float32)
+    if IS_LN:
+        mean = tl.sum(x, axis=0) / D
+        xc = tl.where(m, x - mean, 0.0)
+        var = tl.sum(xc * xc, axis=0) / D
+        y = xc * (1.0 / tl.sqrt(var + eps))
+    else:
+        ms = tl.sum(x * x, axis=0) / D
+        y = x * (1.0 / tl.sqrt(ms + eps))
+        if ROUND_MID:  # the model's RMSNorm casts to the input dtype before the weight multiply
+            y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+    if HAS_W:
+        y = y * tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=m)
+    if HAS_INIT:
+        r = x
+        if HAS_RB:
+            r = r + tl.load(rb_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(init_ptr + row * stride_i + offs, r.to(init_ptr.dtype.element_ty), mask=m)
+
+
+def norm_fused(x, kind, weight=None, bias=None, eps=1e-5, *, out, init=None, init_bias=None, round_mid=True):
+    """``out = norm(x) * weight + bias``; if ``init`` is given, also ``init = x + init_bias`` (one launch).
+
+    x ``[B, d]`` (last dim contiguous); kind "layernorm" or "rmsnorm"; ``round_mid``: RMSNorm rounds the
+    normalized value to x's dtype before the weight multiply (as the model's ``Norm`` does).
+    """
+    require_triton("norm_fused")
+    if kind not in NORM_KINDS:
+        raise ValueError(f"norm_fused: kind must be one of {NORM_KINDS}, got {kind!r}")
+    B, D = x.shape
+    block = max(16, next_pow2(D))
+    nw = 4 if block <= 2048 else (8 if block <= 8192 else 16)
+    _norm_kernel[(B,)](
+        x, weight if weight is not None else x, bias if bias is not None else x, out,
+        init_bias if init_bias is not None else x, init if init is not None else out,
+        D, float(eps), x.stride(0), out.stride(0), init.stride(0) if init is not None else 0,
+        IS_LN=kind == "layernorm", HAS_W=weight is not None, HAS_B=bias is not None, HAS_INIT=init is not None,
+        HAS_RB=init_bias is not None, ROUND_MID=bool(round_mid), BLOCK=block, num_warps=nw,
+    )  # fmt: skip
+    return out
+
+
+def norm_fused_ref(x, kind, weight=None, bias=None, eps=1e-5, *, out, init=None, init_bias=None, round_mid=True):
+    if kind == "layernorm":
+        y = F_layer_norm(x, weight, bias, eps)
+    else:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y = y.to(x.dtype) if round_mid else y
+        if weight is not None:
+            y = y * weight
+        if bias is not None:
+            y = y + bias
+    out.copy_(y)
+    if init is not None:
+        init.copy_(x + init_bias if init_bias is not None else x)
+    return out
+
+
+def F_layer_norm(x, weight, bias, eps):
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+@jit
+def _qkv_post_kernel(qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_ptr, v_ptr, kvidx_ptr, pos_ptr, valid_ptr, hidx_ptr,
+                     KQ, KKV, HD, H_KV, group,
+                     s_qb, s_qh, s_cb, s_oqb, s_oqh, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_mb, s_mh,
+                     HAS_ROPE: tl.constexpr, WRITE_Q: tl.constexpr, HAS_VALID: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_KQ: tl.constexpr):  # fmt: skip
+    """Grid (B, KQ + KKV + 1). j < KQ: q head j; j < KQ + KKV: K/V head j - KQ; last: the hole mask."""
+    b = tl.program_id(0)
+    j = tl.program_id(1)
+    pos = tl.load(pos_ptr + b).to(tl.int64)
+    offs = tl.arange(0, BLOCK_H)
+    hm = offs < HD
+    if HAS_ROPE:
+        half = HD // 2
+        offs_r = tl.where(offs < half, offs + half, offs - half)
+        sign = tl.where(offs < half, -1.0, 1.0)
+        cos = tl.load(cos_ptr + b * s_cb + offs, mask=hm, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + b * s_cb + offs, mask=hm, other=0.0).to(tl.float32)
+    base = qkv_ptr + b * s_qb
+    if j < KQ:
+        if WRITE_Q:
+            x = tl.load(base + j * s_qh + offs, mask=hm, other=0.0).to(tl.float32)
+            if HAS_ROPE:
+                xr = tl.load(base + j * s_qh + offs_r, mask=hm, other=0.0).to(tl.float32)
+                x = x * cos + sign * xr * sin
+            tl.store(q_out_ptr + b * s_oqb + j * s_oqh + offs, x.to(q_out_ptr.dtype.element_ty), mask=hm)
+    elif j < KQ + KKV:
+        t = j - KQ
+        kvh = tl.load(kvidx_ptr + t).to(tl.int64)
+        kb = base + (KQ + t) * s_qh
+        x = tl.load(kb + offs, mask=hm, other=0.0).to(tl.float32)
+        if HAS_ROPE:
+            xr = tl.load(kb + offs_r, mask=hm, other=0.0).to(tl.float32)
+            x = x * cos + sign * xr * sin
+        tl.store(k_ptr + b * s_kb + kvh * s_kh + pos * s_ks + offs, x.to(k_ptr.dtype.element_ty), mask=hm)
+        v = tl.load(base + (KQ + KKV + t) * s_qh + offs, mask=hm, other=0.0)
+        tl.store(v_ptr + b * s_vb + kvh * s_vh + pos * s_vs + offs, v.to(v_ptr.dtype.element_ty), mask=hm)
+    else:
+        if HAS_VALID:  # valid[b, h, pos] = any selected query head maps to KV head h
+            offs_kv = tl.arange(0, BLOCK_KV)
+            offs_q = tl.arange(0, BLOCK_KQ)
+            hq = tl.load(hidx_ptr + offs_q, mask=offs_q < KQ, other=-1).to(tl.int32)
+            grp = tl.where(hq >= 0, hq // group, -1)
+            hit = (grp[None, :] == offs_kv[:, None]).to(tl.int32)
+            need = tl.max(hit, axis=1)
+            tl.store(valid_ptr + b * s_mb + offs_kv * s_mh + pos, need.to(tl.uint8), mask=offs_kv < H_KV)
+
+
+def qkv_post(qkv, kq, kkv, q_out, k_cache, v_cache, kvidx, pos, *, cos=None, sin=None, valid=None, hidx=None,
+             group=1):
+    """Finish the fused q/k/v projection ``qkv [B, kq + 2*kkv, hd]`` in one launch.
+
+    RoPE (``cos``/``sin`` [B, hd]) on the q and K heads; q -> ``q_out [B, kq, hd]`` (skipped when ``q_out`` is
+    None: then the caller reads q from ``qkv`` directly, no RoPE); K/V head t -> cache entry
+    ``[b, kvidx[t], pos[b]]``; with ``valid`` [B, H_kv, S] (bool) also the hole mask at ``pos``: True for the KV
+    heads that the selected query heads ``hidx`` (group ``group``) read, False for the others.
+    """
+    require_triton("qkv_post")
+    B, n, hd = qkv.shape
+    if n != kq + 2 * kkv:
+        raise ValueError(f"qkv_post: qkv has {n} heads, expected kq + 2*kkv = {kq + 2 * kkv}")
+    if q_out is None and cos is not None:
+        raise ValueError("qkv_post: RoPE needs q_out")
+    Hkv = k_cache.shape[1]
+    vm = valid.view(torch.uint8) if valid is not None else None
+    dummy = qkv
+    _qkv_post_kernel[(B, kq + kkv + 1)](
+        qkv, cos if cos is not None else dummy, sin if sin is not None else dummy,
+        q_out if q_out is not None else dummy, k_cache, v_cache, kvidx, pos,
+        vm if vm is not None else dummy, hidx if hidx is not None else kvidx,
+        kq, kkv, hd, Hkv, group,
+        qkv.stride(0), qkv.stride(1), cos.stride(0) if cos is not None else 0,
+        q_out.stride(0) if q_out is not None else 0, q_out.stride(1) if q_out is not None else 0,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        vm.stride(0) if vm is not None else 0, vm.stride(1) if vm is not None else 0,
+        HAS_ROPE=cos is not None, WRITE_Q=q_out is not None, HAS_VALID=vm is not None,
+        BLOCK_H=max(16, next_pow2(hd)), BLOCK_KV=max(16, next_pow2(Hkv)), BLOCK_KQ=max(16, next_pow2(kq)),
+        num_warps=1,
+    )  # fmt: skip
+    return q_out
+
+
+def qkv_post_ref(qkv, kq, kkv, q_out, k_cache, v_cache, kvidx, pos, *, cos=None, sin=None, valid=None, hidx=None,
+                 group=1):
+    from ..models.decoder import rotate_half
+
+    B = qkv.shape[0]
+    q, k, v = qkv[:, :kq], qkv[:, kq:kq + kkv], qkv[:, kq + kkv:]
+    if cos is not None:
+        c, s = cos[:, None], sin[:, None]
+        q = q * c + rotate_half(q) * s
+        k = k * c + rotate_half(k) * s
+    if q_out is not None:
+        q_out.copy_(q)
+    bi = torch.arange(B, device=qkv.device)
+    k_cache[bi[:, None], kvidx[None, :], pos[:, None]] = k
+    v_cache[bi[:, None], kvidx[None, :], pos[:, None]] = v
+    if valid is not None:
+        need = torch.zeros(k_cache.shape[1], dtype=torch.bool, device=qkv.device)
+        need[hidx.long() // group] = True
+        valid[bi, :, pos] = need.expand(B, -1)
+    return q_out
