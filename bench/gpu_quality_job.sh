@@ -13,7 +13,7 @@ if [ -n "${STUDY:-}" ]; then
   touch "$R/job.done"; exit 0
 fi
 if [ ! -f "$R/pred-topk/predictors.json" ]; then
-  run calibrate --model "$M" --data "$C4" --docs 500 --tokens-per-doc 64 --out "$R/pred-topk" || exit 1
+  run calibrate --model "$M" --data "$C4" --docs 500 --tokens-per-doc 64 --holdout-windows 8 --holdout-len 1024 --out "$R/pred-topk" || exit 1
 fi
 cp "$R"/pred-topk/predictors.json "$R/results/predictors-topk.json"
 if [ ! -f "$R/results/smollm2-135m.json" ]; then
