@@ -8,7 +8,6 @@ Output directory layout::
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,8 +106,3 @@ def run_calibrate(lm: LoadedModel, out: str | Path, cfg: CalibrateConfig, log=pr
         f"{100 * cfg.max_ppl_increase:.2f}%)")
     log(f"saved predictors to {out} ({time.perf_counter() - t0:.0f} s in all)")
     return ps.meta
-
-
-def mean(xs) -> float:
-    xs = list(xs)
-    return math.fsum(xs) / max(1, len(xs))
