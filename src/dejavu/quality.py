@@ -96,7 +96,7 @@ def run_eval(lm: LoadedModel, predictors: PredictorSet, cfg: EvalConfig, log=pri
     md, hd = op["mlp_density"], op["head_density"]
     sparse = policy_from_operating_point(predictors, op)
     models = {"dense": _fn(model, None), "sparse": _fn(model, sparse)}
-    if op.get("kv_policy", "all") == "all" and min(hd) < 1:  # the other KV-cache policy, same selections
+    if cfg.baselines and op.get("kv_policy", "all") == "all" and min(hd) < 1:  # the other KV policy, same selections
         models["sparse_kv_selected"] = _fn(model, policy_from_operating_point(predictors, op), kv_policy="selected")
     pol_oracle = None
     teal_density = None
