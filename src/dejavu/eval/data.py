@@ -97,6 +97,20 @@ def load_wikitext2_test(data_dir: str | os.PathLike | None = None) -> str:
     return text.replace("\r\n", "\n")
 
 
+def _jsonl_objects(path: str | os.PathLike):
+    """Yield (line number, parsed value) for the non-blank lines of a JSON-lines file; errors name file and line."""
+    path = Path(path)
+    _require_file(path, "JSON-lines file")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path.name} line {lineno}: invalid JSON: {e}") from None
+
+
 def load_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSON-lines file into a list of dicts, with errors that name the file and line.
 
@@ -104,19 +118,11 @@ def load_jsonl(path: str | os.PathLike) -> list[dict]:
     line that is not valid JSON, a line that is not a JSON object).
     """
     path = Path(path)
-    _require_file(path, "JSON-lines file")
     rows: list[dict] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path.name} line {lineno}: invalid JSON: {e}") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path.name} line {lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append(obj)
+    for lineno, obj in _jsonl_objects(path):
+        if not isinstance(obj, dict):
+            raise DataError(f"{path.name} line {lineno}: expected a JSON object, got {type(obj).__name__}")
+        rows.append(obj)
     if not rows:
         raise DataError(f"{path}: file is empty (no JSON lines)")
     return rows
@@ -128,22 +134,14 @@ def load_jsonl_texts(path: str | os.PathLike, field: str = "text") -> list[str]:
     A line without the field, or with a non-string value, raises :class:`DataError` naming file and line.
     """
     path = Path(path)
-    _require_file(path, "JSON-lines file")
     texts: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path.name} line {lineno}: invalid JSON: {e}") from None
-            if not isinstance(obj, dict) or field not in obj:
-                raise DataError(f"{path.name} line {lineno}: missing field {field!r}")
-            val = obj[field]
-            if not isinstance(val, str):
-                raise DataError(f"{path.name} line {lineno}: field {field!r} is {type(val).__name__}, not a string")
-            texts.append(val)
+    for lineno, obj in _jsonl_objects(path):
+        if not isinstance(obj, dict) or field not in obj:
+            raise DataError(f"{path.name} line {lineno}: missing field {field!r}")
+        val = obj[field]
+        if not isinstance(val, str):
+            raise DataError(f"{path.name} line {lineno}: field {field!r} is {type(val).__name__}, not a string")
+        texts.append(val)
     if not texts:
         raise DataError(f"{path}: file is empty (no JSON lines)")
     return texts

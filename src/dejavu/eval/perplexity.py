@@ -115,6 +115,15 @@ def wikitext2_windows(tokenizer, window: int, data_dir=None, max_windows: int | 
     return window_token_ids(ids, window, max_windows=max_windows, keep_tail=keep_tail)
 
 
+def checked_logits(name: str, fn: LogitsFn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x), with a clear error when a model does not return [B, T, V] logits for x [B, T]."""
+    logits = fn(x)
+    if logits.dim() != 3 or logits.shape[:2] != x.shape:
+        raise ValueError(f"model {name!r} returned logits of shape {tuple(logits.shape)} for input "
+                         f"{tuple(x.shape)}; expected [B, T, V]")
+    return logits
+
+
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token NLL ``-log softmax(logits)[target]`` computed in fp32.  logits [T, V], targets [T] -> [T]."""
     return F.cross_entropy(logits.float(), targets, reduction="none")
@@ -154,10 +163,7 @@ def window_nlls(
         x = torch.stack([windows[i] for i in b]).long()
         targets = x[:, 1:]
         for name, fn in models.items():
-            logits = fn(x)
-            if logits.dim() != 3 or logits.shape[:2] != x.shape:
-                raise ValueError(f"model {name!r} returned logits of shape {tuple(logits.shape)} for input "
-                                 f"{tuple(x.shape)}; expected [B, T, V]")
+            logits = checked_logits(name, fn, x)
             for r, i in enumerate(b):
                 nll = token_nll(logits[r, :-1], targets[r].to(logits.device))
                 res[name][i] = (float(nll.double().sum()), int(nll.numel()))

@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 
 from .data import DataError, _require_file, load_jsonl, resolve_data_dir
-from .perplexity import LogitsFn, as_models
+from .perplexity import LogitsFn, as_models, checked_logits
 
 TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"
@@ -336,10 +336,7 @@ def loglikelihoods(
         for r, i in enumerate(b):
             x[r, :len(inputs[i])] = torch.tensor(inputs[i], dtype=torch.long)
         for name, fn in models.items():
-            logits = fn(x)
-            if logits.dim() != 3 or logits.shape[:2] != x.shape:
-                raise ValueError(f"model {name!r} returned logits of shape {tuple(logits.shape)} for input "
-                                 f"{tuple(x.shape)}; expected [B, T, V]")
+            logits = checked_logits(name, fn, x)
             for r, i in enumerate(b):
                 L, n = len(inputs[i]), len(conts[i])
                 lp = torch.log_softmax(logits[r, L - n:L].float(), dim=-1)
