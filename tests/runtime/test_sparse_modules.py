@@ -68,7 +68,7 @@ def test_sparse_equals_dense_restricted_to_same_rows(tiny, kv_policy):
     with torch.no_grad():
         out = model(ids, sparsity=FixedPolicy(heads, neurons), kv_policy=kv_policy)
         want = ref(ids, sparsity=None)
-    if kv_policy == "all" or s.group_size == 1 and len(heads) == s.n_heads:
+    if kv_policy == "all":  # under "selected" the holes make the zeroed-weights model a different function
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     n_tok = ids.numel()
     mats = 3 if s.mlp_kind == "swiglu" else 2
