@@ -153,3 +153,14 @@ def test_driver_end_to_end_on_cpu(tmp_path, monkeypatch):
     assert all(r["speedup_vs_dense"] and r["ideal_speedup"] for r in sparse)  # (tiny: predictors outweigh savings)
     assert (tmp_path / "cpu-smoke.json").is_file() and (tmp_path / "cpu-smoke.md").is_file()
     assert "ours-sparse" in logs[-2]  # the short table comes last
+
+
+def test_rerun_into_same_dir_keeps_rows_and_commands(tmp_path, monkeypatch):
+    """A second invocation into the same --out merges its rows into the file and names both commands."""
+    monkeypatch.setattr(decode, "_gpu_name", lambda: "CPU Smoke")
+    prev = {"rows": _rows(), "command": "first run ; second run"}
+    (tmp_path / "cpu-smoke.json").write_text(json.dumps(prev))
+    bench = decode.Bench(argparse.Namespace(out=str(tmp_path), quick=True), print)
+    assert bench.result["rows"] == prev["rows"]
+    assert bench.result["command"].split(" ; ")[:2] == ["first run", "second run"]
+    assert bench.result["command"].count(" ; ") == 2

@@ -5,7 +5,9 @@ Launchers (need Triton; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`
 * MLP: :func:`gather_up` (fc1 + bias + ReLU), :func:`gather_swiglu`, :func:`gather_down`
   (transposed ``w2t``, + bias + residual);
 * attention projections: :func:`head_gather_gemv`, :func:`head_gather_down`;
-* attention: :func:`sparse_decode_attention` (selected query heads, GQA, flash-decoding).
+* attention: :func:`sparse_decode_attention` (selected query heads, GQA, flash-decoding);
+* predictors: :func:`lowrank_gemv` (a factor, optional fused RMS norm), :func:`topk_select` (one-launch top-k),
+  :func:`select_topk` (the decode step's choice between it and an unsorted ``torch.topk``).
 
 Plain torch (no Triton needed): :func:`lowrank_scores`, :func:`batch_topk`,
 :func:`kv_heads_for`, :func:`predictor_bytes` and every ``*_ref``.
@@ -34,7 +36,18 @@ from .head_sparse import (
     head_rows,
     kv_heads_for,
 )
-from .predictor_ops import batch_topk, batch_topk_ref, lowrank_scores, lowrank_scores_ref, predictor_bytes
+from .predictor_ops import (
+    batch_topk,
+    batch_topk_ref,
+    lowrank_gemv,
+    lowrank_gemv_ref,
+    lowrank_scores,
+    lowrank_scores_ref,
+    predictor_bytes,
+    select_topk,
+    topk_select,
+    topk_select_ref,
+)
 
 __all__ = [
     "HAS_TRITON",
@@ -57,5 +70,10 @@ __all__ = [
     "lowrank_scores_ref",
     "batch_topk",
     "batch_topk_ref",
+    "lowrank_gemv",
+    "lowrank_gemv_ref",
+    "select_topk",
+    "topk_select",
+    "topk_select_ref",
     "predictor_bytes",
 ]

@@ -198,7 +198,8 @@ def qkv_post_ref(qkv, kq, kkv, q_out, k_cache, v_cache, kvidx, pos, *, cos=None,
     k_cache[bi[:, None], kvidx[None, :], pos[:, None]] = k
     v_cache[bi[:, None], kvidx[None, :], pos[:, None]] = v
     if valid is not None:
+        # index_fill_, not `need[i] = True`: a Python-scalar index_put copies from the host, illegal in graph capture
         need = torch.zeros(k_cache.shape[1], dtype=torch.bool, device=qkv.device)
-        need[hidx.long() // group] = True
+        need.index_fill_(0, hidx.long() // group, True)
         valid[bi, :, pos] = need.expand(B, -1)
     return q_out

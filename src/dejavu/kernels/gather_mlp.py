@@ -471,8 +471,10 @@ def _down_config(batch: int, n_in: int, d: int, device: torch.device, split_k: i
     """
     if DOWN_SCHEDULE == "slab":
         return _down_config_v1(batch, n_in, d, device, split_k)
-    if batch <= 2:  # FMA path: fp32 accumulator [B, 32, 256] = 64 (B=1) / 128 (B=2) registers/thread at 4 warps
-        block_b, block_j, block_d, use_dot, warps = next_pow2(batch), 32, 256, False, 4 if batch == 1 else 8
+    if batch <= 2:  # FMA path: fp32 accumulator [B, 16, 256] = 32 registers/thread (4 warps at B=1, 8 at B=2).
+        # 16 rows per step (was 32): bench/tune_tiles.py, H200, graph replay: OPT-13B o_proj 12.6 -> 11.0 us, fc2
+        # 10.4 -> 9.9 us, OPT-30B o_proj 18.9 -> 16.9 us (fc2 within run-to-run noise)
+        block_b, block_j, block_d, use_dot, warps = next_pow2(batch), 16, 256, False, 4 if batch == 1 else 8
     else:
         block_b, block_j, block_d, use_dot, warps = 16, 64, 128, True, 4
     block_d = max(16, min(block_d, next_pow2(d)))

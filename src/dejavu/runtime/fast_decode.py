@@ -4,8 +4,8 @@ Why this shape (gpt-fast style, ``prefill`` / ``decode_step`` / ``generate``): a
 of GEMVs whose time is the time to stream the weights once, plus one launch per kernel. Deja Vu cuts the bytes; the
 CUDA graph cuts the launches (a 40-layer step is ~1000 kernels), which is what makes the byte savings show up as time.
 A graph needs static shapes, so every sparse part reads a *fixed* number of rows per layer: ``k = round(density * N)``
-(>= 1) top-scoring heads / neurons of the batch (``batch_topk``: per-item max over the batch, then top-k, i.e. the
-union of what the sequences want, cut to k). Positions and lengths live in device tensors updated inside the graph,
+(>= 1) top-scoring heads / neurons of the batch (scores reduced to their max over the batch, then ``select_topk``,
+i.e. the union of what the sequences want, cut to k). Positions and lengths live in device tensors updated inside the graph,
 so one captured step replays for every token.
 
 Per layer l (``_block``), with ``x`` the residual stream entering the block:
@@ -61,7 +61,7 @@ class FastGeneration:
 
 
 class _TritonOps:
-    """The fused kernels; indices are built by construction (batch_topk), so no validation syncs."""
+    """The fused kernels; indices are built by construction (select_topk), so no validation syncs."""
 
     def rows(self, x, w, idx, hd, bias):  # -> [B, k, hd]
         return K.head_gather_gemv(x, w, idx, hd, bias, validate=False)
@@ -85,6 +85,12 @@ class _TritonOps:
 
     def post(self, *a, **kw):
         return FO.qkv_post(*a, **kw)
+
+    def factor(self, x, w, bias, norm, out, batch_max=False):  # predictor factor -> [B, n] ([1, n]) in out's dtype
+        return K.lowrank_gemv(x, w, bias, norm=norm, batch_max=batch_max, out_dtype=out.dtype, out=out)
+
+    def select(self, scores, k, out, copies=1, offset=0):  # top-k -> out (int64; heads ascending)
+        return K.select_topk(scores, k, out=out, copies=copies, copy_offset=offset)
 
 
 class _TorchOps:
@@ -110,6 +116,12 @@ class _TorchOps:
 
     def post(self, *a, **kw):
         return FO.qkv_post_ref(*a, **kw)
+
+    def factor(self, x, w, bias, norm, out, batch_max=False):
+        return out.copy_(K.lowrank_gemv_ref(x, w, bias, norm=norm, batch_max=batch_max, out_dtype=out.dtype))
+
+    def select(self, scores, k, out, copies=1, offset=0):
+        return out.copy_(K.topk_select_ref(scores, k, copies=copies, copy_offset=offset))
 
 
 class FastDecoder:
@@ -186,7 +198,12 @@ class FastDecoder:
         self._h = torch.zeros(B, d, dtype=self.dtype, **dev)  # normed activations (reused by both norms)
         self._q = {kh: torch.zeros(B, kh, hd, dtype=self.dtype, **dev) for kh in set(self.k_heads)}  # RoPE'd q
         self._pred = self._prepare_predictors(predictors) if predictors is not None else None
-        self._xn = torch.zeros(B, d, dtype=self.dtype, **dev)  # the predictors' RMS-normalized input
+        # predictor outputs: first-factor activations per width (fp32); scores per output size, in the model's dtype
+        # as the reference LowRank stores them (16-bit keys also halve torch.topk's radix passes), already reduced to
+        # the max over the batch (what the batch top-k ranks) by the second factor's epilogue
+        widths = {e["a_t"].shape[0] for e in self._pred if e} if self._pred is not None else set()
+        self._xa = {r: torch.zeros(B, r, dtype=torch.float32, **dev) for r in widths}
+        self._scores = {n: torch.zeros(1, n, dtype=self.dtype, **dev) for n in (H, N)}
         overlap = cuda and overlap and self.lookahead and predictors is not None
         self._side = torch.cuda.Stream(self.device) if overlap else None  # lookahead predictors run here
         self._graph, self._graph_out, self._len = None, None, 0
@@ -230,8 +247,10 @@ class FastDecoder:
         return fused
 
     def _prepare_predictors(self, p):
-        """Transposed, contiguous copies ([d, r] and [r, N]) in the model's dtype. The first factors of the head and
-        the MLP predictor of a layer are concatenated, [d, r_h + r_m]: both read the same input, one GEMM."""
+        """Row-per-output copies in the model's dtype: the first factors of the head and the MLP predictor of a layer
+        stacked, ``a_t = [a_h; a_m]`` ([r_h + r_m, d]: both read the same input, one GEMV), and each second factor
+        ``b`` ([n, r], ``nn.Linear`` layout) with its bias. Entries: kind -> (lo, hi, b, bias), lo:hi its columns
+        of the first factor's output."""
         p.check_model(self.spec)
         kw = dict(device=self.device, dtype=self.dtype)
         out = []
@@ -240,13 +259,13 @@ class FastDecoder:
             for kind, mod, k, n in (("head", p.head[l], self.k_heads[l], self.spec.n_heads),
                                     ("mlp", p.neuron[l], self.k_mlp[l], self.spec.ffn_dim)):
                 if k < n:  # dense layers run no predictor and keep no copy
-                    a = mod.a.weight.detach().t().to(**kw)
-                    lo = sum(f.shape[1] for f in firsts)
+                    a = mod.a.weight.detach().to(**kw)
+                    lo = sum(f.shape[0] for f in firsts)
                     firsts.append(a)
-                    ent[kind] = (lo, lo + a.shape[1], mod.b.weight.detach().t().to(**kw).contiguous(),
-                                 mod.b.bias.detach().to(**kw))
+                    ent[kind] = (lo, lo + a.shape[0], mod.b.weight.detach().to(**kw).contiguous(),
+                                 mod.b.bias.detach().to(**kw).contiguous())
             if firsts:
-                ent["a"] = torch.cat(firsts, 1).contiguous()
+                ent["a_t"] = torch.cat(firsts, 0).contiguous()
             out.append(ent)
         return out
 
@@ -398,30 +417,30 @@ class FastDecoder:
     def _predict(self, l: int, x: torch.Tensor, heads: bool, mlp: bool):
         """Score layer l's heads / neurons from x (B, d) and write its fixed-size selections in place.
 
-        One norm kernel (LowRank's RMS normalization), one GEMM for both predictors' first factors, one addmm each
-        for the second, then top-k; the selections go straight into the combined q/k/v index."""
+        One GEMV for both predictors' first factors with LowRank's RMS normalization fused (fp32 out), one GEMV per
+        second factor (+ bias, max over the batch in its epilogue), then the top-k (``select_topk``); the head
+        selection goes straight into the combined q/k/v index (MHA with K/V holes: three offset copies in the same
+        launch), the neuron selection into the layer's index (unsorted: the gathers take any order)."""
         ent = self._pred[l] if self._pred is not None else {}
         if not ((heads and "head" in ent) or (mlp and "mlp" in ent)):
             return
-        xn = self.ops.norm(x, "rmsnorm", None, None, 1e-6, self._xn)
-        xa = xn @ ent["a"]  # [B, r_h + r_m]
+        ops = self.ops
+        xa = ops.factor(x, ent["a_t"], None, True, self._xa[ent["a_t"].shape[0]])  # [B, r_h + r_m] fp32
         if heads and "head" in ent:
             lo, hi, b, bias = ent["head"]
-            sel = self._topk(torch.addmm(bias, xa[:, lo:hi], b), self.k_heads[l])
+            sc = ops.factor(xa[:, lo:hi], b, bias, False, self._scores[self.spec.n_heads], batch_max=True)
             kh, idx = self.k_heads[l], self._qkvidx[l]
-            idx[:kh].copy_(sel)  # == self._hidx[l]
-            if self.holes[l]:
-                kv = sel if self.spec.group_size == 1 else self._select_kv(l, sel)
-                torch.add(kv[None, :], self._kv_offs, out=idx[kh:].view(2, -1))
+            if self.holes[l] and self.spec.group_size == 1:  # [q; k; v] rows of the same heads
+                ops.select(sc, kh, idx, copies=3, offset=self.spec.n_heads)
+            else:
+                ops.select(sc, kh, idx[:kh])  # == self._hidx[l]
+                if self.holes[l]:
+                    kv = self._select_kv(l, idx[:kh])
+                    torch.add(kv[None, :], self._kv_offs, out=idx[kh:].view(2, -1))
         if mlp and "mlp" in ent:
             lo, hi, b, bias = ent["mlp"]
-            self._nidx_copy(l, self._topk(torch.addmm(bias, xa[:, lo:hi], b), self.k_mlp[l]))
-
-    def _nidx_copy(self, l, sel):
-        self._nidx[l].copy_(sel)
-
-    def _topk(self, scores, k):
-        return K.batch_topk(scores[0] if scores.shape[0] == 1 else scores, k)  # [k] ascending
+            sc = ops.factor(xa[:, lo:hi], b, bias, False, self._scores[self.spec.ffn_dim], batch_max=True)
+            ops.select(sc, self.k_mlp[l], self._nidx[l])
 
     def _select_kv(self, l, heads):
         """GQA: a fixed-size KV set, the needed KV heads first, padded with unneeded ones (-> self._kvidx[l])."""
@@ -494,12 +513,14 @@ class FastDecoder:
             side = 0
             ent = self._pred[l] if self._pred is not None else {}
             if ent:
-                side = 2  # norm, first factors
+                side = 1  # first factors with the RMS norm fused
                 if "head" in ent:
-                    side += 2 + 2 + 1 + 1  # addmm (bias copy + gemm), topk, sort, copy; + kv offsets
-                    side += 3 if (self.holes[l] and s.group_size > 1) else 0
+                    side += 2  # second factor, top-k (MHA: q/k/v index copies in the same launch)
+                    side += 5 if (self.holes[l] and s.group_size > 1) else 0  # KV set: fill, topk, sort, copy, add
                 if "mlp" in ent:
-                    side += 2 + 2 + 1
+                    # second factor; top-k: one launch (short vectors), else torch.topk on 16-bit keys, ~8 kernels
+                    # (2 radix passes of 3, scan, gather: bench/profile_step.py)
+                    side += 1 + (1 if self.spec.ffn_dim <= K.predictor_ops.SMALL_N else 8)
             out.append({"main": n, "side": side})
         return out
 

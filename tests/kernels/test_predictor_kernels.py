@@ -1,0 +1,147 @@
+"""Triton predictor kernels (lowrank_gemv, topk_select) against their torch references."""
+
+import pytest
+import torch
+from kernel_helpers import DEVICE, DTYPES, make_gen, randn
+
+from dejavu.kernels import lowrank_gemv, lowrank_gemv_ref, select_topk, topk_select, topk_select_ref
+
+pytestmark = pytest.mark.needs_kernels
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [1, 3, 16])
+@pytest.mark.parametrize("N,D", [(1, 7), (13, 64), (37, 577), (4100, 24)])
+@pytest.mark.parametrize("norm,with_bias", [(False, False), (True, True)])
+def test_lowrank_gemv(norm, with_bias, N, D, B, dtype):
+    g = make_gen("gemv", B, N, D, dtype, norm, with_bias)
+    x = randn(B, D, dtype=dtype, gen=g, scale=3.0)
+    w = randn(N, D, dtype=dtype, gen=g, scale=0.1)
+    bias = randn(N, dtype=dtype, gen=g) if with_bias else None
+    out = lowrank_gemv(x, w, bias, norm=norm)
+    assert out.shape == (B, N) and out.dtype == torch.float32
+    exact = lowrank_gemv_ref(x.double(), w.double(), bias.double() if with_bias else None, norm=norm)
+    err = (out.double().cpu() - exact.cpu()).abs().max().item()
+    assert err <= 2e-5 * max(1.0, exact.abs().max().item()), err
+
+
+@pytest.mark.parametrize("B", [1, 5, 16])
+def test_lowrank_gemv_batch_max(B):
+    """batch_max: one row, the max over the batch (what the batch top-k ranks), from the epilogue."""
+    g = make_gen("gemv-max", B)
+    x, w, bias = randn(B, 33, gen=g), randn(70, 33, gen=g), randn(70, gen=g)
+    out = lowrank_gemv(x, w, bias, norm=True, batch_max=True)
+    assert out.shape == (1, 70)
+    ref = lowrank_gemv_ref(x, w, bias, norm=True, batch_max=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref, lowrank_gemv_ref(x, w, bias, norm=True).amax(0, keepdim=True))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_lowrank_gemv_low_precision_out(out_dtype):
+    """fp32 accumulation, rounded once on store: equals the fp32 reference cast to out_dtype (up to 1 ulp)."""
+    g = make_gen("gemv-out", out_dtype)
+    x, w, bias = randn(2, 40, gen=g), randn(300, 40, gen=g), randn(300, gen=g)
+    out = lowrank_gemv(x, w, bias, batch_max=True, out_dtype=out_dtype)
+    assert out.dtype == out_dtype and out.shape == (1, 300)
+    ref = lowrank_gemv_ref(x, w, bias, batch_max=True)
+    torch.testing.assert_close(out.float(), ref.to(out_dtype).float(), rtol=1e-2, atol=1e-2)
+    assert (out.float() == ref.to(out_dtype).float()).float().mean() > 0.95
+
+
+def test_lowrank_gemv_strided_input_and_out():
+    """The first factor's output is sliced per predictor: a column slice (row stride > width) is a valid x."""
+    g = make_gen("gemv-slice")
+    wide = randn(4, 50, gen=g)
+    x = wide[:, 10:30]
+    w, bias = randn(9, 20, gen=g), randn(9, gen=g)
+    out = torch.full((4, 9), float("nan"), device=DEVICE)
+    assert lowrank_gemv(x, w, bias, out=out) is out
+    torch.testing.assert_close(out, lowrank_gemv_ref(x, w, bias), rtol=1e-5, atol=1e-5)
+
+
+def _check_selection(scores, k, idx):
+    n = scores.shape[-1]
+    assert idx.shape == (k,) and idx.dtype == torch.int64
+    assert bool((idx.diff() > 0).all()), "ascending, no duplicates"
+    assert 0 <= int(idx.min()) and int(idx.max()) < n
+    best = (scores.amax(0) if scores.dim() == 2 else scores).float()
+    dropped = torch.ones(n, dtype=torch.bool, device=scores.device)
+    dropped[idx] = False
+    if dropped.any():
+        assert best[idx].min() >= best[dropped].max()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [1, 4, 16])
+@pytest.mark.parametrize("N,k", [(1, 1), (9, 1), (9, 9), (40, 20), (1000, 1), (1000, 333), (1000, 1000),
+                                 (20480, 2048)])
+def test_topk_select_matches_reference(N, k, B, dtype):
+    s = randn(B, N, dtype=dtype, gen=make_gen("sel", N, k, B, dtype), scale=4.0)
+    idx = topk_select(s, k)
+    _check_selection(s, k, idx)
+    assert torch.equal(idx, topk_select_ref(s, k))
+
+
+@pytest.mark.parametrize("N,k", [(64, 5), (64, 40), (300, 150)])
+def test_topk_select_ties_and_signs(N, k):
+    """Many equal scores (integers, negatives, +-0, -inf): exactly k kept, ties resolved to the lowest indices."""
+    g = make_gen("ties", N, k)
+    s = torch.randint(-3, 3, (2, N), generator=g).float()
+    s[0, :4] = torch.tensor([-0.0, 0.0, float("-inf"), -1e30])
+    s = s.to(DEVICE)
+    idx = topk_select(s, k)
+    _check_selection(s, k, idx)
+    assert torch.equal(idx, topk_select_ref(s, k))
+    const = torch.full((N,), -2.5, device=DEVICE)
+    assert torch.equal(topk_select(const, k), torch.arange(k, device=DEVICE))
+
+
+def test_topk_select_copies_into_a_slice():
+    """Three offset copies written straight into a slice of a bigger static index (fused q/k/v rows, MHA)."""
+    H, k = 12, 5
+    s = randn(3, H, gen=make_gen("copies"))
+    buf = torch.full((3 * k + 2,), -1, dtype=torch.int64, device=DEVICE)
+    topk_select(s, k, out=buf[1:1 + 3 * k], copies=3, copy_offset=H)
+    sel = topk_select_ref(s, k)
+    assert torch.equal(buf[1:1 + 3 * k], torch.cat([sel, sel + H, sel + 2 * H]))
+    assert int(buf[0]) == -1 and int(buf[-1]) == -1, "wrote outside its slice"
+    assert torch.equal(topk_select_ref(s, k, copies=3, copy_offset=H), buf[1:1 + 3 * k])
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("N,k,copies", [(40, 7, 3), (1024, 100, 1), (1025, 1, 1), (5000, 700, 2), (5000, 5000, 1)])
+def test_select_topk_dispatch(N, k, copies, B):
+    """The decode step's selection: the same set as the reference on both paths (one program for N <= 1024,
+    unsorted torch.topk above), offset copies included."""
+    s = randn(B, N, gen=make_gen("dispatch", N, k, B), scale=2.0)
+    out = torch.full((copies * k,), -1, dtype=torch.int64, device=DEVICE)
+    assert select_topk(s, k, out=out, copies=copies, copy_offset=N) is out
+    ref = topk_select_ref(s, k)
+    for c in range(copies):
+        assert torch.equal(out[c * k:(c + 1) * k].sort().values, ref + c * N)
+    if N <= 1024:
+        assert bool((out[:k].diff() > 0).all()), "the one-program path writes ascending indices"
+
+
+def test_predictor_kernels_bad_input():
+    x, w = randn(2, 8), randn(5, 8)
+    cases = [
+        (lambda: lowrank_gemv(x, w.t().contiguous().t()), "contiguous"),
+        (lambda: lowrank_gemv(x[:, :7], w), "dimension 1"),
+        (lambda: lowrank_gemv(x.repeat(9, 1), w), "batch size 18"),
+        (lambda: lowrank_gemv(x, w, torch.ones(4, device=DEVICE)), "bias"),
+        (lambda: lowrank_gemv(x, w, out=torch.empty(2, 5, dtype=torch.float16, device=DEVICE)), "out must be"),
+        (lambda: lowrank_gemv(x, w, out_dtype=torch.int32), "out_dtype"),
+        (lambda: topk_select(x, 0), "k must be"),
+        (lambda: topk_select(x, 9), "k must be"),
+        (lambda: topk_select(x.long(), 2), "floating"),
+        (lambda: topk_select(x, 2, copies=0), "copies"),
+        (lambda: topk_select(x, 2, out=torch.empty(3, dtype=torch.int64, device=DEVICE)), "out must be"),
+        (lambda: select_topk(randn(2000), 2001, out=torch.empty(2001, dtype=torch.int64, device=DEVICE)),
+         "k must be"),
+        (lambda: select_topk(randn(2000), 5, out=torch.empty(4, dtype=torch.int64, device=DEVICE)), "out must be"),
+    ]
+    for fn, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            fn()
