@@ -260,7 +260,12 @@ def main():
     ap.add_argument("--c4-docs", type=int, default=64, help="C4 docs 0..N-1: thresholds and sensitivities")
     ap.add_argument("--sens-windows", type=int, default=4, help="C4 windows (spread over the docs) for sensitivities")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--render", metavar="JSON", default=None,
+                    help="only rewrite the .md (in --out) from a finished run's JSON; runs nothing")
     args = ap.parse_args()
+    if args.render:
+        write_atomic(Path(args.out) / "swiglu_selection_study.md", render_md(json.loads(Path(args.render).read_text())))
+        return
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     t_start = time.perf_counter()
@@ -442,6 +447,11 @@ def main():
     log(f"wrote {out}/swiglu_selection_study.{{json,md}}")
 
 
+def _cell(text: str) -> str:
+    """A Markdown table cell: '|' (as in |silu(g)|) would end the cell."""
+    return text.replace("|", "\\|")
+
+
 def render_md(r) -> str:
     dense = r["rows"][0]
     w = r["wikitext"]
@@ -462,7 +472,7 @@ def render_md(r) -> str:
     for row in r["rows"]:
         d = row["density"]
         dtxt = f"{d[0]:g}" if len(set(d)) == 1 else "per-layer: [" + ", ".join(f"{x:g}" for x in d) + "]"
-        lines.append(f"| {row['label']} | {dtxt} | {row['mean_achieved_density']:.3f} | "
+        lines.append(f"| {_cell(row['label'])} | {dtxt} | {row['mean_achieved_density']:.3f} | "
                      f"{row['block_bytes_skipped']:.4f} | {row['ppl']:.4f} | {100 * row['increase']:+.2f}% |")
     s = r["summary"]
     names = {"oracle": "(a) oracle (ideal bytes)", "gate_first_topk": "(b) gate-first top-k",
@@ -473,7 +483,7 @@ def render_md(r) -> str:
               "(interpolated) |", "|---|---|---|"]
     for k, name in names.items():
         inc = s[k]["increase_at_0.25"]
-        lines.append(f"| {name} | {s[k]['max_skip_within_1pct']:.3f} | "
+        lines.append(f"| {_cell(name)} | {s[k]['max_skip_within_1pct']:.3f} | "
                      f"{'not reached' if inc is None else f'{100 * inc:+.2f}%'} |")
     lines += ["", "## Reading", ""]
     if r["target_reached_by"]:
