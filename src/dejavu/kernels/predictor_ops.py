@@ -11,9 +11,9 @@ Two implementations, side by side:
   used by the reference runtime and off-GPU;
 * for the graph-captured decode step: :func:`lowrank_gemv` (Triton: one GEMV over a row-major
   factor, optional fused RMS normalization of ``x``, optional max over the batch in the epilogue,
-  fp32 accumulation, fp32 or 16-bit out) and :func:`select_topk` (one-program :func:`topk_select` for short score vectors such
-  as heads, an unsorted ``torch.topk`` written in place for neurons). References:
-  :func:`lowrank_gemv_ref`, :func:`topk_select_ref`.
+  fp32 accumulation, fp32 or 16-bit out) and :func:`select_topk` (the one-program
+  :func:`topk_select` for short score vectors such as heads, an unsorted ``torch.topk`` written in
+  place for neurons). References: :func:`lowrank_gemv_ref`, :func:`topk_select_ref`.
 
 Why (measured, OPT-13B shape, batch 1, inside the CUDA graph; ``bench/profile_step.py`` and
 ``bench/select_micro.py``, numbers in bench/NOTES.md): cuBLAS runs ``[1, 320] x [320, 20480]`` as
@@ -221,7 +221,8 @@ def lowrank_gemv(x, w, bias=None, *, norm=False, eps=1e-6, batch_max=False, out_
     nw = cfg.pop("num_warps")
     _lowrank_gemv_kernel[(cdiv(N, cfg["BLOCK_N"]),)](
         x, w, bias if bias is not None else w, out, B, N, D, x.stride(0), w.stride(0), out.stride(0), float(eps),
-        NORM=bool(norm), HAS_BIAS=bias is not None, BATCH_MAX=bool(batch_max), num_warps=nw, num_stages=cfg["NUM_STAGES"], **cfg,
+        NORM=bool(norm), HAS_BIAS=bias is not None, BATCH_MAX=bool(batch_max), num_warps=nw,
+        num_stages=cfg["NUM_STAGES"], **cfg,
     )  # fmt: skip
     return out
 

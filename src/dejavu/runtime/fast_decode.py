@@ -4,9 +4,9 @@ Why this shape (gpt-fast style, ``prefill`` / ``decode_step`` / ``generate``): a
 of GEMVs whose time is the time to stream the weights once, plus one launch per kernel. Deja Vu cuts the bytes; the
 CUDA graph cuts the launches (a 40-layer step is ~1000 kernels), which is what makes the byte savings show up as time.
 A graph needs static shapes, so every sparse part reads a *fixed* number of rows per layer: ``k = round(density * N)``
-(>= 1) top-scoring heads / neurons of the batch (scores reduced to their max over the batch, then ``select_topk``,
-i.e. the union of what the sequences want, cut to k). Positions and lengths live in device tensors updated inside the graph,
-so one captured step replays for every token.
+(>= 1) top-scoring heads / neurons of the batch (scores reduced to their max over the batch, then
+``select_topk``, i.e. the union of what the sequences want, cut to k). Positions and lengths live in device tensors
+updated inside the graph, so one captured step replays for every token.
 
 Per layer l (``_block``), with ``x`` the residual stream entering the block:
   norm1 -> q (selected heads, ``head_gather_gemv``; OPT bias) and K/V (see kv_policy) -> RoPE (Llama) ->
