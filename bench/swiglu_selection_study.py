@@ -28,10 +28,8 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,10 +39,19 @@ import torch.nn.functional as F
 
 from dejavu.eval.data import c4_sample_path, load_jsonl_texts, resolve_data_dir
 from dejavu.eval.perplexity import c4_windows, perplexity, wikitext2_windows
-from dejavu.models.decoder import MLP
 from dejavu.models.load import load_model
 from dejavu.runtime.policy import DensityPolicy, OraclePolicy, SparsityPolicy, k_for
 from dejavu.runtime.selection import Selection, threshold_selection, topk_selection
+from study_common import (
+    add_common_args,
+    cpu_name,
+    greedy_path,
+    interp_increase_at,
+    max_skip_within,
+    md_cell,
+    mlp_hooks,
+    write_atomic,
+)
 
 TARGET_SKIP, TARGET_INCREASE = 0.25, 0.01
 
@@ -176,90 +183,15 @@ def masked_mlp(model):
         sel = stash.pop(id(mod))
         return out if sel is None else _masked_output(mod, args[0], sel)
 
-    handles = [h for blk in model.layers
-               for h in (blk.mlp.register_forward_pre_hook(pre), blk.mlp.register_forward_hook(post))]
-    try:
+    with mlp_hooks(model, pre, post):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # ---- the study ---------------------------------------------------------------------------------------------------
-def write_atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-    os.replace(tmp, path)
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def interp_increase_at(points, skip):
-    """Linear interpolation of the ppl increase at a block-bytes-skipped value, over (skip, increase) points."""
-    pts = sorted(points)
-    for (s0, i0), (s1, i1) in zip(pts, pts[1:]):
-        if s0 <= skip <= s1 and s1 > s0:
-            return i0 + (i1 - i0) * (skip - s0) / (s1 - s0)
-    return None
-
-
-def max_skip_within(points, budget):
-    """Largest skip at which the (linearly interpolated) increase stays <= budget, starting from dense (0, 0)."""
-    pts = sorted([(0.0, 0.0)] + list(points))
-    best = 0.0
-    for (s0, i0), (s1, i1) in zip(pts, pts[1:]):
-        if i1 <= budget:
-            best = max(best, s1)
-        elif i0 <= budget:
-            best = max(best, s0 + (s1 - s0) * (budget - i0) / (i1 - i0))
-            break
-        else:
-            break
-    return best
-
-
-def greedy_path(levels, cost, skip_of):
-    """Per-layer greedy allocation. cost[l][i]: single-layer NLL increase at levels[i] (levels[0] = 1.0, cost 0);
-    skip_of(d): one layer's block-bytes-skipped contribution at density d. Each step moves the layer whose move to
-    any lower level costs least per byte skipped. -> [(nominal skip, predicted additive dNLL, densities)]."""
-    L = len(cost)
-    state, path = [0] * L, []
-    while True:
-        best = None
-        for l in range(L):
-            s = state[l]
-            for j in range(s + 1, len(levels)):
-                gain = skip_of(levels[j]) - skip_of(levels[s])
-                r = (cost[l][j] - cost[l][s]) / gain
-                if best is None or r < best[0]:
-                    best = (r, l, j)
-        if best is None:
-            return path
-        state[best[1]] = best[2]
-        dens = [levels[i] for i in state]
-        path.append((sum(skip_of(d) for d in dens), sum(cost[l][state[l]] for l in range(L)), dens))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="folder for swiglu_selection_study.{json,md}")
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--windows", type=int, default=16, help="WikiText-2 test windows (the first ones of the file)")
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--c4-docs", type=int, default=64, help="C4 docs 0..N-1: thresholds and sensitivities")
+    add_common_args(ap, "swiglu_selection_study")
     ap.add_argument("--sens-windows", type=int, default=4, help="C4 windows (spread over the docs) for sensitivities")
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--render", metavar="JSON", default=None,
                     help="only rewrite the .md (in --out) from a finished run's JSON; runs nothing")
     args = ap.parse_args()
@@ -447,11 +379,6 @@ def main():
     log(f"wrote {out}/swiglu_selection_study.{{json,md}}")
 
 
-def _cell(text: str) -> str:
-    """A Markdown table cell: '|' (as in |silu(g)|) would end the cell."""
-    return text.replace("|", "\\|")
-
-
 def render_md(r) -> str:
     dense = r["rows"][0]
     w = r["wikitext"]
@@ -472,7 +399,7 @@ def render_md(r) -> str:
     for row in r["rows"]:
         d = row["density"]
         dtxt = f"{d[0]:g}" if len(set(d)) == 1 else "per-layer: [" + ", ".join(f"{x:g}" for x in d) + "]"
-        lines.append(f"| {_cell(row['label'])} | {dtxt} | {row['mean_achieved_density']:.3f} | "
+        lines.append(f"| {md_cell(row['label'])} | {dtxt} | {row['mean_achieved_density']:.3f} | "
                      f"{row['block_bytes_skipped']:.4f} | {row['ppl']:.4f} | {100 * row['increase']:+.2f}% |")
     s = r["summary"]
     names = {"oracle": "(a) oracle (ideal bytes)", "gate_first_topk": "(b) gate-first top-k",
@@ -483,7 +410,7 @@ def render_md(r) -> str:
               "(interpolated) |", "|---|---|---|"]
     for k, name in names.items():
         inc = s[k]["increase_at_0.25"]
-        lines.append(f"| {_cell(name)} | {s[k]['max_skip_within_1pct']:.3f} | "
+        lines.append(f"| {md_cell(name)} | {s[k]['max_skip_within_1pct']:.3f} | "
                      f"{'not reached' if inc is None else f'{100 * inc:+.2f}%'} |")
     lines += ["", "## Reading", ""]
     if r["target_reached_by"]:

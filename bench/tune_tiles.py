@@ -119,7 +119,7 @@ def main():
         print(f"== {name}: roofline {roof:.2f} us, current {cur.get('graph_us', float('nan')):.2f} us", flush=True)
         for r in ok[:4]:
             print(f"   {r['graph_us']:7.2f} us  x{r['x_roof']:.2f}  {r['cfg']}")
-        del mats
+        mats.clear()  # free the weight copies before the next case
         torch.cuda.empty_cache()
     with open(os.path.join(args.out, "tune_tiles.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)
