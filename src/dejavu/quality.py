@@ -8,7 +8,6 @@ predictors, oracle and TEAL (the plot).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch

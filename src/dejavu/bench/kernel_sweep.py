@@ -166,7 +166,7 @@ def _bench_kernel(K, kernel, shape, densities, dtype, batch, device, copy_bw, l2
     for density in densities:
         k = _n_selected(kernel, shape, density)
         idx = torch.randperm(H if kernel.startswith("head") else shape.ffn, device=device, generator=gen)[:k]
-        idx = idx.sort().values  # what batch_topk returns: int64, ascending
+        idx = idx.sort().values  # int64, ascending (the gathers take any order; sorted is the common case)
         if kernel == "gather_up":
             make = lambda i: (lambda: K.gather_up(x, mats[i][0], idx, bias, "relu", validate=False))  # noqa: E731
             ref = lambda: K.gather_up_ref(x.float(), mats[0][0].float(), idx, bias.float(), "relu")  # noqa: E731

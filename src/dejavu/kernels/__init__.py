@@ -9,8 +9,7 @@ Launchers (need Triton; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`
 * predictors: :func:`lowrank_gemv` (a factor, optional fused RMS norm), :func:`topk_select` (one-launch top-k),
   :func:`select_topk` (the decode step's choice between it and an unsorted ``torch.topk``).
 
-Plain torch (no Triton needed): :func:`lowrank_scores`, :func:`batch_topk`,
-:func:`kv_heads_for`, :func:`predictor_bytes` and every ``*_ref``.
+Plain torch (no Triton needed): :func:`kv_heads_for`, :func:`predictor_bytes` and every ``*_ref``.
 
 ``HAS_TRITON`` tells whether the launchers can run; without Triton they raise ``RuntimeError``.
 All launchers check their inputs and raise ``ValueError`` naming the problem and the fix;
@@ -37,12 +36,8 @@ from .head_sparse import (
     kv_heads_for,
 )
 from .predictor_ops import (
-    batch_topk,
-    batch_topk_ref,
     lowrank_gemv,
     lowrank_gemv_ref,
-    lowrank_scores,
-    lowrank_scores_ref,
     predictor_bytes,
     select_topk,
     topk_select,
@@ -66,10 +61,6 @@ __all__ = [
     "kv_heads_for",
     "sparse_decode_attention",
     "sparse_decode_attention_ref",
-    "lowrank_scores",
-    "lowrank_scores_ref",
-    "batch_topk",
-    "batch_topk_ref",
     "lowrank_gemv",
     "lowrank_gemv_ref",
     "select_topk",

@@ -12,7 +12,7 @@ Two kinds of checks:
 * data checks on index tensors (range and duplicates): these read device memory, i.e. they
   synchronise the host with the GPU. They run only when ``validate=True`` *and* no CUDA graph
   is being captured on the current stream (a sync inside capture is an error). Runtimes that
-  build their indices by construction (``batch_topk``) pass ``validate=False``.
+  build their indices by construction (``select_topk``) pass ``validate=False``.
 
 Triton is optional: without it the package still imports, the ``*_ref`` functions work, and
 the launchers raise a ``RuntimeError`` saying how to get Triton.
@@ -223,7 +223,7 @@ def check_index(
     if idx.dim() != 1:
         raise ValueError(
             f"{op}: {name} must be 1-D (the union of selected {what} for the whole batch), "
-            f"got shape {tuple(idx.shape)}; flatten and de-duplicate it, e.g. with batch_topk."
+            f"got shape {tuple(idx.shape)}; flatten and de-duplicate it, e.g. with select_topk."
         )
     if idx.device != device:
         raise ValueError(
@@ -250,7 +250,7 @@ def check_index(
     if n_dup:
         raise ValueError(
             f"{op}: {name} contains {n_dup} duplicated entries; each selected {what[:-1]} must "
-            f"appear once (torch.unique(idx) fixes it; batch_topk never produces duplicates)."
+            f"appear once (torch.unique(idx) fixes it; select_topk never produces duplicates)."
         )
 
 

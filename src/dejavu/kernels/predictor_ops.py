@@ -5,15 +5,12 @@ state, ``scores = rmsnorm(x) @ a @ b + bias`` with ``a: [d, r]``, ``b: [r, N]`` 
 The union over the batch of the highest-scoring entries becomes the index vector the sparse
 kernels consume.
 
-Two implementations, side by side:
-
-* plain torch: :func:`lowrank_scores` (two matmuls) and :func:`batch_topk` (``topk`` + ``sort``);
-  used by the reference runtime and off-GPU;
-* for the graph-captured decode step: :func:`lowrank_gemv` (Triton: one GEMV over a row-major
-  factor, optional fused RMS normalization of ``x``, optional max over the batch in the epilogue,
-  fp32 accumulation, fp32 or 16-bit out) and :func:`select_topk` (the one-program
-  :func:`topk_select` for short score vectors such as heads, an unsorted ``torch.topk`` written in
-  place for neurons). References: :func:`lowrank_gemv_ref`, :func:`topk_select_ref`.
+For the graph-captured decode step: :func:`lowrank_gemv` (Triton: one GEMV over a row-major
+factor, optional fused RMS normalization of ``x``, optional max over the batch in the epilogue,
+fp32 accumulation, fp32 or 16-bit out) and :func:`select_topk` (the one-program
+:func:`topk_select` for short score vectors such as heads, an unsorted ``torch.topk`` written in
+place for neurons). References: :func:`lowrank_gemv_ref`, :func:`topk_select_ref`. (The reference
+runtime scores with ``LowRank`` itself and selects with ``runtime.selection``.)
 
 Why (measured, OPT-13B shape, batch 1, inside the CUDA graph; ``bench/profile_step.py`` and
 ``bench/select_micro.py``, numbers in bench/NOTES.md): cuBLAS runs ``[1, 320] x [320, 20480]`` as
@@ -44,59 +41,6 @@ from ._checks import (
     require_triton,
     tl,
 )
-
-
-def lowrank_scores(x, a, b, bias=None):
-    """Predictor scores ``x @ a @ b (+ bias)`` -> ``[B, N]`` (two cuBLAS matmuls, see module doc).
-
-    Args:
-        x: ``[B, d]`` hidden states, B <= 16; a: ``[d, r]``; b: ``[r, N]`` (both contiguous);
-        bias: optional ``[N]``. All the same dtype and device.
-    """
-    op = "lowrank_scores"
-    check_tensor(op, "a", a, ndim=2, contiguous=True)
-    like = dict(dtype=a.dtype, dtype_of="the predictor weights", device=a.device, device_of="the predictor weights")
-    check_tensor(op, "b", b, ndim=2, shape=(a.shape[1], None), contiguous=True, **like)
-    check_tensor(op, "x", x, ndim=2, shape=(None, a.shape[0]), **like)
-    check_batch(op, x.shape[0])
-    if bias is None:
-        return (x @ a) @ b
-    check_tensor(op, "bias", bias, ndim=1, shape=(b.shape[1],), contiguous=True, **like)
-    return torch.addmm(bias, x @ a, b)
-
-
-def lowrank_scores_ref(x, a, b, bias=None):
-    """Reference for :func:`lowrank_scores`, associating the other way: ``x @ (a @ b)``."""
-    y = x @ (a @ b)
-    return y + bias if bias is not None else y
-
-
-def batch_topk(scores, k):
-    """Indices of the ``k`` best entries of the per-column max over the batch, ascending.
-
-    Args:
-        scores: ``[B, N]`` (or ``[N]``) predictor scores.
-        k: number of entries to keep, ``1 <= k <= N`` (a Python int: fixed output shape).
-
-    Returns:
-        ``[k]`` int64, sorted ascending, no duplicates, on ``scores.device``. No host sync:
-        safe inside CUDA-graph capture; pass the result with ``validate=False``.
-    """
-    op = "batch_topk"
-    if not isinstance(scores, torch.Tensor) or scores.dim() not in (1, 2) or not scores.is_floating_point():
-        raise ValueError(f"{op}: scores must be a floating tensor of shape [B, N] or [N].")
-    n = scores.shape[-1]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise ValueError(f"{op}: k must be a Python int in [1, {n}] (fixed output size), got {k!r}.")
-    per_item = scores.amax(dim=0) if scores.dim() == 2 else scores
-    top = torch.topk(per_item, k, sorted=False).indices
-    return torch.sort(top).values
-
-
-def batch_topk_ref(scores, k):
-    """Reference for :func:`batch_topk` (full sort instead of topk)."""
-    per_item = scores.amax(dim=0) if scores.dim() == 2 else scores
-    return torch.argsort(per_item, descending=True)[:k].sort().values
 
 
 def predictor_bytes(d, r, N, dtype=torch.float16, bias=True):
@@ -306,8 +250,8 @@ def _topk_select_kernel(
 def topk_select(scores, k, *, out=None, copies=1, copy_offset=0):
     """Fixed-size top-k of the per-column max over the batch, indices ascending, in one launch.
 
-    Same contract as :func:`batch_topk` (``k`` a Python int, no host sync, graph-safe, valid indices by
-    construction), plus ``copies``: the result is written ``copies`` times back to back, copy ``c`` shifted by
+    ``k`` a Python int (fixed output size), no host sync, graph-safe, valid indices by construction (pass them
+    on with ``validate=False``); plus ``copies``: the result is written ``copies`` times back to back, copy ``c`` shifted by
     ``c * copy_offset`` -- e.g. 3 copies with offset ``H`` give the rows of q, k and v of the selected heads in a
     fused ``[q; k; v]`` weight (multi-head attention).
 
@@ -331,7 +275,8 @@ def topk_select(scores, k, *, out=None, copies=1, copy_offset=0):
     if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
         raise ValueError(f"{op}: copies must be a positive int, got {copies!r}.")
     if n > (1 << 20):
-        raise ValueError(f"{op}: N={n} scores exceed one program's limit of 2^20; use batch_topk.")
+        raise ValueError(f"{op}: N={n} scores exceed one program's limit of 2^20; use select_topk, which ranks "
+                         "long vectors with torch.topk.")
     if out is None:
         out = torch.empty(copies * k, dtype=torch.int64, device=s2.device)
     else:

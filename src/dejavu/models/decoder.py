@@ -87,7 +87,7 @@ class Attention(nn.Module):
     def forward(self, x, rope, start: int, cache: KVCache | None, sel: Selection | None, kv_policy: str = "all"):
         """x (B, T, d) normalized input; rope = (cos, sin) each (B, T, hd) or None; start = position of x[:, 0]."""
         B, T, d = x.shape
-        H, Hk, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        H, hd = self.n_heads, self.head_dim
         k, v = self._kv(x, B, T)  # (B, Hkv, T, hd)
         if sel is None:
             q = F.linear(x, self.wq, self.bq).view(B, T, H, hd)  # (B, T, H, hd)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from .. import kernels as K
 from ..kernels import fused_ops as FO
-from ..models.decoder import KV_POLICIES, DecoderLM, KVCache, rotate_half
+from ..models.decoder import KV_POLICIES, DecoderLM, KVCache
 from .policy import k_for, per_layer
 
 BACKENDS = ("triton", "torch")
@@ -518,8 +518,8 @@ class FastDecoder:
                     side += 2  # second factor, top-k (MHA: q/k/v index copies in the same launch)
                     side += 5 if (self.holes[l] and s.group_size > 1) else 0  # KV set: fill, topk, sort, copy, add
                 if "mlp" in ent:
-                    # second factor; top-k: one launch (short vectors), else torch.topk on 16-bit keys, ~8 kernels
-                    # (2 radix passes of 3, scan, gather: bench/profile_step.py)
+                    # second factor; top-k: one launch (short vectors), else torch.topk: profiled with fp32 keys as 4
+                    # radix passes of 3 kernels + scan + gather; 16-bit keys need 2 passes, ~8 (not profiled)
                     side += 1 + (1 if self.spec.ffn_dim <= K.predictor_ops.SMALL_N else 8)
             out.append({"main": n, "side": side})
         return out
