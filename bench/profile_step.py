@@ -1,13 +1,17 @@
 """Where does one graphed decode step spend its time? (GPU diagnostic for bench/NOTES.md)
 
-For OPT-13B-shaped random fp16 weights at batch 1: ours-dense and ours-sparse (0.1, 0.5), plus two sparse variants
-that isolate the predictors: ``nopred`` (selections fixed, predictor calls skipped) and ``inline`` (lookahead
-predictors on the main stream, no side stream), and ``sparse_high_priority`` (the side stream created with
-priority -1). Per variant: median graph-replay time, and a torch.profiler trace of
-graph replays, reduced to the kernel time per step by kernel name and stream, and the gap (span minus busy time) on
-the main stream.
+For OPT-13B-shaped random fp16 weights at batch 1: ours-dense and ours-sparse (0.1, 0.5), plus sparse variants that
+isolate one design choice each: ``nopred`` (selections fixed, predictor calls skipped), ``inline`` (lookahead
+predictors on the main stream, no side stream), ``unfused`` (the norms as kernels of their own instead of folded
+into the gathers), ``torch_topk`` (neuron top-k by torch.topk instead of the radix select) and
+``sparse_high_priority`` (the side stream created with priority -1), ``fold_forced`` (folded norms at B > 2 too),
+``radix_torch_hist`` (the radix select's histogram built by torch ops instead of the scores GEMV's epilogue). Per variant: median graph-replay time
+(``--rounds`` interleaved rounds of 60 replays), and a torch.profiler trace of graph replays, reduced to the kernel
+time per step by kernel name and stream, and the gap (span minus busy time) on the main stream. With programmatic
+dependent launch on, a kernel's traced duration includes the time its programs wait for the previous kernel.
 
-    PYTHONPATH=src python bench/profile_step.py --out $OUT/profile [--model opt-13b]
+    PYTHONPATH=src python bench/profile_step.py --out $OUT/profile [--model opt-13b] [--variants dense,sparse]
+    DEJAVU_PDL=0 ... --tag _pdl0   # the same without programmatic dependent launch
 """
 
 from __future__ import annotations
@@ -83,6 +87,12 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="opt-13b")
     ap.add_argument("--point", default="0.1,0.5")
+    ap.add_argument("--variants", default="dense,sparse,nopred,inline",
+                    help="comma-separated subset of dense,sparse,unfused,nopred,inline,sparse_high_priority,torch_topk,"
+                         "fold_forced,radix_torch_hist")
+    ap.add_argument("--tag", default="", help="suffix of the output file name (e.g. _pdl0 for an A/B run)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per variant (median)")
+    ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     from dejavu.bench.decode import bench_spec
@@ -91,34 +101,57 @@ def main():
     spec = bench_spec(args.model)
     model = build_random_model(spec)
     preds = random_predictors(model.spec)
-    ids = prompt_ids(spec.vocab_size, 1, 128, "cuda")
-    res = {"gpu": torch.cuda.get_device_name(), "model": args.model, "point": [md, hd]}
+    ids = prompt_ids(spec.vocab_size, args.batch, 128, "cuda")
+    res = {"gpu": torch.cuda.get_device_name(), "model": args.model, "point": [md, hd], "batch": args.batch,
+           "pdl": os.environ.get("DEJAVU_PDL", "1") != "0"}
     variants = {
         "dense": dict(predictors=None, mlp_density=1.0, head_density=1.0, kv_policy="all"),
         "sparse": dict(predictors=preds, mlp_density=md, head_density=hd),
+        "unfused": dict(predictors=preds, mlp_density=md, head_density=hd, fuse_norm=False),
         "nopred": dict(predictors=preds, mlp_density=md, head_density=hd),
         "inline": dict(predictors=preds, mlp_density=md, head_density=hd, overlap=False),
         "sparse_high_priority": dict(predictors=preds, mlp_density=md, head_density=hd),
+        "torch_topk": dict(predictors=preds, mlp_density=md, head_density=hd),
+        "fold_forced": dict(predictors=preds, mlp_density=md, head_density=hd),
+        "radix_torch_hist": dict(predictors=preds, mlp_density=md, head_density=hd),
     }
+    unknown = set(args.variants.split(",")) - set(variants)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; choose from {sorted(variants)}")
+    variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
+    decs = {}
     for name, kw in variants.items():
-        dec = FastDecoder(model, batch=1, max_len=200, **kw)
+        dec = FastDecoder(model, batch=args.batch, max_len=200, **kw)
         if name == "nopred":
             dec._predict = lambda *a, **k: None
         if name == "sparse_high_priority":  # A/B: schedule the predictors' blocks ahead of the main stream's
             dec._side = torch.cuda.Stream(dec.device, priority=-1)
+        if name == "torch_topk":  # A/B: the neuron top-k by torch.topk instead of the radix select
+            dec._topk = "torch"
+        if name == "radix_torch_hist":  # A/B: radix select, its histogram built by torch ops instead of the GEMV
+            dec._topk = "radix-torch"
+        if name == "fold_forced":  # A/B: folded norms also at B > 2 (the tensor-core path), which the runtime skips
+            dec.fuse_norm = True
+            dec._fold1, dec._fold2 = dec._fold_norms()
         dec.prefill(ids)
         dec.capture()
-        ms = replay_ms(dec)
+        decs[name] = dec
+    times = {name: [] for name in decs}
+    for _ in range(args.rounds):  # interleaved, so a drift of the card's clocks hits every variant alike
+        for name, dec in decs.items():
+            times[name].append(replay_ms(dec))
+    for name, dec in decs.items():
+        ms = statistics.median(times[name])
         t = trace(dec)
-        res[name] = {"replay_ms": ms, "bytes": dec.bytes_per_token(), **t}
-        print(f"== {name}: replay {ms:.3f} ms; main span {t.get('main_span_us', 0):.0f} us, busy "
-              f"{t.get('main_busy_us', 0):.0f} us, {t.get('main_kernels', 0):.0f} kernels, median gap "
-              f"{t.get('median_gap_us', 0):.2f} us; side busy {t.get('side_busy_us', 0):.0f} us", flush=True)
+        res[name] = {"replay_ms": ms, "replay_ms_rounds": times[name], "bytes": dec.bytes_per_token(),
+                     "kernels_per_layer": dec.describe()["kernels_per_layer"], **t}
+        print(f"== {name}: replay {ms:.3f} ms (rounds {', '.join(f'{v:.3f}' for v in times[name])}); main span "
+              f"{t.get('main_span_us', 0):.0f} us, busy {t.get('main_busy_us', 0):.0f} us, "
+              f"{t.get('main_kernels', 0):.0f} kernels, median gap {t.get('median_gap_us', 0):.2f} us; side busy "
+              f"{t.get('side_busy_us', 0):.0f} us", flush=True)
         for k in t.get("kernels", [])[:14]:
             print(f"   {k['us_per_step']:9.1f} us  x{k['count']:<6} {k['name']}")
-        del dec
-        torch.cuda.empty_cache()
-    with open(os.path.join(args.out, f"profile_{args.model}.json"), "w") as f:
+    with open(os.path.join(args.out, f"profile_{args.model}_b{args.batch}{args.tag}.json"), "w") as f:
         json.dump(res, f, indent=1)
 
 

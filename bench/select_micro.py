@@ -2,7 +2,8 @@
 
 N = 20480 scores (OPT-13B neurons), k = 2048, batch 1, CUDA-graph replay medians. Rows: torch topk + sort (the old
 path), torch topk alone, ``topk_select`` at several warp counts, and two stripped variants of its kernel (bisection
-only; compaction only) to split its time between the two phases.
+only; compaction only) to split its time between the two phases. Then the neuron selection chain per batch size:
+scores GEMV (with / without the histogram epilogue), + radix select, against + torch.topk.
 
     PYTHONPATH=src python bench/select_micro.py
 """
@@ -56,7 +57,8 @@ def main():
                 continue
 
             def f(w=w):
-                P._topk_select_kernel[(1,)](s, out, 1, n, k, s.stride(0), 0, COPIES=1, BLOCK=block, num_warps=w)
+                P._topk_select_kernel[(1,)](s, out, 1, n, k, s.stride(0), 0, COPIES=1, BLOCK=block, PDL=False,
+                                            num_warps=w)
             rows[f"topk_select warps={w}"] = f
             rows[f"  bisect only warps={w}"] = lambda w=w: _bisect_only[(1,)](s, t, n, k, BLOCK=block, num_warps=w)
             rows[f"  compact only warps={w}"] = lambda w=w: _compact_only[(1,)](s, out, n, thr, BLOCK=block,
@@ -67,6 +69,35 @@ def main():
                 print(f"   {bench(fn):8.2f} us  {name}", flush=True)
             except Exception as e:  # noqa: BLE001
                 print(f"   failed: {name}: {type(e).__name__}: {str(e)[:100]}")
+    neuron_chain()
+
+
+def neuron_chain():
+    """The decode step's neuron selection at OPT-13B shape (r=320, N=20480, k=2048), fp16, per batch size: the
+    scores GEMV with and without the histogram epilogue, the radix select, and torch.topk on the same scores."""
+    r, n, k = 320, 20480, 2048
+    w = torch.randn(n, r, device="cuda", dtype=torch.float16) * 0.05
+    bias = torch.randn(n, device="cuda", dtype=torch.float16)
+    ws = P.radix_workspace("cuda")
+    out = torch.empty(k, dtype=torch.int64, device="cuda")
+    for B in (1, 2, 4, 16):
+        xa = torch.randn(B, r, device="cuda")
+        sc = torch.empty(1, n, device="cuda", dtype=torch.float16)
+        def gemv(hist=None, xa=xa, sc=sc):
+            return P.lowrank_gemv(xa, w, bias, batch_max=True, out_dtype=torch.float16, out=sc, hist=hist)
+
+        rows = {
+            "scores gemv": gemv,
+            "scores gemv + hist": lambda: gemv(ws["hist"]),
+            "gemv + hist + radix_select": lambda sc=sc: (gemv(ws["hist"]), P.radix_select(sc, k, out=out,
+                                                                                         workspace=ws)),
+            "gemv + torch.topk": lambda sc=sc: (gemv(), P.select_topk(sc, k, out=out, radix=False)),
+        }
+        print(f"== neuron selection B={B} (N={n}, r={r}, k={k})")
+        for name, fn in rows.items():
+            ws["hist"].zero_()
+            print(f"   {bench(fn):8.2f} us  {name}", flush=True)
+        ws["hist"].zero_()
 
 
 if __name__ == "__main__":

@@ -86,11 +86,12 @@ _COMPILE_SCRIPT = """
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from dejavu.kernels import gather_mlp as G, decode_attention as A, fused_ops as FO
+from dejavu.kernels import gather_mlp as G, decode_attention as A, fused_ops as FO, predictor_ops as P
 
 TY = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8"}
 
 def build(kernel, args, num_warps, num_stages):
+    args = dict(args, PDL=True)  # the Hopper launch path: grid-dependency wait/launch_dependents compiled in
     sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
         v = args[name]
@@ -104,17 +105,21 @@ def build(kernel, args, num_warps, num_stages):
             sig[name] = "i32"
             if v % 16 == 0: attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-    opts = dict(num_warps=num_warps, num_stages=num_stages)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    opts = dict(num_warps=num_warps, num_stages=num_stages, launch_pdl=True)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    assert "griddepcontrol.wait" in k.asm["ptx"], kernel.__name__
+    return k
 
 cpu = torch.device("cpu")
 for dt in (torch.float16, torch.bfloat16, torch.float32):
     for B, act in ((1, 1), (2, 2), (16, 1), (16, 2)):
         cfg = G._rows_config(B, 2048, 5120, act == 2, cpu); nw = cfg.pop("num_warps")
-        build(G._gather_rows_kernel, dict(x_ptr=dt, w_ptr=dt, w2_ptr=dt, idx_ptr=torch.int32, bias_ptr=dt, out_ptr=dt,
-              B=B, n_out=2048, D=5120, stride_xb=5120, stride_xd=1, stride_wn=5120, stride_w2n=5120, stride_ob=2048,
-              ROWS_PER_IDX=1 if act == 2 else 128, ACT=act, HAS_BIAS=act == 1, DOT_FP32=dt == torch.float32, **cfg),
-              nw, cfg["NUM_STAGES"])
+        for norm in (0, act):  # act 1 (OPT) with a folded layernorm, act 2 (SwiGLU) with a folded rmsnorm
+            build(G._gather_rows_kernel, dict(x_ptr=dt, w_ptr=dt, w2_ptr=dt, idx_ptr=torch.int32, bias_ptr=dt,
+                  out_ptr=dt, g_ptr=dt, rg_ptr=torch.float32, B=B, n_out=2048, D=5120, eps=1e-5, stride_xb=5120,
+                  stride_xd=1, stride_wn=5120, stride_w2n=5120, stride_ob=2048, ROWS_PER_IDX=1 if act == 2 else 128,
+                  ACT=act, NORM=norm, HAS_BIAS=act == 1, DOT_FP32=dt == torch.float32,
+                  **cfg), nw, cfg["NUM_STAGES"])
     for B, split, fn in ((1, None, G._down_config), (2, None, G._down_config), (16, 4, G._down_config),
                          (1, None, G._down_config_v1), (16, 4, G._down_config_v1)):
         cfg = fn(B, 2048, 5120, cpu, split)
@@ -147,6 +152,19 @@ build(G._reduce_splits_kernel, dict(part_ptr=torch.float32, bias_ptr=torch.float
       BLOCK_D=256), 2, 1)
 build(A._decode_attn_combine_kernel, dict(part_o_ptr=torch.float32, part_lse_ptr=torch.float32, out_ptr=torch.bfloat16,
       KH=4, HD=128, stride_ob=512, stride_oh=128, NUM_SPLITS=8, BLOCK_SPLITS=8, BLOCK_H=128), 4, 1)
+for B, n, d, norm, bmax in ((1, 640, 5120, True, False), (16, 20480, 320, False, True)):
+    cfg = P._gemv_config(B, n, d); nw = cfg.pop("num_warps")
+    build(P._lowrank_gemv_kernel, dict(x_ptr=torch.float16, w_ptr=torch.float16, bias_ptr=torch.float16,
+          out_ptr=torch.float16, hist_ptr=torch.int32, B=B, N=n, D=d, stride_xb=d, stride_wn=d, stride_ob=n, eps=1e-6,
+          NORM=norm, HAS_BIAS=not norm, BATCH_MAX=bmax, HIST=False, **cfg), nw, cfg["NUM_STAGES"])
+build(P._topk_select_kernel, dict(s_ptr=torch.float16, out_ptr=torch.int64, B=1, N=40, k=20, stride_sb=40,
+      copy_off=40, COPIES=3, BLOCK=64), 1, 1)
+for dt in (torch.float16, torch.bfloat16):
+    build(P._lowrank_gemv_kernel, dict(x_ptr=torch.float32, w_ptr=dt, bias_ptr=dt, out_ptr=dt, hist_ptr=torch.int32,
+          B=1, N=20480, D=320, stride_xb=640, stride_wn=320, stride_ob=20480, eps=1e-6, NORM=False, HAS_BIAS=True,
+          BATCH_MAX=True, HIST=True, BLOCK_B=1, BLOCK_N=16, BLOCK_D=512, NUM_STAGES=3), 4, 3)
+    build(P._radix_select_kernel, dict(s_ptr=dt, hist_ptr=torch.int32, cnt_ptr=torch.int32, out_ptr=torch.int64,
+          N=20480, k=2048, copy_off=0, n_prog=20, COPIES=1, BINS=P.HIST_BINS, SUB=16, CHUNK=1024, SCAN=2048), 4, 1)
 print("compiled")
 """
 

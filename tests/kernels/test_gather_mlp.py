@@ -13,12 +13,15 @@ pytest.importorskip("triton")
 from kernel_helpers import DEVICE, DTYPES, check_against, make_gen, poisoned, rand_index, randn  # noqa: E402
 
 from dejavu.kernels import (  # noqa: E402
+    NormFold,
+    fold_norm,
     gather_down,
     gather_down_ref,
     gather_swiglu,
     gather_swiglu_ref,
     gather_up,
     gather_up_ref,
+    norm_ref,
 )
 
 pytestmark = pytest.mark.needs_kernels
@@ -63,6 +66,67 @@ def test_gather_swiglu(d, n, k, B, dtype):
     idx = rand_index(n, k, gen=g, dtype=_idx_dtype(B))
     res = gather_swiglu(x, wg, wu, idx, out=poisoned((B, k), dtype))
     check_against(res, gather_swiglu_ref, (x, wg, wu, idx), dtype=dtype)
+
+
+def _norm_params(kind, d, dtype, g):
+    gain = (1.0 + 0.3 * randn(d, gen=g)).to(dtype)
+    shift = randn(d, dtype=dtype, gen=g, scale=0.5) if kind == "layernorm" else None
+    return gain, shift
+
+
+def _normed_up_ref(x, w, idx, gain, shift, bias, act, kind):
+    return gather_up_ref(norm_ref(x, NormFold(kind, gain, shift, 1e-5, bias, None, None)), w, idx, bias, act)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("d,n,k", [(600, 37, 13), (200, 130, 130), (72, 200, 1)])
+def test_gather_up_folded_norm(d, n, k, kind, B, dtype):
+    """norm(x) then the gather == the gather with the norm folded in (x off-centre: the layernorm's mean term)."""
+    g = make_gen("up-norm", d, n, k, kind, B, dtype)
+    x = (randn(B, d, gen=g) + 0.5).to(dtype)
+    w, bias = randn(n, d, dtype=dtype, gen=g, scale=0.2), randn(n, dtype=dtype, gen=g)
+    gain, shift = _norm_params(kind, d, dtype, g)
+    idx = rand_index(n, k, gen=g, dtype=_idx_dtype(B))
+    fold = fold_norm(w, kind, gain, shift, 1e-5, bias)
+    res = gather_up(x, w, idx, act="relu", norm=fold, out=poisoned((B, k), dtype))
+    check_against(res, _normed_up_ref, (x, w, idx, gain, shift, bias, "relu", kind), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [1, 3])
+def test_gather_swiglu_folded_rmsnorm(B, dtype):
+    d, n, k = 600, 130, 45
+    g = make_gen("swiglu-norm", B, dtype)
+    x = randn(B, d, dtype=dtype, gen=g, scale=3.0)
+    wg, wu = randn(n, d, dtype=dtype, gen=g, scale=0.2), randn(n, d, dtype=dtype, gen=g, scale=0.2)
+    gain, _ = _norm_params("rmsnorm", d, dtype, g)
+    idx = rand_index(n, k, gen=g)
+    res = gather_swiglu(x, wg, wu, idx, norm=fold_norm(wg, "rmsnorm", gain, eps=1e-5))
+
+    def ref(x, wg, wu, idx, gain):
+        return gather_swiglu_ref(norm_ref(x, NormFold("rmsnorm", gain, None, 1e-5, None, None, None)), wg, wu, idx)
+
+    check_against(res, ref, (x, wg, wu, idx, gain), dtype=dtype)
+
+
+def test_fold_norm_rejects():
+    x, w, idx = _up_inputs(dtype=torch.float32)
+    gain = torch.ones(w.shape[1], device=DEVICE)
+    fold = fold_norm(w, "layernorm", gain)
+    cases = [
+        (lambda: fold_norm(w, "batchnorm", gain), "kind must be one of"),
+        (lambda: fold_norm(w, "rmsnorm", gain, gain), "no shift"),
+        (lambda: fold_norm(w, "layernorm", gain[:-1]), "weight"),
+        (lambda: gather_up(x, w, idx, torch.ones(w.shape[0], device=DEVICE), norm=fold), "pass the projection's bias"),
+        (lambda: gather_up(x, w, idx, norm=(gain, None)), "NormFold"),
+        (lambda: gather_up(x, w, idx, norm=fold_norm(w[:30], "layernorm", gain)), "norm.rowsum"),
+        (lambda: gather_swiglu(x, w, w, idx, norm=fold), "only an rmsnorm"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

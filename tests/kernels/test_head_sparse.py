@@ -8,11 +8,14 @@ pytest.importorskip("triton")
 from kernel_helpers import DEVICE, DTYPES, check_against, make_gen, poisoned, rand_index, randn  # noqa: E402
 
 from dejavu.kernels import (  # noqa: E402
+    NormFold,
+    fold_norm,
     head_gather_down,
     head_gather_down_ref,
     head_gather_gemv,
     head_gather_gemv_ref,
     kv_heads_for,
+    norm_ref,
 )
 
 pytestmark = pytest.mark.needs_kernels
@@ -34,6 +37,29 @@ def test_head_gather_gemv(d, H, hd, kh, B, dtype):
     res = head_gather_gemv(x, w, head_idx, hd, b, out=out)
     assert res is out
     check_against(res, head_gather_gemv_ref, (x, w, head_idx, hd, b), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [1, 16])
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_head_gather_gemv_folded_norm(kind, B, dtype):
+    """The block's input norm folded into the q/k/v gather == norm, then the gather (per-row constants expanded
+    per head inside the kernel)."""
+    d, H, hd, kh = 200, 6, 24, 4
+    g = make_gen("qkv-norm", kind, B, dtype)
+    x = (randn(B, d, gen=g) + 0.5).to(dtype)
+    w, bias = randn(H * hd, d, dtype=dtype, gen=g, scale=0.2), randn(H * hd, dtype=dtype, gen=g)
+    gain = (1.0 + 0.3 * randn(d, gen=g)).to(dtype)
+    shift = randn(d, dtype=dtype, gen=g, scale=0.5) if kind == "layernorm" else None
+    head_idx = rand_index(H, kh, gen=g)
+    res = head_gather_gemv(x, w, head_idx, hd, norm=fold_norm(w, kind, gain, shift, 1e-5, bias),
+                           out=poisoned((B, kh, hd), dtype))
+
+    def ref(x, w, gain, shift, bias):
+        h = norm_ref(x, NormFold(kind, gain, shift, 1e-5, bias, None, None))
+        return head_gather_gemv_ref(h, w, head_idx, hd, bias)
+
+    check_against(res, ref, (x, w, gain, shift, bias), dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -5,6 +5,7 @@ import torch
 from kernel_helpers import DEVICE, DTYPES, make_gen, randn
 
 from dejavu.kernels import lowrank_gemv, lowrank_gemv_ref, select_topk, topk_select, topk_select_ref
+from dejavu.kernels.predictor_ops import HIST_BINS, radix_histogram_ref, radix_select, radix_workspace
 
 pytestmark = pytest.mark.needs_kernels
 
@@ -122,6 +123,91 @@ def test_select_topk_dispatch(N, k, copies, B):
         assert torch.equal(out[c * k:(c + 1) * k].sort().values, ref + c * N)
     if N <= 1024:
         assert bool((out[:k].diff() > 0).all()), "the one-program path writes ascending indices"
+
+
+def _same_top_values(s, out, k):
+    """out holds k distinct valid indices whose values are the k largest of s (ties at the threshold: any)."""
+    assert out.shape == (k,) and len(set(out.tolist())) == k and 0 <= int(out.min()) and int(out.max()) < s.numel()
+    top = torch.sort(s.float().flatten(), descending=True).values[:k]
+    assert torch.equal(torch.sort(s.float().flatten()[out], descending=True).values, top)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N,k", [(1025, 1), (2000, 700), (3000, 3000), (5000, 2500), (20480, 2048)])
+def test_radix_select(N, k, dtype):
+    """Exact top-k of 16-bit scores (one launch after the histogram): the k largest values, ties at the threshold
+    included (repeated values, both signs, +-0, -inf), and the workspace left zeroed for the next call."""
+    g = make_gen("radix", N, k, dtype)
+    s = randn(N, gen=g, scale=2.0).to(dtype)
+    s[:: 7] = s[3]  # a value repeated ~N/7 times
+    s[1::11] = 0.0
+    s[2::13] = -0.0
+    s[5] = float("-inf")
+    ws = radix_workspace(DEVICE)
+    for copies in (1, 3):  # twice on the same workspace
+        out = torch.full((copies * k,), -1, dtype=torch.int64, device=DEVICE)
+        ws["hist"].copy_(radix_histogram_ref(s))
+        assert radix_select(s, k, out=out, workspace=ws, copies=copies, copy_offset=N) is out
+        _same_top_values(s, out[:k], k)
+        for c in range(1, copies):
+            assert torch.equal(out[c * k:(c + 1) * k], out[:k] + c * N)
+        assert int(ws["hist"].abs().sum()) == 0 and int(ws["counters"].abs().sum()) == 0, "workspace left dirty"
+
+
+@pytest.mark.parametrize("B", [1, 4])
+def test_scores_gemv_histogram_then_select(B):
+    """The decode step's pair: the scores' GEMV counts its stored 16-bit outputs into the histogram (== the torch
+    histogram of what it wrote), and select_topk(hist_ready=True) then needs no other launch."""
+    g = make_gen("gemv-hist", B)
+    x, w, bias = randn(B, 40, gen=g, dtype=torch.float16), randn(3000, 40, gen=g, dtype=torch.float16), None
+    ws = radix_workspace(DEVICE)
+    sc = lowrank_gemv(x, w, bias, batch_max=True, out_dtype=torch.float16, hist=ws["hist"])
+    assert torch.equal(ws["hist"], radix_histogram_ref(sc)) and int(ws["hist"].sum()) == 3000
+    out = torch.empty(300, dtype=torch.int64, device=DEVICE)
+    select_topk(sc, 300, out=out, workspace=ws, hist_ready=True)
+    _same_top_values(sc, out, 300)
+    assert int(ws["hist"].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("B", [1, 2, 4, 16])
+def test_scores_histogram_at_decode_shapes(B):
+    """The decode step's tile shapes (N >= 4096: 16 rows per program; r = 320): every stored score is counted once,
+    whatever the batch tile, and the selection holds the k largest (OPT-13B's N on a GPU)."""
+    n = 20480 if DEVICE == "cuda" else 4200
+    g = make_gen("gemv-hist-decode", B)
+    x, w = randn(B, 320, gen=g, dtype=torch.float16), randn(n, 320, gen=g, dtype=torch.float16, scale=0.1)
+    bias = randn(n, gen=g, dtype=torch.float16)
+    ws = radix_workspace(DEVICE)
+    sc = lowrank_gemv(x, w, bias, batch_max=True, out_dtype=torch.float16, hist=ws["hist"])
+    assert torch.equal(ws["hist"], radix_histogram_ref(sc)), "histogram counts differ from the stored scores"
+    k = n // 10
+    out = torch.empty(k, dtype=torch.int64, device=DEVICE)
+    select_topk(sc, k, out=out, workspace=ws, hist_ready=True)
+    _same_top_values(sc, out, k)
+
+
+def test_radix_bad_input():
+    s16 = randn(2000).half()
+    out = torch.empty(10, dtype=torch.int64, device=DEVICE)
+    ws = radix_workspace(DEVICE)
+    x, w = randn(2, 8, dtype=torch.float16), randn(5, 8, dtype=torch.float16)
+    cases = [
+        (lambda: radix_select(s16.float(), 10, out=out, workspace=ws), "float16/bfloat16"),
+        (lambda: radix_select(s16[None].repeat(2, 1), 10, out=out, workspace=ws), "reduce a batch first"),
+        (lambda: radix_select(s16, 0, out=out, workspace=ws), "k must be"),
+        (lambda: radix_select(s16, 10, out=out, workspace={"hist": ws["hist"]}), "radix_workspace"),
+        (lambda: radix_select(s16, 10, out=out, workspace={"hist": ws["hist"][:9], "counters": ws["counters"]}),
+         "hist"),
+        (lambda: radix_select(s16, 10, out=out[:9], workspace=ws), "out must be"),
+        (lambda: lowrank_gemv(x, w, hist=ws["hist"], out_dtype=torch.float16), "batch_max=True"),
+        (lambda: lowrank_gemv(x, w, hist=ws["hist"], batch_max=True), "float16/bfloat16"),
+        (lambda: lowrank_gemv(x, w, hist=ws["hist"].long(), batch_max=True, out_dtype=torch.float16), "hist"),
+        (lambda: select_topk(randn(2000), 10, out=out, workspace=ws, hist_ready=True), "hist_ready"),
+    ]
+    for fn, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            fn()
+    assert HIST_BINS == 4096
 
 
 def test_predictor_kernels_bad_input():

@@ -67,6 +67,62 @@ def test_sparse_batch1_equals_reference_policy(tiny, kv_policy):
         assert dec.k_kv == [1, model.spec.n_kv_heads, model.spec.n_kv_heads]  # gathered / dense-with-holes
 
 
+def test_folded_norms_equal_separate_norm_kernels(tiny):
+    """fuse_norm (the default): the sparse parts' norms run inside their gathers; same logits as with the norm
+    kernels (fp32), two launches fewer per fully sparse layer, and the fold's fp32 row constants are counted."""
+    model = tiny[1].to(DEV)
+    p = _predictors(model.spec)
+    ids = torch.randint(0, model.spec.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3))
+    decs = {f: FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=12, backend="triton", fuse_norm=f)
+            for f in (True, False)}
+    outs = {}
+    for f, dec in decs.items():
+        tok = dec.prefill(ids.to(model.device)).argmax(-1)
+        outs[f] = [dec.decode_step(tok).clone() for _ in range(2)]
+    for a, b in zip(outs[True], outs[False]):
+        torch.testing.assert_close(a, b, rtol=TOL, atol=TOL)
+    fused, plain = decs[True], decs[False]
+    assert [f is not None for f in fused._fold1] == [kh < model.spec.n_heads for kh in fused.k_heads]
+    assert [f is not None for f in fused._fold2] == [km < model.spec.ffn_dim for km in fused.k_mlp]
+    fewer = [b["main"] - a["main"] for a, b in zip(fused.kernels_per_layer(), plain.kernels_per_layer())]
+    assert fewer == [(f1 is not None) + (f2 is not None) for f1, f2 in zip(fused._fold1, fused._fold2)]
+    extra = fused.bytes_per_token() - plain.bytes_per_token()
+    assert (extra > 0) == (model.spec.norm_kind == "layernorm")  # rmsnorm folds need no row constants
+    assert fused.describe()["fuse_norm"] and not plain.describe()["fuse_norm"]
+    wide = FastDecoder(model, p, MLP_D, HEAD_D, batch=3, max_len=12, backend="torch")  # tensor-core path: no fold
+    assert not wide.fuse_norm and wide._fold1 == [None] * model.spec.n_layers
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_radix_neuron_selection_16bit(arch):
+    """16-bit model with N > SMALL_N: the neuron top-k is the radix select fed by the scores GEMV's histogram; each
+    sparse layer's index holds the k best scores of its (stored) predictor output, and the workspace is clean."""
+    from dejavu.bench.decode import build_random_model, random_predictors
+    from dejavu.models.spec import ModelSpec
+
+    kw = dict(opt=dict(mlp_kind="relu", norm_kind="layernorm", pos_kind="learned", attn_bias=True, out_bias=True,
+                       mlp_bias=True, n_kv_heads=4),
+              llama=dict(mlp_kind="swiglu", norm_kind="rmsnorm", pos_kind="rope", n_kv_heads=2))[arch]
+    spec = ModelSpec(arch=arch, vocab_size=64, d_model=32, n_layers=2, n_heads=4, head_dim=8, ffn_dim=1100,
+                     norm_eps=1e-5, max_positions=32, name=f"radix-{arch}", **kw)
+    dt = torch.float16 if CUDA else torch.bfloat16  # bf16 matmuls are what the CPU runs well
+    model = build_random_model(spec, device=DEV, dtype=dt)
+    preds = random_predictors(spec, device=DEV, dtype=dt)
+    dec = FastDecoder(model, preds, 0.25, 0.5, batch=1, max_len=12, backend="triton")
+    assert dec._radix is not None
+    if arch == "opt":  # first factors, head scores + select, neuron scores + radix select (torch.topk: 13 more)
+        assert all(p["side"] == 5 for p in dec.kernels_per_layer())
+    dec.prefill(torch.randint(0, 64, (1, 4), device=DEV))
+    dec.decode_step(torch.zeros(1, dtype=torch.long, device=DEV))
+    torch.cuda.synchronize() if CUDA else None
+    sc, idx, k = dec._scores[spec.ffn_dim][0].float(), dec._nidx[-1], dec.k_mlp[-1]  # the last layer scored
+    assert len(set(idx.tolist())) == k
+    assert torch.equal(torch.sort(sc[idx], descending=True).values, torch.sort(sc, descending=True).values[:k])
+    assert int(dec._radix["hist"].abs().sum()) == 0 and int(dec._radix["counters"].abs().sum()) == 0
+    wide = FastDecoder(model, preds, 0.25, 0.5, batch=3, max_len=12, backend="triton")  # B > 2: torch.topk
+    assert wide._radix is None and wide._topk == "torch"
+
+
 def test_sparse_without_lookahead_torch_backend(tiny):
     """Same-layer predictors (heads from the layer input, neurons from the residual after attention)."""
     model = tiny[1].to(DEV)

@@ -3,13 +3,16 @@
 Launchers (need Triton; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``):
 
 * MLP: :func:`gather_up` (fc1 + bias + ReLU), :func:`gather_swiglu`, :func:`gather_down`
-  (transposed ``w2t``, + bias + residual);
+  (transposed ``w2t``, + bias + residual); the up gathers (and ``head_gather_gemv``) can apply the norm before
+  them in the same pass (:func:`fold_norm` -> ``norm=``);
 * attention projections: :func:`head_gather_gemv`, :func:`head_gather_down`;
 * attention: :func:`sparse_decode_attention` (selected query heads, GQA, flash-decoding);
 * predictors: :func:`lowrank_gemv` (a factor, optional fused RMS norm), :func:`topk_select` (one-launch top-k),
-  :func:`select_topk` (the decode step's choice between it and an unsorted ``torch.topk``).
+  :func:`select_topk` (the decode step's choice between it, :func:`radix_select` for long 16-bit
+  score vectors, and an unsorted ``torch.topk``).
 
-Plain torch (no Triton needed): :func:`kv_heads_for`, :func:`predictor_bytes` and every ``*_ref``.
+Plain torch (no Triton needed): :func:`kv_heads_for`, :func:`predictor_bytes`, :func:`fold_norm`, :func:`norm_ref`
+and every ``*_ref``.
 
 ``HAS_TRITON`` tells whether the launchers can run; without Triton they raise ``RuntimeError``.
 All launchers check their inputs and raise ``ValueError`` naming the problem and the fix;
@@ -20,12 +23,15 @@ outside CUDA-graph capture.
 from ._checks import HAS_TRITON, MAX_BATCH
 from .decode_attention import sparse_decode_attention, sparse_decode_attention_ref
 from .gather_mlp import (
+    NormFold,
+    fold_norm,
     gather_down,
     gather_down_ref,
     gather_swiglu,
     gather_swiglu_ref,
     gather_up,
     gather_up_ref,
+    norm_ref,
 )
 from .head_sparse import (
     head_gather_down,
@@ -39,6 +45,8 @@ from .predictor_ops import (
     lowrank_gemv,
     lowrank_gemv_ref,
     predictor_bytes,
+    radix_select,
+    radix_workspace,
     select_topk,
     topk_select,
     topk_select_ref,
@@ -53,6 +61,9 @@ __all__ = [
     "gather_swiglu_ref",
     "gather_down",
     "gather_down_ref",
+    "NormFold",
+    "fold_norm",
+    "norm_ref",
     "head_gather_gemv",
     "head_gather_gemv_ref",
     "head_gather_down",
@@ -64,6 +75,8 @@ __all__ = [
     "lowrank_gemv",
     "lowrank_gemv_ref",
     "select_topk",
+    "radix_select",
+    "radix_workspace",
     "topk_select",
     "topk_select_ref",
     "predictor_bytes",

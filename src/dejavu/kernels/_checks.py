@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -89,6 +90,39 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return _num_sms_cached(device.index if device.index is not None else torch.cuda.current_device())
     return DEFAULT_NUM_SMS
+
+
+PDL_ENV = "DEJAVU_PDL"
+"""Set to ``0`` to launch every kernel without programmatic dependent launch (A/B timing, debugging)."""
+
+
+@functools.cache
+def _cc_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def use_pdl(kernel, device: torch.device) -> bool:
+    """Launch ``kernel`` with programmatic dependent launch (PDL) on ``device``?
+
+    PDL (Hopper and later, compute capability >= 9) lets a kernel's programs be scheduled while the previous kernel
+    in the stream is still finishing; each of our kernels then blocks in :func:`pdl_sync` until that kernel has
+    completed and its writes are visible, so the launch latency and the ramp overlap the predecessor's tail
+    instead of following it. CUDA graphs keep the launches' programmatic edges. Off for the interpreter, off-GPU,
+    before Hopper, and when ``DEJAVU_PDL=0``.
+    """
+    if device.type != "cuda" or is_interpreted(kernel) or os.environ.get(PDL_ENV, "1") == "0":
+        return False
+    return _cc_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+@jit
+def pdl_sync(PDL: tl.constexpr):
+    """First statement of every kernel: with PDL, wait for the previous kernel in the stream to complete (its
+    writes visible), then allow the next one to launch. Waiting *before* signalling makes the chain transitive:
+    once a kernel lets its successor start, everything before it has completed. Without PDL: nothing."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def next_pow2(n: int) -> int:

@@ -42,9 +42,11 @@ from ._checks import (
     jit,
     next_pow2,
     num_sms,
+    pdl_sync,
     require_triton,
     should_validate,
     tl,
+    use_pdl,
 )
 
 LOG2E = 1.4426950408889634
@@ -86,8 +88,10 @@ def _decode_attn_kernel(
     BLOCK_H: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     HAS_VALID: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One (sequence, selected head, split) per program; online softmax over its positions."""
+    pdl_sync(PDL)
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // KH
@@ -159,8 +163,10 @@ def _decode_attn_combine_kernel(
     NUM_SPLITS: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s."""
+    pdl_sync(PDL)
     pid_bh = tl.program_id(0)
     b = pid_bh // KH
     j = pid_bh % KH
@@ -253,6 +259,7 @@ def sparse_decode_attention(q, k_cache, v_cache, seq_lens, head_idx, group_size,
     part_lse = torch.empty((B * kh, splits), dtype=torch.float32, device=q.device) if splits > 1 else out
     qk_scale = (scale if scale is not None else 1.0 / math.sqrt(hd)) * LOG2E
     mask = kv_valid if kv_valid is not None else seq_lens  # dummy pointer when there is no mask
+    pdl = use_pdl(_decode_attn_kernel, q.device)
     _decode_attn_kernel[(B * kh, splits)](
         q, k_cache, v_cache, seq_lens, head_idx, out, part_o, part_lse, mask,
         kh, hd, group_size, qk_scale,
@@ -261,12 +268,14 @@ def sparse_decode_attention(q, k_cache, v_cache, seq_lens, head_idx, group_size,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         mask.stride(0) if kv_valid is not None else 0, mask.stride(1) if kv_valid is not None else 0,
-        num_warps=num_warps, num_stages=cfg["NUM_STAGES"], HAS_VALID=kv_valid is not None, **cfg,
+        num_warps=num_warps, num_stages=cfg["NUM_STAGES"], HAS_VALID=kv_valid is not None, PDL=pdl, launch_pdl=pdl,
+        **cfg,
     )  # fmt: skip
     if splits > 1:
         _decode_attn_combine_kernel[(B * kh,)](
             part_o, part_lse, out, kh, hd, out.stride(0), out.stride(1),
-            NUM_SPLITS=splits, BLOCK_SPLITS=next_pow2(splits), BLOCK_H=cfg["BLOCK_H"], num_warps=4,
+            NUM_SPLITS=splits, BLOCK_SPLITS=next_pow2(splits), BLOCK_H=cfg["BLOCK_H"], PDL=pdl, launch_pdl=pdl,
+            num_warps=4,
         )  # fmt: skip
     return out
 

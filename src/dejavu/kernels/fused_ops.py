@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import jit, next_pow2, require_triton, tl
+from ._checks import jit, next_pow2, pdl_sync, require_triton, tl, use_pdl
 
 NORM_KINDS = ("layernorm", "rmsnorm")
 
@@ -27,8 +27,9 @@ NORM_KINDS = ("layernorm", "rmsnorm")
 @jit
 def _norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, rb_ptr, init_ptr, D, eps, stride_x, stride_y, stride_i,
                  IS_LN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_INIT: tl.constexpr,
-                 HAS_RB: tl.constexpr, ROUND_MID: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                 HAS_RB: tl.constexpr, ROUND_MID: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """One row per program: y = norm(x) (* w) (+ b); init = x (+ rb)."""
+    pdl_sync(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     m = offs < D
@@ -68,12 +69,13 @@ def norm_fused(x, kind, weight=None, bias=None, eps=1e-5, *, out, init=None, ini
     B, D = x.shape
     block = max(16, next_pow2(D))
     nw = 4 if block <= 2048 else (8 if block <= 8192 else 16)
+    pdl = use_pdl(_norm_kernel, x.device)
     _norm_kernel[(B,)](
         x, weight if weight is not None else x, bias if bias is not None else x, out,
         init_bias if init_bias is not None else x, init if init is not None else out,
         D, float(eps), x.stride(0), out.stride(0), init.stride(0) if init is not None else 0,
         IS_LN=kind == "layernorm", HAS_W=weight is not None, HAS_B=bias is not None, HAS_INIT=init is not None,
-        HAS_RB=init_bias is not None, ROUND_MID=bool(round_mid), BLOCK=block, num_warps=nw,
+        HAS_RB=init_bias is not None, ROUND_MID=bool(round_mid), BLOCK=block, PDL=pdl, launch_pdl=pdl, num_warps=nw,
     )  # fmt: skip
     return out
 
@@ -104,8 +106,10 @@ def _qkv_post_kernel(qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_ptr, v_ptr, kvidx_p
                      KQ, KKV, HD, H_KV, group,
                      s_qb, s_qh, s_cb, s_oqb, s_oqh, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_mb, s_mh,
                      HAS_ROPE: tl.constexpr, WRITE_Q: tl.constexpr, HAS_VALID: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_KQ: tl.constexpr):  # fmt: skip
+                     BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_KQ: tl.constexpr,
+                     PDL: tl.constexpr):  # fmt: skip
     """Grid (B, KQ + KKV + 1). j < KQ: q head j; j < KQ + KKV: K/V head j - KQ; last: the hole mask."""
+    pdl_sync(PDL)
     b = tl.program_id(0)
     j = tl.program_id(1)
     pos = tl.load(pos_ptr + b).to(tl.int64)
@@ -165,6 +169,7 @@ def qkv_post(qkv, kq, kkv, q_out, k_cache, v_cache, kvidx, pos, *, cos=None, sin
     Hkv = k_cache.shape[1]
     vm = valid.view(torch.uint8) if valid is not None else None
     dummy = qkv
+    pdl = use_pdl(_qkv_post_kernel, qkv.device)
     _qkv_post_kernel[(B, kq + kkv + 1)](
         qkv, cos if cos is not None else dummy, sin if sin is not None else dummy,
         q_out if q_out is not None else dummy, k_cache, v_cache, kvidx, pos,
@@ -177,7 +182,7 @@ def qkv_post(qkv, kq, kkv, q_out, k_cache, v_cache, kvidx, pos, *, cos=None, sin
         vm.stride(0) if vm is not None else 0, vm.stride(1) if vm is not None else 0,
         HAS_ROPE=cos is not None, WRITE_Q=q_out is not None, HAS_VALID=vm is not None,
         BLOCK_H=max(16, next_pow2(hd)), BLOCK_KV=max(16, next_pow2(Hkv)), BLOCK_KQ=max(16, next_pow2(kq)),
-        num_warps=1,
+        PDL=pdl, launch_pdl=pdl, num_warps=1,
     )  # fmt: skip
     return q_out
 

@@ -27,6 +27,7 @@ projection, see :mod:`dejavu.kernels.head_sparse`.
 """
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +43,10 @@ from ._checks import (
     jit,
     next_pow2,
     num_sms,
+    pdl_sync,
     require_triton,
     tl,
+    use_pdl,
 )
 
 ACT_NONE, ACT_RELU, ACT_SWIGLU = 0, 1, 2
@@ -62,12 +65,15 @@ def _gather_rows_kernel(
     w_ptr,  # [N * R, D] weight, row-major (rows contiguous)
     w2_ptr,  # [N * R, D] second weight (SwiGLU up-projection), else == w_ptr
     idx_ptr,  # [K] selected indices (int32/int64)
-    bias_ptr,  # [N * R] or dummy
+    bias_ptr,  # [N * R] or dummy (fp32 when a layernorm is folded in: b + W @ beta)
     out_ptr,  # [B, K * R]
+    g_ptr,  # [D] gain of the folded norm, or dummy
+    rg_ptr,  # [N * R] fp32 W @ g (folded layernorm), or dummy
     # sizes
     B,
     n_out,  # K * R, number of output columns
     D,
+    eps,  # folded norm's epsilon
     # strides (weights: last stride is 1 by contract)
     stride_xb,
     stride_xd,
@@ -77,6 +83,7 @@ def _gather_rows_kernel(
     # meta-parameters
     ROWS_PER_IDX: tl.constexpr,  # R: 1 for neurons, head_dim for heads
     ACT: tl.constexpr,  # 0 none, 1 relu, 2 swiglu
+    NORM: tl.constexpr,  # 0 none, 1 layernorm, 2 rmsnorm folded in (see NormFold)
     HAS_BIAS: tl.constexpr,
     BLOCK_B: tl.constexpr,  # batch tile (B padded); 16 on the tensor-core path
     BLOCK_K: tl.constexpr,  # output columns (weight rows) per program
@@ -84,13 +91,20 @@ def _gather_rows_kernel(
     USE_DOT: tl.constexpr,  # tensor-core tl.dot (B > 2) vs. CUDA-core FMA (B <= 2)
     DOT_FP32: tl.constexpr,  # upcast dot operands to fp32 (fp32 inputs, or the interpreter)
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the d loop
+    PDL: tl.constexpr,  # programmatic dependent launch (see _checks.use_pdl)
 ):
-    """out[b, c] = act(x[b] . w[row(c)] + bias[row(c)]), row(c) = idx[c // R] * R + c % R.
+    """out[b, c] = act(norm(x[b]) . w[row(c)] + bias[row(c)]), row(c) = idx[c // R] * R + c % R.
 
     One program owns BLOCK_K output columns, i.e. BLOCK_K weight rows, and walks the full
     reduction dimension d; the batch is a tile inside the program, so each weight element is
     loaded once. Grid: (cdiv(n_out, BLOCK_K),).
+
+    A folded norm (NORM > 0) costs no pass of its own: every program streams all of x anyway, so it
+    accumulates sum(x) and sum(x^2) next to the dot product of w with g * x, and the epilogue applies
+    the per-row scalars: rmsnorm r * acc; layernorm r * (acc - mean * (w . g)) + (b + w . beta), the
+    two row constants precomputed by fold_norm.
     """
+    pdl_sync(PDL)
     pid = tl.program_id(0)
 
     # -- which weight rows this program reads ------------------------------------------------
@@ -98,13 +112,15 @@ def _gather_rows_kernel(
     c_mask = offs_c < n_out
     sel = tl.load(idx_ptr + offs_c // ROWS_PER_IDX, mask=c_mask, other=0)
     rows = sel.to(tl.int64) * ROWS_PER_IDX + offs_c % ROWS_PER_IDX  # [BLOCK_K]
+    w_rows = w_ptr + rows[:, None] * stride_wn  # [BLOCK_K, 1]
+    w2_rows = w2_ptr + rows[:, None] * stride_w2n
 
     offs_b = tl.arange(0, BLOCK_B)
     b_mask = offs_b < B
     offs_d0 = tl.arange(0, BLOCK_D)
+    s1 = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)  # folded norm: sum(x), sum(x^2) per sequence
+    s2 = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
     x_rows = x_ptr + offs_b[:, None] * stride_xb  # [BLOCK_B, 1]
-    w_rows = w_ptr + rows[:, None] * stride_wn  # [BLOCK_K, 1]
-    w2_rows = w2_ptr + rows[:, None] * stride_w2n
 
     if USE_DOT:
         # [BLOCK_B, BLOCK_D] @ [BLOCK_D, BLOCK_K] on tensor cores; padding rows of x are zero.
@@ -115,6 +131,11 @@ def _gather_rows_kernel(
             d_mask = offs_d < D
             x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=b_mask[:, None] & d_mask[None, :], other=0.0)
             w = tl.load(w_rows + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :], other=0.0)
+            if NORM != 0:  # g * x, rounded back to the operand dtype for the tensor cores (as the unfused norm is)
+                xf = x.to(tl.float32)
+                s2 += xf * xf
+                s1 += xf
+                x = (xf * tl.load(g_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]).to(x.dtype)
             if DOT_FP32:
                 x = x.to(tl.float32)
                 w = w.to(tl.float32)
@@ -137,7 +158,12 @@ def _gather_rows_kernel(
             d_mask = offs_d < D
             x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=b_mask[:, None] & d_mask[None, :], other=0.0)
             w = tl.load(w_rows + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :], other=0.0)
-            x3 = x.to(tl.float32)[:, None, :]
+            xf = x.to(tl.float32)
+            if NORM != 0:
+                s2 += xf * xf
+                s1 += xf
+                xf = xf * tl.load(g_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            x3 = xf[:, None, :]
             acc3 += x3 * w.to(tl.float32)[None, :, :]
             if ACT == 2:
                 w2 = tl.load(w2_rows + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :], other=0.0)
@@ -145,7 +171,18 @@ def _gather_rows_kernel(
         acc = tl.sum(acc3, axis=2)
         acc2 = tl.sum(acc3_2, axis=2)
 
-    # -- epilogue: bias, activation, cast --------------------------------------------------------
+    # -- epilogue: folded norm, bias, activation, cast ----------------------------------------------
+    if NORM != 0:
+        ms = tl.sum(s2, axis=1) / D  # [BLOCK_B] mean of x^2
+        if NORM == 1:
+            mean = tl.sum(s1, axis=1) / D
+            r = 1.0 / tl.sqrt(tl.maximum(ms - mean * mean, 0.0) + eps)
+            rg = tl.load(rg_ptr + rows, mask=c_mask, other=0.0).to(tl.float32)
+            acc = r[:, None] * (acc - mean[:, None] * rg[None, :])
+        else:
+            r = 1.0 / tl.sqrt(ms + eps)
+            acc = acc * r[:, None]
+            acc2 = acc2 * r[:, None]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     if ACT == 1:
@@ -176,22 +213,105 @@ def _rows_config(batch: int, n_out: int, d: int, two_mats: bool, device: torch.d
     return dict(BLOCK_B=16, BLOCK_K=block_k, BLOCK_D=block_d, USE_DOT=True, NUM_STAGES=4, num_warps=4)
 
 
-def _launch_gather_rows(x, w, w2, idx, bias, act: int, rows_per_idx: int, out):
-    """Shared launch for gather_up / gather_swiglu / head_gather_gemv (inputs already checked)."""
+def _launch_gather_rows(x, w, w2, idx, bias, act: int, rows_per_idx: int, out, norm=None):
+    """Shared launch for gather_up / gather_swiglu / head_gather_gemv (inputs already checked; with ``norm`` a
+    checked NormFold, whose bias replaces ``bias``)."""
     B, D = x.shape
     n_out = out.shape[1]
     cfg = _rows_config(B, n_out, D, act == ACT_SWIGLU, x.device)
     num_warps = cfg.pop("num_warps")
     grid = (cdiv(n_out, cfg["BLOCK_K"]),)
+    pdl = use_pdl(_gather_rows_kernel, x.device)
+    if norm is not None:
+        bias = norm.bias
     _gather_rows_kernel[grid](
         x, w, w2, idx, bias if bias is not None else w, out,
-        B, n_out, D,
+        norm.weight if norm is not None else w, norm.rowsum if norm is not None and norm.rowsum is not None else w,
+        B, n_out, D, norm.eps if norm is not None else 0.0,
         x.stride(0), x.stride(1), w.stride(0), w2.stride(0), out.stride(0),
-        ROWS_PER_IDX=rows_per_idx, ACT=act, HAS_BIAS=bias is not None,
-        DOT_FP32=x.dtype == torch.float32 or is_interpreted(_gather_rows_kernel),
+        ROWS_PER_IDX=rows_per_idx, ACT=act, NORM=0 if norm is None else NORM_CODES[norm.kind],
+        HAS_BIAS=bias is not None,
+        DOT_FP32=x.dtype == torch.float32 or is_interpreted(_gather_rows_kernel), PDL=pdl, launch_pdl=pdl,
         num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg,
     )  # fmt: skip
     return out
+
+
+NORM_CODES = {"layernorm": 1, "rmsnorm": 2}
+
+
+@dataclass(frozen=True)
+class NormFold:
+    """A layernorm / rmsnorm folded into the row gather that consumes its output (built by :func:`fold_norm`).
+
+    ``weight`` (g) and ``norm_bias`` (beta) are the norm's own [d] parameters, ``linear_bias`` the projection's
+    original bias (what the references use); ``rowsum`` (layernorm: ``W @ g``) and ``bias`` (layernorm:
+    ``b + W @ beta``; rmsnorm: ``b``) are what the kernel reads, per weight row, fp32.
+    """
+
+    kind: str
+    weight: torch.Tensor
+    norm_bias: torch.Tensor | None
+    eps: float
+    linear_bias: torch.Tensor | None
+    rowsum: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+@torch.no_grad()
+def fold_norm(w, kind, weight, norm_bias=None, eps=1e-5, bias=None, *, chunk=4096) -> NormFold:
+    """Precompute what folding ``kind`` norm (gain ``weight``, shift ``norm_bias``) into ``x -> norm(x) @ w.T + bias``
+    needs: for a layernorm the per-row constants ``W @ g`` and ``b + W @ beta`` (fp32, computed in fp32 chunks of
+    ``chunk`` rows: one pass over w, once per model); an rmsnorm needs none (and has no shift). The gather then
+    reads x raw and normalizes in its epilogue, so the norm costs no launch and no round trip of its output."""
+    if kind not in NORM_CODES:
+        raise ValueError(f"fold_norm: kind must be one of {sorted(NORM_CODES)}, got {kind!r}.")
+    check_tensor("fold_norm", "w", w, ndim=2)
+    n, d = w.shape
+    check_tensor("fold_norm", "weight", weight, ndim=1, device=w.device, shape=(d,), contiguous=True)
+    if kind == "rmsnorm" and norm_bias is not None:
+        raise ValueError("fold_norm: an rmsnorm has no shift; pass norm_bias=None.")
+    for name, t, size in (("norm_bias", norm_bias, d), ("bias", bias, n)):
+        if t is not None:
+            check_tensor("fold_norm", name, t, ndim=1, device=w.device, shape=(size,), contiguous=True)
+    if kind == "rmsnorm":
+        return NormFold(kind, weight, None, float(eps), bias, None, bias)
+    g = weight.float()
+    beta = norm_bias.float() if norm_bias is not None else None
+    rowsum = torch.empty(n, dtype=torch.float32, device=w.device)
+    folded = bias.float().clone() if bias is not None else torch.zeros(n, dtype=torch.float32, device=w.device)
+    for i in range(0, n, chunk):
+        wc = w[i:i + chunk].float()
+        rowsum[i:i + chunk] = wc @ g
+        if beta is not None:
+            folded[i:i + chunk] += wc @ beta
+    return NormFold(kind, weight, norm_bias, float(eps), bias, rowsum, folded)
+
+
+def norm_ref(x, norm: NormFold):
+    """The folded norm applied on its own, in x's dtype (the unfused computation the kernels are tested against)."""
+    if norm.kind == "layernorm":
+        return F.layer_norm(x, x.shape[-1:], norm.weight.to(x.dtype),
+                            norm.norm_bias.to(x.dtype) if norm.norm_bias is not None else None, norm.eps)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(x.dtype) * norm.weight.to(x.dtype)
+
+
+def _check_norm(op, norm, w, x, bias):
+    """A NormFold must match the weight it was folded for; the linear bias then lives in it."""
+    if norm is None:
+        return
+    if not isinstance(norm, NormFold):
+        raise ValueError(f"{op}: norm must be a NormFold from fold_norm(w, kind, ...), got {type(norm).__name__}.")
+    if bias is not None:
+        raise ValueError(f"{op}: with norm=, pass the projection's bias to fold_norm(..., bias=b) (a layernorm's "
+                         "shift is folded into it), not here.")
+    check_tensor(op, "norm.weight", norm.weight, ndim=1, device=w.device, shape=(x.shape[1],), contiguous=True)
+    for name, t in (("norm.rowsum", norm.rowsum), ("norm.bias", norm.bias)):
+        if t is not None:
+            check_tensor(op, name, t, ndim=1, device=w.device, shape=(w.shape[0],), contiguous=True)
+    if norm.kind == "layernorm" and norm.rowsum is None:
+        raise ValueError(f"{op}: a layernorm NormFold needs its rowsum; build it with fold_norm.")
 
 
 def _check_rows_inputs(op, x, w, idx, *, rows_per_idx, validate, what):
@@ -219,8 +339,8 @@ def _check_bias(op, name, bias, w, n_rows):
 # ---------------------------------------------------------------------------------------------
 
 
-def gather_up(x, w, idx, bias=None, act="relu", *, validate=True, out=None):
-    """Sparse up-projection ``act(x @ w[idx].T + bias[idx])`` -> ``[B, k]``.
+def gather_up(x, w, idx, bias=None, act="relu", *, norm=None, validate=True, out=None):
+    """Sparse up-projection ``act(x @ w[idx].T + bias[idx])`` -> ``[B, k]``; with ``norm``, of ``norm(x)``.
 
     Args:
         x: ``[B, d]`` activations, 1 <= B <= 16, same dtype as ``w`` (fp16/bf16/fp32).
@@ -228,6 +348,8 @@ def gather_up(x, w, idx, bias=None, act="relu", *, validate=True, out=None):
         idx: ``[k]`` int32/int64, the union of active neurons for the batch, no duplicates.
         bias: optional ``[N]`` (the *full* bias; it is gathered with ``idx``).
         act: ``"relu"`` (OPT fc1) or ``"none"`` (plain row gather).
+        norm: optional :class:`NormFold` (``fold_norm(w, ...)``): x is the raw residual stream and the norm
+            before this projection runs inside the kernel; the projection's bias then comes from the fold.
         validate: check index range/duplicates (one host sync; skipped under graph capture).
         out: optional preallocated ``[B, k]`` output.
     """
@@ -236,12 +358,13 @@ def gather_up(x, w, idx, bias=None, act="relu", *, validate=True, out=None):
         raise ValueError(f"{op}: act must be one of {sorted(_ACTS)}, got {act!r}.")
     B, N = _check_rows_inputs(op, x, w, idx, rows_per_idx=1, validate=validate, what="rows")
     _check_bias(op, "bias", bias, w, N)
+    _check_norm(op, norm, w, x, bias)
     k = idx.shape[0]
     if out is None:
         out = torch.empty((B, k), dtype=x.dtype, device=x.device)
     else:
         check_out(op, out, shape=(B, k), dtype=x.dtype, device=x.device)
-    return _launch_gather_rows(x, w, w, idx, bias, _ACTS[act], 1, out)
+    return _launch_gather_rows(x, w, w, idx, bias, _ACTS[act], 1, out, norm)
 
 
 def gather_up_ref(x, w, idx, bias=None, act="relu"):
@@ -258,22 +381,28 @@ def gather_up_ref(x, w, idx, bias=None, act="relu"):
 # ---------------------------------------------------------------------------------------------
 
 
-def gather_swiglu(x, w_gate, w_up, idx, *, validate=True, out=None):
+def gather_swiglu(x, w_gate, w_up, idx, *, norm=None, validate=True, out=None):
     """Sparse SwiGLU ``silu(x @ w_gate[idx].T) * (x @ w_up[idx].T)`` -> ``[B, k]``.
 
     Both weights are ``[N, d]`` contiguous (LLaMA ``gate_proj.weight`` / ``up_proj.weight``);
     one kernel reads the two selected rows of each neuron and never writes the intermediate.
+    ``norm``: an rmsnorm :class:`NormFold` applied to x inside the kernel (a layernorm's row constants would
+    differ between the two weights, so only rmsnorm is folded here).
     """
     op = "gather_swiglu"
     B, N = _check_rows_inputs(op, x, w_gate, idx, rows_per_idx=1, validate=validate, what="rows")
     check_tensor(op, "w_up", w_up, ndim=2, dtype=w_gate.dtype, dtype_of="w_gate", device=w_gate.device,
                  device_of="w_gate", shape=tuple(w_gate.shape), contiguous=True)  # fmt: skip
+    _check_norm(op, norm, w_gate, x, None)
+    if norm is not None and norm.kind != "rmsnorm":
+        raise ValueError(f"{op}: only an rmsnorm can be folded into the SwiGLU gather (got {norm.kind}); run the "
+                         "norm first (fused_ops.norm_fused) and pass norm=None.")
     k = idx.shape[0]
     if out is None:
         out = torch.empty((B, k), dtype=x.dtype, device=x.device)
     else:
         check_out(op, out, shape=(B, k), dtype=x.dtype, device=x.device)
-    return _launch_gather_rows(x, w_gate, w_up, idx, None, ACT_SWIGLU, 1, out)
+    return _launch_gather_rows(x, w_gate, w_up, idx, None, ACT_SWIGLU, 1, out, norm)
 
 
 def gather_swiglu_ref(x, w_gate, w_up, idx):
@@ -323,6 +452,7 @@ def _gather_down_kernel(
     USE_DOT: tl.constexpr,
     DOT_FP32: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out[b, :] = sum_j h[b, j] * w[row(j), :] (+ bias) (+ residual).
 
@@ -331,6 +461,7 @@ def _gather_down_kernel(
     With one split (the default for d >= 32 * #SMs) it owns the whole sum and writes the
     final result, epilogue fused; no atomics, no workspace, deterministic.
     """
+    pdl_sync(PDL)
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
 
@@ -419,8 +550,10 @@ def _reduce_splits_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Second stage of split-k: sum the partials in a fixed order (deterministic), epilogue."""
+    pdl_sync(PDL)
     pid_b = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
@@ -518,20 +651,22 @@ def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out,
     cnt = _counters(w.device, n_d) if fused else part
     res = residual if residual is not None else out
     grid = (n_d, splits)
+    pdl = use_pdl(_gather_down_kernel, w.device)
     _gather_down_kernel[grid](
         h, w, idx, bias if bias is not None else w, res, out, part, cnt,
         B, n_in, D, rows_per_split, splits,
         *h_strides, w.stride(0), res.stride(0), out.stride(0),
         ROWS_PER_IDX=rows_per_idx, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         WRITE_PARTIAL=splits > 1, FUSED_REDUCE=fused,
-        DOT_FP32=w.dtype == torch.float32 or is_interpreted(_gather_down_kernel),
+        DOT_FP32=w.dtype == torch.float32 or is_interpreted(_gather_down_kernel), PDL=pdl, launch_pdl=pdl,
         num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg,
     )  # fmt: skip
     if splits > 1 and not fused:
         block = 256
         _reduce_splits_kernel[(B, cdiv(D, block))](
             part, bias if bias is not None else w, res, out, B, D, splits, res.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, HAS_RES=residual is not None, BLOCK_D=block, num_warps=2,
+            HAS_BIAS=bias is not None, HAS_RES=residual is not None, BLOCK_D=block, PDL=pdl, launch_pdl=pdl,
+            num_warps=2,
         )  # fmt: skip
     return out
 

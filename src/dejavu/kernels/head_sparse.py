@@ -29,6 +29,7 @@ from .gather_mlp import (
     ACT_NONE,
     _check_bias,
     _check_down_epilogue,
+    _check_norm,
     _check_rows_inputs,
     _gather_down_kernel,
     _launch_gather_down,
@@ -44,7 +45,7 @@ def _check_head_dim(op, head_dim, n_rows):
         )
 
 
-def head_gather_gemv(x, w, head_idx, head_dim, bias=None, *, validate=True, out=None):
+def head_gather_gemv(x, w, head_idx, head_dim, bias=None, *, norm=None, validate=True, out=None):
     """Projection rows of the selected heads: ``x @ w[rows(head_idx)].T (+ bias)``.
 
     Args:
@@ -53,6 +54,8 @@ def head_gather_gemv(x, w, head_idx, head_dim, bias=None, *, validate=True, out=
         head_idx: ``[kh]`` int32/int64 selected heads (for k/v under GQA: ``kv_heads_for``).
         head_dim: rows per head.
         bias: optional full ``[H*head_dim]`` bias (OPT has one; LLaMA does not).
+        norm: optional :class:`~dejavu.kernels.gather_mlp.NormFold` of the block's input norm, folded for ``w``:
+            x is then the raw residual stream (the projection's bias comes from the fold).
 
     Returns:
         ``[B, kh, head_dim]``, heads in ``head_idx`` order.
@@ -62,12 +65,13 @@ def head_gather_gemv(x, w, head_idx, head_dim, bias=None, *, validate=True, out=
         _check_head_dim(op, head_dim, w.shape[0])
     B, _ = _check_rows_inputs(op, x, w, head_idx, rows_per_idx=head_dim, validate=validate, what="heads")
     _check_bias(op, "bias", bias, w, w.shape[0])
+    _check_norm(op, norm, w, x, bias)
     kh = head_idx.shape[0]
     if out is None:
         out = torch.empty((B, kh, head_dim), dtype=x.dtype, device=x.device)
     else:
         check_out(op, out, shape=(B, kh, head_dim), dtype=x.dtype, device=x.device)
-    _launch_gather_rows(x, w, w, head_idx, bias, ACT_NONE, head_dim, out.view(B, kh * head_dim))
+    _launch_gather_rows(x, w, w, head_idx, bias, ACT_NONE, head_dim, out.view(B, kh * head_dim), norm)
     return out
 
 

@@ -7,10 +7,12 @@ kernels consume.
 
 For the graph-captured decode step: :func:`lowrank_gemv` (Triton: one GEMV over a row-major
 factor, optional fused RMS normalization of ``x``, optional max over the batch in the epilogue,
-fp32 accumulation, fp32 or 16-bit out) and :func:`select_topk` (the one-program
-:func:`topk_select` for short score vectors such as heads, an unsorted ``torch.topk`` written in
-place for neurons). References: :func:`lowrank_gemv_ref`, :func:`topk_select_ref`. (The reference
-runtime scores with ``LowRank`` itself and selects with ``runtime.selection``.)
+fp32 accumulation, fp32 or 16-bit out, optionally counting its 16-bit outputs into a histogram) and
+:func:`select_topk` (the one-program :func:`topk_select` for short score vectors such as heads; for
+neurons the exact :func:`radix_select`, one launch given that histogram, or an unsorted
+``torch.topk`` written in place). References: :func:`lowrank_gemv_ref`, :func:`topk_select_ref`,
+:func:`radix_histogram_ref`. (The reference runtime scores with ``LowRank`` itself and selects with
+``runtime.selection``.)
 
 Why (measured, OPT-13B shape, batch 1, inside the CUDA graph; ``bench/profile_step.py`` and
 ``bench/select_micro.py``, numbers in bench/NOTES.md): cuBLAS runs ``[1, 320] x [320, 20480]`` as
@@ -23,7 +25,10 @@ radix passes instead of 4 (OPT-13B step on an H200: 5.68 -> 4.00 -> 3.51 ms over
 :func:`topk_select` is a bisection for the k-th largest score on order-preserving integer keys
 (<= 32 block-wide counts) and a stream compaction (two cumsums): exact, ascending, ties at the
 threshold to the lowest indices (:func:`topk_select_ref`, a stable sort, defines the same set),
-and one launch -- but on one SM, so it only wins for short vectors.
+and one launch -- but on one SM, so it only wins for short vectors. :func:`radix_select` spreads the
+work over N/1024 programs and takes its first level from the GEMV's histogram (3.57 -> 3.30 ms per
+OPT-13B step at batch 1; slower than torch.topk inside the batch-4 graph, so the runtime uses it at
+batch <= 2; bench/NOTES.md, v4).
 """
 
 from __future__ import annotations
@@ -31,15 +36,19 @@ from __future__ import annotations
 import torch
 
 from ._checks import (
+    HAS_TRITON,
     check_batch,
     check_launch_device,
     check_out,
     check_tensor,
     cdiv,
+    is_interpreted,
     jit,
     next_pow2,
+    pdl_sync,
     require_triton,
     tl,
+    use_pdl,
 )
 
 
@@ -54,6 +63,24 @@ def predictor_bytes(d, r, N, dtype=torch.float16, bias=True):
 
 
 # ============================================================================================
+# 16-bit order keys (radix select)
+# ============================================================================================
+
+SUB_BITS = 4
+HIST_BINS = 1 << (16 - SUB_BITS)
+"""radix_select's first level: 4096 bins of a 16-bit score's order key (its top 12 bits)."""
+_SUB_BITS = tl.constexpr(SUB_BITS) if HAS_TRITON else SUB_BITS  # the same, readable inside kernels
+
+
+@jit
+def _key16(v):
+    """fp16 / bf16 -> int32 in [0, 65535] whose order is the float order (-0.0 == +0.0; NaN above +inf)."""
+    v = tl.where(v == 0.0, 0.0, v).to(v.dtype)
+    u = v.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return tl.where(u >= 0x8000, 0xFFFF - u, u + 0x8000)
+
+
+# ============================================================================================
 # Triton: GEMV over a row-major factor (optional fused RMS norm, optional batch max)
 # ============================================================================================
 
@@ -64,6 +91,7 @@ def _lowrank_gemv_kernel(
     w_ptr,  # [N, D] weight, row-major: one row per output
     bias_ptr,  # [N] or dummy
     out_ptr,  # [B, N] (or [1, N] with BATCH_MAX), fp32 or the weights' dtype
+    hist_ptr,  # [HIST_BINS] int32 histogram of the stored 16-bit scores' keys (HIST), or dummy
     B,
     N,
     D,
@@ -74,10 +102,12 @@ def _lowrank_gemv_kernel(
     NORM: tl.constexpr,  # scale row b by rsqrt(mean(x[b]^2) + eps) (LowRank's normalization)
     HAS_BIAS: tl.constexpr,
     BATCH_MAX: tl.constexpr,  # write max over the batch (one row) instead of B rows
+    HIST: tl.constexpr,  # also count the stored (16-bit) scores into hist_ptr by their key's top 12 bits
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out[b, n] = (x[b] . w[n]) * (rms^-1 of x[b] if NORM) + bias[n], fp32 accumulation.
 
@@ -85,6 +115,7 @@ def _lowrank_gemv_kernel(
     weight element is loaded once. Every program streams the whole x row anyway, so the RMS statistic costs
     nothing extra: the normalization commutes with the dot product (a per-row scalar). Grid: (cdiv(N, BLOCK_N),).
     """
+    pdl_sync(PDL)
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -110,8 +141,10 @@ def _lowrank_gemv_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if BATCH_MAX:
-        best = tl.max(tl.where(b_mask[:, None], acc, float("-inf")), axis=0)  # [BLOCK_N]
-        tl.store(out_ptr + offs_n, best.to(out_ptr.dtype.element_ty), mask=n_mask)
+        best = tl.max(tl.where(b_mask[:, None], acc, float("-inf")), axis=0).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs_n, best, mask=n_mask)
+        if HIST:  # radix_select's first level, from the values exactly as stored
+            tl.atomic_add(hist_ptr + (_key16(best) >> _SUB_BITS), 1, mask=n_mask, sem="relaxed")
     else:
         tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=b_mask[:, None] & n_mask[None, :])  # fmt: skip
@@ -126,7 +159,8 @@ def _gemv_config(batch: int, n: int, d: int) -> dict:
     return dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d, NUM_STAGES=3, num_warps=4)
 
 
-def lowrank_gemv(x, w, bias=None, *, norm=False, eps=1e-6, batch_max=False, out_dtype=torch.float32, out=None):
+def lowrank_gemv(x, w, bias=None, *, norm=False, eps=1e-6, batch_max=False, out_dtype=torch.float32, out=None,
+                 hist=None):
     """One predictor factor: ``rmsnorm(x) @ w.T + bias`` (``norm=True``) or ``x @ w.T + bias`` -> ``[B, N]``.
 
     Accumulation is fp32; the result is stored as ``out_dtype`` (fp32 by default). The decode step stores the final
@@ -144,6 +178,9 @@ def lowrank_gemv(x, w, bias=None, *, norm=False, eps=1e-6, batch_max=False, out_
         norm: scale each row of x by ``rsqrt(mean(x^2) + eps)`` first (``LowRank``'s RMS normalization, no gain).
         out_dtype: float32, float16 or bfloat16.
         out: optional preallocated ``out_dtype`` ``[B, N]`` (``[1, N]`` with ``batch_max``).
+        hist: optional int32 ``[HIST_BINS]`` (a :func:`radix_workspace`'s ``hist``, zero): the stored scores are
+            also counted by key into it, the first level of :func:`radix_select` (``batch_max`` and a 16-bit
+            ``out_dtype`` only).
     """
     op = "lowrank_gemv"
     require_triton(op)
@@ -155,6 +192,12 @@ def lowrank_gemv(x, w, bias=None, *, norm=False, eps=1e-6, batch_max=False, out_
         check_tensor(op, "bias", bias, ndim=1, dtype=w.dtype, device=w.device, shape=(w.shape[0],), contiguous=True)
     if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"{op}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}.")
+    if hist is not None:
+        if not batch_max or out_dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"{op}: hist= counts the batch-max scores by their 16-bit key; it needs batch_max=True "
+                             f"and out_dtype float16/bfloat16 (got batch_max={batch_max}, {out_dtype}).")
+        check_tensor(op, "hist", hist, ndim=1, dtype=torch.int32, dtype_of="histograms", device=w.device,
+                     shape=(HIST_BINS,), contiguous=True)  # fmt: skip
     B, (N, D) = x.shape[0], w.shape
     rows = 1 if batch_max else B
     if out is None:
@@ -163,9 +206,11 @@ def lowrank_gemv(x, w, bias=None, *, norm=False, eps=1e-6, batch_max=False, out_
         check_out(op, out, shape=(rows, N), dtype=out_dtype, device=w.device)
     cfg = _gemv_config(B, N, D)
     nw = cfg.pop("num_warps")
+    pdl = use_pdl(_lowrank_gemv_kernel, w.device)
     _lowrank_gemv_kernel[(cdiv(N, cfg["BLOCK_N"]),)](
-        x, w, bias if bias is not None else w, out, B, N, D, x.stride(0), w.stride(0), out.stride(0), float(eps),
-        NORM=bool(norm), HAS_BIAS=bias is not None, BATCH_MAX=bool(batch_max), num_warps=nw,
+        x, w, bias if bias is not None else w, out, hist if hist is not None else out, B, N, D, x.stride(0),
+        w.stride(0), out.stride(0), float(eps), NORM=bool(norm), HAS_BIAS=bias is not None,
+        BATCH_MAX=bool(batch_max), HIST=hist is not None, PDL=pdl, launch_pdl=pdl, num_warps=nw,
         num_stages=cfg["NUM_STAGES"], **cfg,
     )  # fmt: skip
     return out
@@ -222,6 +267,7 @@ def _topk_select_kernel(
     copy_off,  # copy c holds idx + c * copy_off
     COPIES: tl.constexpr,
     BLOCK: tl.constexpr,  # next_pow2(N): the whole score vector lives in registers
+    PDL: tl.constexpr,
 ):
     """Indices of the k largest entries of max_b s[b, :], ascending; ties at the threshold -> lowest indices.
 
@@ -231,6 +277,7 @@ def _topk_select_kernel(
     3. keep key > T, plus the first (k - count(key > T)) entries equal to T; write each kept index at its rank
        among the kept (a cumsum), so the output is ascending without a sort.
     """
+    pdl_sync(PDL)
     offs = tl.arange(0, BLOCK)
     valid = offs < N
     s = tl.load(s_ptr + offs, mask=valid, other=0.0).to(tl.float32)
@@ -251,9 +298,9 @@ def topk_select(scores, k, *, out=None, copies=1, copy_offset=0):
     """Fixed-size top-k of the per-column max over the batch, indices ascending, in one launch.
 
     ``k`` a Python int (fixed output size), no host sync, graph-safe, valid indices by construction (pass them
-    on with ``validate=False``); plus ``copies``: the result is written ``copies`` times back to back, copy ``c`` shifted by
-    ``c * copy_offset`` -- e.g. 3 copies with offset ``H`` give the rows of q, k and v of the selected heads in a
-    fused ``[q; k; v]`` weight (multi-head attention).
+    on with ``validate=False``); plus ``copies``: the result is written ``copies`` times back to back, copy ``c``
+    shifted by ``c * copy_offset`` -- e.g. 3 copies with offset ``H`` give the rows of q, k and v of the selected
+    heads in a fused ``[q; k; v]`` weight (multi-head attention).
 
     Args:
         scores: ``[B, N]`` (or ``[N]``) float scores, last dimension contiguous; B <= 16.
@@ -283,8 +330,9 @@ def topk_select(scores, k, *, out=None, copies=1, copy_offset=0):
         check_out(op, out, shape=(copies * k,), dtype=torch.int64, device=s2.device)
     block = max(16, next_pow2(n))
     nw = 1 if block <= 1024 else 4 if block <= 4096 else 8
+    pdl = use_pdl(_topk_select_kernel, s2.device)
     _topk_select_kernel[(1,)](s2, out, s2.shape[0], n, k, s2.stride(0), int(copy_offset), COPIES=copies,
-                              BLOCK=block, num_warps=nw)  # fmt: skip
+                              BLOCK=block, PDL=pdl, launch_pdl=pdl, num_warps=nw)  # fmt: skip
     return out
 
 
@@ -295,23 +343,168 @@ def topk_select_ref(scores, k, *, copies=1, copy_offset=0):
     return torch.cat([top + c * copy_offset for c in range(copies)])
 
 
+# ============================================================================================
+# Triton: exact fixed-size top-k of 16-bit scores, from a histogram, in one multi-program launch
+# ============================================================================================
+
+
+@jit
+def _radix_select_kernel(
+    s_ptr,  # [N] 16-bit scores (fp16 / bf16)
+    hist_ptr,  # [HIST_BINS] int32: counts per key >> SUB_BITS (from lowrank_gemv(hist=)); zeroed here after use
+    cnt_ptr,  # [4] int32 zeros: arrivals, > threshold slots, tie slots, departures; reset here after use
+    out_ptr,  # [COPIES * k] int64
+    N,
+    k,
+    copy_off,
+    n_prog,
+    COPIES: tl.constexpr,
+    BINS: tl.constexpr,
+    SUB: tl.constexpr,  # 1 << SUB_BITS
+    CHUNK: tl.constexpr,  # scores compacted per program
+    SCAN: tl.constexpr,  # scores per step of the threshold scan
+    PDL: tl.constexpr,
+):
+    """Indices of the k largest scores (no order); ties at the threshold key taken first-come.
+
+    Every program finds the same exact threshold T (the k-th largest 16-bit key): the bin of the histogram where
+    the count from the top reaches k, then a scan of all N scores counting that bin's members by their low
+    SUB_BITS bits. Then each compacts its own CHUNK: keys > T get slots from one counter (there are exactly
+    count(> T) of them), keys == T from a second one, kept while the slot is < k. Slots come from one atomic add
+    per program, so the order of the indices depends on timing but the set does not, up to which of several
+    equal scores at the threshold are kept (as torch.topk). The program that arrives last at the threshold zeroes
+    the histogram; the one that leaves last resets the counters: the workspace is clean for the next call.
+    """
+    pdl_sync(PDL)
+    pid = tl.program_id(0)
+    bins = tl.arange(0, BINS)
+    h = tl.load(hist_ptr + bins)
+    ge = tl.cumsum(h, axis=0, reverse=True)  # count of keys in bins >= b
+    bstar = tl.max(tl.where(ge >= k, bins, -1), axis=0)  # the bin holding the k-th largest key
+    above = tl.sum(tl.where(bins > bstar, h, 0), axis=0)
+    if tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == n_prog - 1:  # all programs have read hist
+        tl.store(hist_ptr + bins, tl.zeros([BINS], dtype=tl.int32))
+        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+    # the threshold bin's members by their low bits
+    offs_s = tl.arange(0, SCAN)
+    sub = tl.zeros([2 * SUB], dtype=tl.int32)
+    for c0 in range(0, N, SCAN):
+        o = c0 + offs_s
+        key = _key16(tl.load(s_ptr + o, mask=o < N, other=0.0))
+        lo = tl.where((o < N) & ((key >> _SUB_BITS) == bstar), key & (SUB - 1), SUB)  # SUB: not in the bin
+        sub += tl.histogram(lo, 2 * SUB)
+    js = tl.arange(0, 2 * SUB)
+    sub = tl.where(js < SUB, sub, 0)
+    ge_sub = above + tl.cumsum(sub, axis=0, reverse=True)
+    jstar = tl.max(tl.where(ge_sub >= k, js, -1), axis=0)
+    t = bstar * SUB + jstar  # the k-th largest key
+    n_gt = above + tl.sum(tl.where(js > jstar, sub, 0), axis=0)  # keys > t: all kept
+    need = k - n_gt  # keys == t to keep (>= 1)
+    # compact this program's chunk
+    o = pid * CHUNK + tl.arange(0, CHUNK)
+    ok = o < N
+    key = _key16(tl.load(s_ptr + o, mask=ok, other=0.0))
+    gt = ok & (key > t)
+    eq = ok & (key == t)
+    base = tl.atomic_add(cnt_ptr + 1, tl.sum(gt.to(tl.int32), axis=0), sem="relaxed", scope="gpu")
+    slot = base + tl.cumsum(gt.to(tl.int32), axis=0) - 1
+    tie = tl.atomic_add(cnt_ptr + 2, tl.sum(eq.to(tl.int32), axis=0), sem="relaxed", scope="gpu") + \
+        tl.cumsum(eq.to(tl.int32), axis=0) - 1
+    keep_eq = eq & (tie < need)
+    slot = tl.where(gt, slot, n_gt + tie)
+    keep = (gt | keep_eq) & (slot >= 0) & (slot < k)  # in range by construction; never write outside on misuse
+    for c in tl.static_range(COPIES):
+        tl.store(out_ptr + c * k + slot, o.to(tl.int64) + c * copy_off, mask=keep)
+    if tl.atomic_add(cnt_ptr + 3, 1, sem="acq_rel", scope="gpu") == n_prog - 1:  # every slot is taken
+        tl.atomic_xchg(cnt_ptr + 1, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(cnt_ptr + 2, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(cnt_ptr + 3, 0, sem="relaxed", scope="gpu")
+
+
+def radix_workspace(device) -> dict:
+    """Zeroed state for :func:`radix_select`: ``hist`` (int32 [HIST_BINS]) and ``counters`` (int32 [4]). Each call
+    leaves it zeroed again, so one workspace serves any number of calls in stream order (not concurrent ones)."""
+    buf = torch.zeros(HIST_BINS + 4, dtype=torch.int32, device=device)
+    return {"hist": buf[:HIST_BINS], "counters": buf[HIST_BINS:]}
+
+
+def radix_histogram_ref(scores):
+    """The first-level histogram of 16-bit scores (what ``lowrank_gemv(hist=)`` accumulates), in torch: int32
+    [HIST_BINS] counts of ``key16 >> SUB_BITS``. Graph-safe (scatter_add, no host sync)."""
+    u = scores.reshape(-1).masked_fill(scores.reshape(-1) == 0, 0).view(torch.int16).to(torch.int32) & 0xFFFF
+    key = torch.where(u >= 0x8000, 0xFFFF - u, u + 0x8000)
+    hist = torch.zeros(HIST_BINS, dtype=torch.int32, device=scores.device)
+    return hist.scatter_add_(0, (key >> SUB_BITS).long(), torch.ones_like(key))
+
+
+def radix_select(scores, k, *, out, workspace, copies=1, copy_offset=0):
+    """Exact top-k of 16-bit scores in one launch, given their first-level histogram in ``workspace["hist"]``.
+
+    The decode step fills the histogram for free in the epilogue of the GEMV that computes the scores
+    (``lowrank_gemv(..., batch_max=True, hist=ws["hist"])``), so the selection is two launches in all, against
+    ~13 for ``torch.topk`` at N = 20480 (profiled on an H200: radix passes, scans, gather). Indices come in no
+    particular order (the gathers take any order); ties at the threshold are taken first-come, like torch.topk.
+
+    Args:
+        scores: ``[N]`` or ``[1, N]`` float16 / bfloat16, contiguous, N <= 2^20.
+        k: Python int, ``1 <= k <= N``.
+        out: int64 ``[copies * k]`` contiguous; copy ``c`` is shifted by ``c * copy_offset``.
+        workspace: :func:`radix_workspace` whose ``hist`` holds these scores' histogram (left zeroed).
+    """
+    op = "radix_select"
+    require_triton(op)
+    s1 = scores.reshape(-1) if scores.dim() == 2 and scores.shape[0] == 1 else scores
+    if not isinstance(s1, torch.Tensor) or s1.dim() != 1 or s1.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{op}: scores must be a float16/bfloat16 vector [N] or [1, N] (reduce a batch first); "
+                         f"got {getattr(scores, 'dtype', type(scores))} {tuple(getattr(scores, 'shape', ()))}.")
+    check_launch_device(op, _radix_select_kernel, s1)
+    check_tensor(op, "scores", s1, ndim=1, contiguous=True)
+    n = s1.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"{op}: k must be a Python int in [1, {n}] (fixed output size), got {k!r}.")
+    if n > (1 << 20):
+        raise ValueError(f"{op}: N={n} exceeds 2^20 (the threshold scan runs in every program).")
+    if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
+        raise ValueError(f"{op}: copies must be a positive int, got {copies!r}.")
+    check_out(op, out, shape=(copies * k,), dtype=torch.int64, device=s1.device)
+    if not isinstance(workspace, dict) or set(workspace) != {"hist", "counters"}:
+        raise ValueError(f"{op}: workspace must come from radix_workspace(device).")
+    hist, cnt = workspace["hist"], workspace["counters"]
+    check_tensor(op, "workspace['hist']", hist, ndim=1, dtype=torch.int32, dtype_of="histograms", device=s1.device,
+                 shape=(HIST_BINS,), contiguous=True)  # fmt: skip
+    check_tensor(op, "workspace['counters']", cnt, ndim=1, dtype=torch.int32, dtype_of="histograms",
+                 device=s1.device, shape=(4,), contiguous=True)  # fmt: skip
+    chunk = 1024
+    n_prog = cdiv(n, chunk)
+    pdl = use_pdl(_radix_select_kernel, s1.device)
+    _radix_select_kernel[(n_prog,)](s1, hist, cnt, out, n, k, int(copy_offset), n_prog, COPIES=copies,
+                                    BINS=HIST_BINS, SUB=1 << SUB_BITS, CHUNK=chunk, SCAN=2048, PDL=pdl,
+                                    launch_pdl=pdl, num_warps=4)  # fmt: skip
+    return out
+
+
 SMALL_N = 1024
 """Up to this many scores :func:`select_topk` uses the one-program :func:`topk_select` (one warp)."""
 
 
-def select_topk(scores, k, *, out, copies=1, copy_offset=0):
+def select_topk(scores, k, *, out, copies=1, copy_offset=0, workspace=None, hist_ready=False, radix=None):
     """The decode step's selection: fixed-size top-k of ``scores`` written into ``out``, graph-safe, no host sync.
 
-    ``N <= SMALL_N`` (heads): :func:`topk_select`, one launch, indices ascending, offset copies included. Larger N
-    (neurons): ``torch.topk(sorted=False)`` written straight into ``out`` (then the offset copies), indices in no
-    particular order -- the gather kernels take any order, and skipping the sort is the point: measured at N=20480,
-    k=2048 on an H200 (graph replay), topk+sort 74 us, topk alone 41 us, and the one-program kernel 73 us (a
-    single SM: 31 block-wide counts ~33 us, the compaction ~20 us), so one program only pays off for short vectors
-    (N=40: 3.3 us vs 11.8 us for topk+sort).
+    * ``N <= SMALL_N`` (heads): :func:`topk_select`, one launch, indices ascending, offset copies included.
+    * larger N (neurons), 16-bit scores where the Triton kernels can run: :func:`radix_select`, exact, one launch
+      once the histogram is there -- ``hist_ready=True`` when the scores' GEMV filled ``workspace["hist"]``
+      (``lowrank_gemv(hist=)``, as the decode step does), else it is built here with torch ops first.
+    * otherwise (fp32 scores, plain CPU): ``torch.topk(sorted=False)`` written straight into ``out``.
+
+    Neuron indices come in no particular order: the gathers take any order, and skipping the sort is the point
+    (measured at N=20480, k=2048 on an H200, graph replay: topk+sort 74 us, topk alone 41 us; a one-program
+    top-k 73 us, so :func:`topk_select` is kept for short vectors, N=40: 3.3 us vs 11.8 us for topk+sort).
 
     Args:
         scores: ``[1, N]``, ``[B, N]`` or ``[N]`` float scores (a batch is reduced by its max first).
         out: int64 ``[copies * k]`` contiguous.
+        workspace: a :func:`radix_workspace` for the radix path (None: a fresh one per call).
+        radix: None picks as above; False forces ``torch.topk`` for long vectors (A/B timing).
     """
     n = scores.shape[-1]
     if n <= SMALL_N:
@@ -320,8 +513,24 @@ def select_topk(scores, k, *, out, copies=1, copy_offset=0):
         raise ValueError(f"select_topk: k must be a Python int in [1, {n}] (fixed output size), got {k!r}.")
     check_out("select_topk", out, shape=(copies * k,), dtype=torch.int64, device=scores.device)
     s1 = scores if scores.dim() == 1 else scores[0] if scores.shape[0] == 1 else scores.amax(0)
+    if radix is not False and radix_ok(s1):
+        ws = workspace if workspace is not None else radix_workspace(s1.device)
+        if not hist_ready:
+            ws["hist"].copy_(radix_histogram_ref(s1))
+        return radix_select(s1.contiguous(), k, out=out, workspace=ws, copies=copies, copy_offset=copy_offset)
+    if hist_ready:
+        raise ValueError("select_topk: hist_ready=True but these scores take the torch.topk path (not 16-bit, or "
+                         "no Triton on this device), which would leave the workspace's histogram dirty.")
     first = out[:k]
     torch.topk(s1, k, sorted=False, out=(torch.empty(k, dtype=s1.dtype, device=s1.device), first))
     for c in range(1, copies):
         torch.add(first, c * copy_offset, out=out[c * k:(c + 1) * k])
     return out
+
+
+def radix_ok(scores) -> bool:
+    """Does :func:`select_topk` take the radix path for these (long) scores? 16-bit, and the kernel can launch
+    on their device (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    if not HAS_TRITON or scores.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return scores.device.type == "cuda" or (scores.device.type == "cpu" and is_interpreted(_radix_select_kernel))

@@ -12,14 +12,18 @@ Per layer l (``_block``), with ``x`` the residual stream entering the block:
   norm1 -> q (selected heads, ``head_gather_gemv``; OPT bias) and K/V (see kv_policy) -> RoPE (Llama) ->
   write K/V at the current position -> ``sparse_decode_attention`` over the selected heads ->
   ``head_gather_down`` with the residual fused -> norm2 -> ``gather_up`` (OPT: bias + ReLU) or ``gather_swiglu``
-  -> ``gather_down`` with bias and residual fused.
+  -> ``gather_down`` with bias and residual fused. At batch <= 2 each norm before a sparse gather is folded into
+  it (``fuse_norm``, ``kernels.fold_norm``): a sparse layer is then seven kernels. On Hopper every Triton kernel is
+  launched with programmatic dependent launch (``kernels._checks.use_pdl``).
 A layer at density 1 uses dense cuBLAS GEMVs for that part and runs no predictor. ``predictors=None`` is the
 all-dense runtime ("ours-dense": same graph, cuBLAS GEMVs, the decode-attention kernel over all heads), our
 stand-in for FasterTransformer / gpt-fast.
 
 Predictors (``policy.PredictorPolicy`` semantics): with lookahead, layer l+1's heads and neurons are scored from
 layer l's input; layer 0 from its own. On CUDA that lookahead runs on a side stream (forked and joined inside the
-graph), so it overlaps layer l instead of sitting on the critical path, which is the point of lookahead. Without
+graph), so it overlaps layer l instead of sitting on the critical path, which is the point of lookahead; the heads
+are joined before layer l+1's q/k/v gather, the neurons before its up gather. The neuron top-k is a radix select
+fed by the scores GEMV's histogram at batch <= 2, ``torch.topk`` above (measured, see ``_topk``). Without
 lookahead the heads are scored from the layer input and the neurons from the residual after attention, inline.
 
 kv_policy:
@@ -63,16 +67,16 @@ class FastGeneration:
 class _TritonOps:
     """The fused kernels; indices are built by construction (select_topk), so no validation syncs."""
 
-    def rows(self, x, w, idx, hd, bias):  # -> [B, k, hd]
-        return K.head_gather_gemv(x, w, idx, hd, bias, validate=False)
+    def rows(self, x, w, idx, hd, bias, norm=None):  # -> [B, k, hd]; norm: a NormFold, x then the raw stream
+        return K.head_gather_gemv(x, w, idx, hd, bias, norm=norm, validate=False)
 
     def oproj(self, a, wo_t, idx, hd, bias, res, out):
         return K.head_gather_down(a, wo_t, idx, hd, bias, res, validate=False, out=out)
 
-    def up(self, x, w1, w3, idx, bias):  # -> [B, k]
+    def up(self, x, w1, w3, idx, bias, norm=None):  # -> [B, k]
         if w3 is None:
-            return K.gather_up(x, w1, idx, bias, act="relu", validate=False)
-        return K.gather_swiglu(x, w1, w3, idx, validate=False)
+            return K.gather_up(x, w1, idx, bias, act="relu", norm=norm, validate=False)
+        return K.gather_swiglu(x, w1, w3, idx, norm=norm, validate=False)
 
     def down(self, h, w2t, idx, bias, res, out):
         return K.gather_down(h, w2t, idx, bias, res, validate=False, out=out)
@@ -86,23 +90,30 @@ class _TritonOps:
     def post(self, *a, **kw):
         return FO.qkv_post(*a, **kw)
 
-    def factor(self, x, w, bias, norm, out, batch_max=False):  # predictor factor -> [B, n] ([1, n]) in out's dtype
-        return K.lowrank_gemv(x, w, bias, norm=norm, batch_max=batch_max, out_dtype=out.dtype, out=out)
+    def factor(self, x, w, bias, norm, out, batch_max=False, hist=None):  # -> [B, n] ([1, n]) in out's dtype
+        return K.lowrank_gemv(x, w, bias, norm=norm, batch_max=batch_max, out_dtype=out.dtype, out=out, hist=hist)
 
-    def select(self, scores, k, out, copies=1, offset=0):  # top-k -> out (int64; heads ascending)
-        return K.select_topk(scores, k, out=out, copies=copies, copy_offset=offset)
+    def select(self, scores, k, out, copies=1, offset=0, ws=None, hist_ready=False, radix=None):
+        # top-k -> out (int64; heads ascending); ws: a radix workspace, its histogram filled by the scores' GEMV
+        # when hist_ready
+        return K.select_topk(scores, k, out=out, copies=copies, copy_offset=offset, workspace=ws,
+                             hist_ready=hist_ready, radix=radix)
 
 
 class _TorchOps:
     """The same step on the plain-torch references (CPU tests, debugging)."""
 
-    def rows(self, x, w, idx, hd, bias):
+    def rows(self, x, w, idx, hd, bias, norm=None):
+        if norm is not None:
+            x, bias = K.norm_ref(x, norm), norm.linear_bias
         return K.head_gather_gemv_ref(x, w, idx, hd, bias)
 
     def oproj(self, a, wo_t, idx, hd, bias, res, out):
         return out.copy_(K.head_gather_down_ref(a, wo_t, idx, hd, bias, res))
 
-    def up(self, x, w1, w3, idx, bias):
+    def up(self, x, w1, w3, idx, bias, norm=None):
+        if norm is not None:
+            x, bias = K.norm_ref(x, norm), norm.linear_bias
         return K.gather_up_ref(x, w1, idx, bias, act="relu") if w3 is None else K.gather_swiglu_ref(x, w1, w3, idx)
 
     def down(self, h, w2t, idx, bias, res, out):
@@ -117,10 +128,10 @@ class _TorchOps:
     def post(self, *a, **kw):
         return FO.qkv_post_ref(*a, **kw)
 
-    def factor(self, x, w, bias, norm, out, batch_max=False):
+    def factor(self, x, w, bias, norm, out, batch_max=False, hist=None):
         return out.copy_(K.lowrank_gemv_ref(x, w, bias, norm=norm, batch_max=batch_max, out_dtype=out.dtype))
 
-    def select(self, scores, k, out, copies=1, offset=0):
+    def select(self, scores, k, out, copies=1, offset=0, ws=None, hist_ready=False, radix=None):
         return out.copy_(K.topk_select_ref(scores, k, copies=copies, copy_offset=offset))
 
 
@@ -133,7 +144,7 @@ class FastDecoder:
 
     def __init__(self, model: DecoderLM, predictors=None, mlp_density=1.0, head_density=1.0, batch: int = 1,
                  max_len: int = 256, kv_policy: str = "selected", use_graph: bool = True, backend: str = "triton",
-                 overlap: bool = True):
+                 overlap: bool = True, fuse_norm: bool = True):
         s = model.spec
         L, H, Hkv, N = s.n_layers, s.n_heads, s.n_kv_heads, s.ffn_dim
         if not 1 <= int(batch) <= K.MAX_BATCH:
@@ -195,6 +206,9 @@ class FastDecoder:
         self._all_kv = torch.arange(Hkv, **dev)
         self._kv_offs = torch.tensor([[H], [H + Hkv]], **dev)
         self._wqkv, self._bqkv = self._fuse_qkv()
+        # folded norms only on the gathers' CUDA-core path (B <= 2); see _fold_norms
+        self.fuse_norm = bool(fuse_norm) and B <= 2
+        self._fold1, self._fold2 = self._fold_norms() if self.fuse_norm else ([None] * L, [None] * L)
         self._h = torch.zeros(B, d, dtype=self.dtype, **dev)  # normed activations (reused by both norms)
         self._q = {kh: torch.zeros(B, kh, hd, dtype=self.dtype, **dev) for kh in set(self.k_heads)}  # RoPE'd q
         self._pred = self._prepare_predictors(predictors) if predictors is not None else None
@@ -204,8 +218,23 @@ class FastDecoder:
         widths = {e["a_t"].shape[0] for e in self._pred if e} if self._pred is not None else set()
         self._xa = {r: torch.zeros(B, r, dtype=torch.float32, **dev) for r in widths}
         self._scores = {n: torch.zeros(1, n, dtype=self.dtype, **dev) for n in (H, N)}
+        # how the neuron top-k runs: "radix-gemv" (16-bit scores, Triton: the scores GEMV fills the histogram in
+        # its epilogue, one radix_select launch finishes, against ~13 launches of torch.topk; one workspace for all
+        # layers, whose selections run one after another on one stream), "radix-torch" (the histogram by torch
+        # ops) or "torch" (torch.topk). A/B in bench/profile_step.py, OPT-13B (0.1, 0.5), H200, graph replay:
+        # B=1 3.30 / 4.09 / 3.57 ms, B=4 5.26 / 4.35 / 4.22 ms (bench/NOTES.md, v4): the radix select only at
+        # B <= 2, where it wins; at B=4 it loses inside the graph though it wins alone
+        self._radix = None
+        if backend == "triton" and predictors is not None and N > K.predictor_ops.SMALL_N and min(md) < 1.0 \
+                and B <= 2 and K.predictor_ops.radix_ok(self._scores[N]):
+            self._radix = K.predictor_ops.radix_workspace(self.device)
+        self._topk = "radix-gemv" if self._radix is not None else "torch"
         overlap = cuda and overlap and self.lookahead and predictors is not None
         self._side = torch.cuda.Stream(self.device) if overlap else None  # lookahead predictors run here
+        # side -> main joins, per layer: its heads are needed before its q/k/v gather, its neurons only before its
+        # up gather, so the neuron half of the chain gets the attention half of the layer as extra slack
+        self._heads_ready = [torch.cuda.Event() for _ in range(L)] if overlap else None
+        self._mlp_ready = [torch.cuda.Event() for _ in range(L)] if overlap else None
         self._graph, self._graph_out, self._len = None, None, 0
 
     # ---- setup ------------------------------------------------------------------------------------------------------
@@ -224,6 +253,25 @@ class FastDecoder:
             out_w.append(self._fuse_params(ws))
             out_b.append(self._fuse_params(bs) if bs is not None else None)
         return out_w, out_b
+
+    @torch.no_grad()
+    def _fold_norms(self):
+        """Per layer, the block's two norms folded into the sparse gathers that read their outputs (None where the
+        part is dense, the norm has no gain, or a layernorm precedes a SwiGLU): the gather then reads the raw
+        residual stream and normalizes in its epilogue, so a sparse part runs no norm kernel.
+
+        Only at batch <= 2 (the gathers' CUDA-core path): on the tensor-core path (B > 2) the gain multiply puts x
+        through registers before tl.dot, and OPT-13B (0.1, 0.5) at B=4 measured 10.9 ms per step against 7.8 ms
+        dense (H200), where the norm kernel + plain gather had given 1.5x over dense (bench/NOTES.md, v4)."""
+        f1, f2 = [], []
+        for l, blk in enumerate(self.model.layers):
+            n1, n2, mlp = blk.norm1, blk.norm2, blk.mlp
+            ok1 = self.k_heads[l] < self.spec.n_heads and n1.weight is not None
+            ok2 = self.k_mlp[l] < self.spec.ffn_dim and n2.weight is not None and \
+                (mlp.w3 is None or n2.kind == "rmsnorm")
+            f1.append(K.fold_norm(self._wqkv[l], n1.kind, n1.weight, n1.bias, n1.eps, self._bqkv[l]) if ok1 else None)
+            f2.append(K.fold_norm(mlp.w1, n2.kind, n2.weight, n2.bias, n2.eps, mlp.b1) if ok2 else None)
+        return f1, f2
 
     @staticmethod
     def _fuse_params(ps):
@@ -276,6 +324,7 @@ class FastDecoder:
         s = self.spec
         d, hd, H, Hkv, N = s.d_model, s.head_dim, s.n_heads, s.n_kv_heads, s.ffn_dim
         nw = 2 if s.norm_kind == "layernorm" else 1
+        elem_size = torch.empty((), dtype=self.dtype).element_size()
         n = d * (2 if s.pos_kind == "learned" else 1) + nw * d + s.vocab_size * d  # embed row(s), norm_f, LM head
         meta = self.predictors.meta if self.predictors is not None else None
         for l in range(s.n_layers):
@@ -284,12 +333,17 @@ class FastDecoder:
             n += 2 * kh * hd * d + (kh * hd if s.attn_bias else 0) + (d if s.out_bias else 0)  # q, o
             n += 2 * kkv * hd * d + (2 * kkv * hd if s.attn_bias else 0)  # k, v
             n += (3 if s.mlp_kind == "swiglu" else 2) * km * d + ((km + d) if s.mlp_bias else 0)
+            if not dense:  # a folded layernorm reads two fp32 constants per selected row instead of the bias
+                for fold, rows, has_b in ((self._fold1[l], (kh + 2 * kkv) * hd, s.attn_bias),
+                                          (self._fold2[l], km, s.mlp_bias)):
+                    if fold is not None and fold.rowsum is not None:
+                        n += rows * (8 // elem_size - (1 if has_b else 0))
             if not dense and meta is not None:
                 if kh < H:
                     n += d * meta["head_rank"] + meta["head_rank"] * H + H
                 if km < N:
                     n += d * meta["mlp_rank"] + meta["mlp_rank"] * N + N
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n * elem_size
 
     def dense_bytes_per_token(self) -> int:
         return self.bytes_per_token(dense=True)
@@ -304,6 +358,7 @@ class FastDecoder:
     def describe(self) -> dict:
         return {"batch": self.batch, "max_len": self.max_len, "kv_policy": self.kv_policy, "backend": self.backend,
                 "graph": self.use_graph, "overlap": self._side is not None, "lookahead": self.lookahead,
+                "fuse_norm": self.fuse_norm, "neuron_topk": self._topk,
                 "k_heads": self.k_heads, "k_mlp": self.k_mlp, "k_kv": self.k_kv,
                 "kernels_per_layer": self._kernel_summary()}
 
@@ -389,23 +444,24 @@ class FastDecoder:
         main = torch.cuda.current_stream(self.device) if self._side is not None else None
         if self.lookahead:
             self._predict(0, x0, heads=True, mlp=True)
-        forked = False  # join only work forked in this step (a capture may not wait on outside events)
+        forked = set()  # layers whose selection runs on the side stream in this step (joins only wait on these)
         for l in range(L):
-            if forked:
-                main.wait_stream(self._side)  # layer l's selection is ready (it ran during layer l-1)
-                forked = False
+            if l in forked:
+                main.wait_event(self._heads_ready[l])  # layer l's heads are chosen (they ran during layer l-1)
             if self.lookahead and l + 1 < L:
                 if main is not None:
                     if self._pred[l + 1]:  # fork only for layers that run a predictor
                         self._side.wait_stream(main)  # x_l is written
                         with torch.cuda.stream(self._side):
-                            self._predict(l + 1, self._x[l], heads=True, mlp=True)
-                        forked = True
+                            self._predict(l + 1, self._x[l], heads=True, mlp=True,
+                                          heads_done=self._heads_ready[l + 1])
+                            self._mlp_ready[l + 1].record(self._side)
+                        forked.add(l + 1)
                 else:
                     self._predict(l + 1, self._x[l], heads=True, mlp=True)
             elif not self.lookahead:
                 self._predict(l, self._x[l], heads=True, mlp=False)
-            self._block(l, lens, rope)
+            self._block(l, lens, rope, mlp_ready=self._mlp_ready[l] if l in forked else None)
         if forked:
             main.wait_stream(self._side)
         nf = m.norm_f
@@ -414,15 +470,18 @@ class FastDecoder:
         pos.add_(1)
         return logits
 
-    def _predict(self, l: int, x: torch.Tensor, heads: bool, mlp: bool):
+    def _predict(self, l: int, x: torch.Tensor, heads: bool, mlp: bool, heads_done=None):
         """Score layer l's heads / neurons from x (B, d) and write its fixed-size selections in place.
 
         One GEMV for both predictors' first factors with LowRank's RMS normalization fused (fp32 out), one GEMV per
         second factor (+ bias, max over the batch in its epilogue), then the top-k (``select_topk``); the head
         selection goes straight into the combined q/k/v index (MHA with K/V holes: three offset copies in the same
-        launch), the neuron selection into the layer's index (unsorted: the gathers take any order)."""
+        launch), the neuron selection into the layer's index (unsorted: the gathers take any order). ``heads_done``:
+        an event recorded on the current stream once the head selection is written (before the neuron half)."""
         ent = self._pred[l] if self._pred is not None else {}
         if not ((heads and "head" in ent) or (mlp and "mlp" in ent)):
+            if heads_done is not None:
+                heads_done.record()
             return
         ops = self.ops
         xa = ops.factor(x, ent["a_t"], None, True, self._xa[ent["a_t"].shape[0]])  # [B, r_h + r_m] fp32
@@ -437,10 +496,15 @@ class FastDecoder:
                 if self.holes[l]:
                     kv = self._select_kv(l, idx[:kh])
                     torch.add(kv[None, :], self._kv_offs, out=idx[kh:].view(2, -1))
+        if heads_done is not None:
+            heads_done.record()
         if mlp and "mlp" in ent:
             lo, hi, b, bias = ent["mlp"]
-            sc = ops.factor(xa[:, lo:hi], b, bias, False, self._scores[self.spec.ffn_dim], batch_max=True)
-            ops.select(sc, self.k_mlp[l], self._nidx[l])
+            ws, how = self._radix, self._topk
+            sc = ops.factor(xa[:, lo:hi], b, bias, False, self._scores[self.spec.ffn_dim], batch_max=True,
+                            hist=ws["hist"] if how == "radix-gemv" else None)
+            ops.select(sc, self.k_mlp[l], self._nidx[l], ws=ws, hist_ready=how == "radix-gemv",
+                       radix=how != "torch")
 
     def _select_kv(self, l, heads):
         """GQA: a fixed-size KV set, the needed KV heads first, padded with unneeded ones (-> self._kvidx[l])."""
@@ -450,7 +514,7 @@ class FastDecoder:
             self._kvidx[l].copy_(torch.sort(torch.topk(need, self.k_kv[l]).indices).values)
         return self._kvidx[l]
 
-    def _block(self, l: int, lens, rope):
+    def _block(self, l: int, lens, rope, mlp_ready=None):
         s, m, ops = self.spec, self.model, self.ops
         blk = m.layers[l]
         at, mlp, cache = blk.attn, blk.mlp, self.caches[l]
@@ -458,16 +522,21 @@ class FastDecoder:
         x, x_next, mid = self._x[l], self._x[l + 1], self._mid
         kh, kkv = self.k_heads[l], self.k_kv[l]
         dense_heads, dense_mlp = kh == H, self.k_mlp[l] == s.ffn_dim
-        n1, n2 = blk.norm1, blk.norm2
-        # norm1; a dense o_proj accumulates in place into mid, so mid = x + bo is written here in the same pass
-        h = ops.norm(x, n1.kind, n1.weight, n1.bias, n1.eps, self._h, init=mid if dense_heads else None,
-                     init_bias=at.bo)
+        n1, n2, fold1, fold2 = blk.norm1, blk.norm2, self._fold1[l], self._fold2[l]
+        # norm1 (unless folded into the q/k/v gather); a dense o_proj accumulates in place into mid, so
+        # mid = x + bo is written here in the same pass
+        if fold1 is None:
+            h = ops.norm(x, n1.kind, n1.weight, n1.bias, n1.eps, self._h, init=mid if dense_heads else None,
+                         init_bias=at.bo)
         if dense_heads:  # then every KV head too
             qkv = F.linear(h, self._wqkv[l], self._bqkv[l]).view(B, H + 2 * Hkv, hd)
             hidx, kvidx = self._all_heads, self._all_kv
         else:
             hidx, kvidx = self._hidx[l], self._kvidx[l]
-            qkv = ops.rows(h, self._wqkv[l], self._qkvidx[l], hd, self._bqkv[l])  # (B, kh + 2 kkv, hd)
+            if fold1 is None:
+                qkv = ops.rows(h, self._wqkv[l], self._qkvidx[l], hd, self._bqkv[l])  # (B, kh + 2 kkv, hd)
+            else:
+                qkv = ops.rows(x, self._wqkv[l], self._qkvidx[l], hd, None, norm=fold1)
         valid = cache.valid if self.holes[l] else None
         q_out = self._q[kh] if rope is not None else None
         ops.post(qkv, kh, kkv, q_out, cache.k, cache.v, kvidx, self._pos, cos=rope[0] if rope else None,
@@ -478,9 +547,11 @@ class FastDecoder:
             mid.addmm_(a.reshape(B, H * hd), at.wo_t)
         else:
             ops.oproj(a, at.wo_t, hidx, hd, at.bo, x, mid)
-        # norm2; a dense fc2 accumulates in place into x_next = mid + b2, written here
-        h2 = ops.norm(mid, n2.kind, n2.weight, n2.bias, n2.eps, self._h, init=x_next if dense_mlp else None,
-                      init_bias=mlp.b2)
+        # norm2 (unless folded into the up gather); a dense fc2 accumulates in place into x_next = mid + b2,
+        # written here
+        if fold2 is None:
+            h2 = ops.norm(mid, n2.kind, n2.weight, n2.bias, n2.eps, self._h, init=x_next if dense_mlp else None,
+                          init_bias=mlp.b2)
         if not self.lookahead:
             self._predict(l, mid, heads=False, mlp=True)
         if dense_mlp:
@@ -490,8 +561,12 @@ class FastDecoder:
                 act = F.silu(F.linear(h2, mlp.w1)) * F.linear(h2, mlp.w3)
             x_next.addmm_(act, mlp.w2t)
         else:
+            if mlp_ready is not None:  # the lookahead neuron selection of this layer is written
+                torch.cuda.current_stream(self.device).wait_event(mlp_ready)
             nidx = self._nidx[l]
-            ops.down(ops.up(h2, mlp.w1, mlp.w3, nidx, mlp.b1), mlp.w2t, nidx, mlp.b2, mid, x_next)
+            act = ops.up(h2, mlp.w1, mlp.w3, nidx, mlp.b1) if fold2 is None else \
+                ops.up(mid, mlp.w1, mlp.w3, nidx, None, norm=fold2)
+            ops.down(act, mlp.w2t, nidx, mlp.b2, mid, x_next)
 
     def kernels_per_layer(self) -> list[dict]:
         """Kernel launches per layer of one graphed step (static count of this code path, B and backend aside):
@@ -500,12 +575,12 @@ class FastDecoder:
         bias = s.attn_bias
         for l in range(s.n_layers):
             dense_h, dense_m = self.k_heads[l] == s.n_heads, self.k_mlp[l] == s.ffn_dim
-            n = 1  # norm1 (+ residual init)
+            n = 0 if self._fold1[l] is not None else 1  # norm1 (+ residual init), unless folded
             n += (2 if bias else 1) if dense_h else 1  # fused qkv GEMV (+ cuBLAS bias copy at M = 1) / one gather
             n += 1  # qkv_post: RoPE, q, K/V cache write, hole mask
             n += 2  # decode attention + split combine
             n += 1  # o_proj: in-place addmm_ (dense) / head_gather_down with fused bias + residual
-            n += 1  # norm2 (+ residual init)
+            n += 0 if self._fold2[l] is not None else 1  # norm2 (+ residual init), unless folded
             if dense_m:
                 n += (3 if s.mlp_bias else 2) + 1 if s.mlp_kind == "relu" else 5  # fc1 (+bias copy), relu, fc2
             else:
@@ -518,9 +593,10 @@ class FastDecoder:
                     side += 2  # second factor, top-k (MHA: q/k/v index copies in the same launch)
                     side += 5 if (self.holes[l] and s.group_size > 1) else 0  # KV set: fill, topk, sort, copy, add
                 if "mlp" in ent:
-                    # second factor; top-k: one launch (short vectors), else torch.topk: profiled with fp32 keys as 4
-                    # radix passes of 3 kernels + scan + gather; 16-bit keys need 2 passes, ~8 (not profiled)
-                    side += 1 + (1 if self.spec.ffn_dim <= K.predictor_ops.SMALL_N else 8)
+                    # second factor; top-k: one launch (short vectors, or radix select after the histogram the
+                    # second factor fills), else torch.topk: 13 launches at N = 20480 with 16-bit scores (profiled)
+                    small = self.spec.ffn_dim <= K.predictor_ops.SMALL_N
+                    side += 1 + (1 if small or self._topk == "radix-gemv" else 6 if self._topk == "radix-torch" else 13)
             out.append({"main": n, "side": side})
         return out
 

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One device call for the speed work (bench/NOTES.md): GPU tests of the kernels and the decode runtime, then the
+# profile_step A/B with programmatic dependent launch off and on, then (optionally) the committed benchmark.
+#
+#   bash bench/gpu_speed.sh tests,profile          # stages, comma-separated: tests, profile, bench, sweep
+#
+# Writes everything under $OUT (runs/gpu when unset) and prints a short table last.
+set -u
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+OUT=${OUT:-runs/gpu}
+STAGES=",${1:-tests,profile},"
+MODEL=${MODEL:-opt-13b}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
+if [[ $STAGES == *,tests,* ]]; then
+  timeout 300 python -m pytest -q -x -n 8 -p no:cacheprovider tests/kernels tests/runtime > "$OUT/tests.txt" 2>&1
+  tail -n 3 "$OUT/tests.txt"
+fi
+if [[ $STAGES == *,profile,* ]]; then
+  for pdl in ${PDLS:-0 1}; do
+    DEJAVU_PDL=$pdl python bench/profile_step.py --out "$OUT/profile" --model "$MODEL" --batch "${BATCH:-1}" \
+      --variants "${VARIANTS:-dense,sparse,nopred}" --tag "_pdl$pdl" > "$OUT/profile_pdl$pdl.txt" 2>&1
+    grep "^==" "$OUT/profile_pdl$pdl.txt" | sed "s/^/pdl=$pdl B=${BATCH:-1} /"
+  done
+fi
+if [[ $STAGES == *,bench,* ]]; then
+  python -m dejavu.bench.decode --out "$OUT/bench" --models "$MODEL" --batches 1 \
+    --modes hf-eager,ours-dense,ours-sparse > "$OUT/bench_b1.txt" 2>&1
+  python -m dejavu.bench.decode --out "$OUT/bench" --models "$MODEL" --batches 4,16 --modes ours-dense,ours-sparse \
+    --n-new 32 --repeats 1 --no-check > "$OUT/bench_b4.txt" 2>&1
+  python -m dejavu.bench.decode --out "$OUT/bench" --models opt-30b,llama-2-7b,opt-6.7b --batches 1 \
+    --modes ours-dense,ours-sparse --quick --no-check > "$OUT/bench_other.txt" 2>&1
+  tail -n 40 "$OUT/bench_b1.txt"
+fi
+if [[ $STAGES == *,sweep,* ]]; then
+  python -m dejavu.bench.kernel_sweep --out "$OUT/ks" > "$OUT/sweep.txt" 2>&1
+  tail -n 30 "$OUT/sweep.txt"
+fi
