@@ -594,9 +594,11 @@ class FastDecoder:
                     side += 5 if (self.holes[l] and s.group_size > 1) else 0  # KV set: fill, topk, sort, copy, add
                 if "mlp" in ent:
                     # second factor; top-k: one launch (short vectors, or radix select after the histogram the
-                    # second factor fills), else torch.topk: 13 launches at N = 20480 with 16-bit scores (profiled)
-                    small = self.spec.ffn_dim <= K.predictor_ops.SMALL_N
-                    side += 1 + (1 if small or self._topk == "radix-gemv" else 6 if self._topk == "radix-torch" else 13)
+                    # second factor fills), torch.topk: 13 launches at N = 20480 with 16-bit scores (profiled), the
+                    # A/B "radix-torch": radix select after ~15 torch ops building the histogram (counted in the
+                    # code, not profiled)
+                    small = self.spec.ffn_dim <= K.predictor_ops.SMALL_N  # topk_select: one launch
+                    side += 1 + (1 if small else {"radix-gemv": 1, "radix-torch": 16, "torch": 13}[self._topk])
             out.append({"main": n, "side": side})
         return out
 
