@@ -240,13 +240,14 @@ def _launch_gather_rows(x, w, w2, idx, bias, act: int, rows_per_idx: int, out, n
 NORM_CODES = {"layernorm": 1, "rmsnorm": 2}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: identity, not elementwise ==
 class NormFold:
     """A layernorm / rmsnorm folded into the row gather that consumes its output (built by :func:`fold_norm`).
 
     ``weight`` (g) and ``norm_bias`` (beta) are the norm's own [d] parameters, ``linear_bias`` the projection's
-    original bias (what the references use); ``rowsum`` (layernorm: ``W @ g``) and ``bias`` (layernorm:
-    ``b + W @ beta``; rmsnorm: ``b``) are what the kernel reads, per weight row, fp32.
+    original bias (what the references use); ``rowsum`` (layernorm: ``W @ g``, fp32) and ``bias`` (layernorm:
+    ``b + W @ beta``, fp32; rmsnorm: ``b`` as given) are what the kernel reads, per weight row. A fold belongs to
+    the weights it was built from: rebuild it if they or the norm change.
     """
 
     kind: str
