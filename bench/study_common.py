@@ -5,20 +5,12 @@ greedy allocation, and Markdown table cells. Imported by the scripts as a siblin
 
 from __future__ import annotations
 
-import os
 import platform
-import tempfile
 from contextlib import contextmanager
-from pathlib import Path
 
+from dejavu.atomic import write_text_atomic
 
-def write_atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-    os.replace(tmp, path)
+write_atomic = write_text_atomic  # the studies' name for it
 
 
 def cpu_name() -> str:

@@ -23,8 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .atomic import atomic_path, write_json_atomic
 from .models.decoder import DecoderLM
-from .predictors.model import write_json_atomic
 from .runtime.generate import generate
 from .runtime.policy import SparsityPolicy
 
@@ -135,8 +135,8 @@ def record(model: DecoderLM, tokenizer, source: CalibrationSource, out_dir: str 
         nonlocal buf, n_buf, shards_written
         name = f"shard_{len(manifest['shards']):05d}.safetensors"
         tensors = {k: torch.cat(v) for k, v in buf.items()}
-        save_file(tensors, str(out / (name + ".tmp")))
-        os.replace(out / (name + ".tmp"), out / name)
+        with atomic_path(out / name) as tmp:
+            save_file(tensors, str(tmp))
         manifest["shards"].append({"file": name, "tokens": n_buf})
         manifest["docs_done"], manifest["tokens"] = doc_end, manifest["tokens"] + n_buf
         write_json_atomic(man_path, manifest)

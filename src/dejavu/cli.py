@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -205,14 +204,11 @@ def cmd_eval(args, log, command=None):
     r["command"] = command or "dejavu " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     md = to_markdown(r, r["command"])
     if args.out:
-        from .predictors.model import write_json_atomic
+        from .atomic import write_json_atomic, write_text_atomic
 
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out.with_suffix(".json"), r)
-        tmp = out.with_suffix(".md.tmp")
-        tmp.write_text(md)
-        os.replace(tmp, out.with_suffix(".md"))
+        write_text_atomic(out.with_suffix(".md"), md)
         if "sweep" in r and plot(r, out.with_suffix(".png")):
             log(f"wrote {out.with_suffix('.png')}")
         log(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")

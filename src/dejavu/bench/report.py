@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import statistics
 from pathlib import Path
+
+from ..atomic import write_json_atomic, write_text_atomic
 
 KEY = ("gpu", "model", "batch", "mode", "mlp_density", "head_density", "kv_policy")
 
@@ -203,12 +204,8 @@ def write_outputs(result: dict, out_dir, name: str | None = None, png: bool = Tr
     base = out_dir / (name or slug(result.get("gpu", "gpu")))
     finalize(result["rows"])
     paths = {"json": str(base.with_suffix(".json")), "md": str(base.with_suffix(".md"))}
-    tmp = base.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    os.replace(tmp, base.with_suffix(".json"))
-    tmp = base.with_suffix(".md.tmp")
-    tmp.write_text(markdown(result))
-    os.replace(tmp, base.with_suffix(".md"))
+    write_json_atomic(base.with_suffix(".json"), result, indent=1)
+    write_text_atomic(base.with_suffix(".md"), markdown(result))
     if png:
         try:
             p = plot(result, base.with_suffix(".png"))

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import atomic_path, write_json_atomic
 from ..models.spec import ModelSpec, dtype_bytes
 
 WEIGHTS, META = "predictors.safetensors", "predictors.json"
@@ -93,9 +94,8 @@ class PredictorSet(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = d / (WEIGHTS + ".tmp")
-        save_file(state, str(tmp), metadata={"dejavu": json.dumps(self.meta)})
-        os.replace(tmp, d / WEIGHTS)
+        with atomic_path(d / WEIGHTS) as tmp:
+            save_file(state, str(tmp), metadata={"dejavu": json.dumps(self.meta)})
         write_json_atomic(d / META, self.meta)
 
     @classmethod
@@ -121,10 +121,3 @@ class PredictorSet(nn.Module):
         except RuntimeError as e:
             raise PredictorFileError(f"{d / WEIGHTS} does not match {META}: {str(e)[:300]}") from None
         return ps.eval().requires_grad_(False)
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
