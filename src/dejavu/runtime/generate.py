@@ -10,10 +10,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..models.decoder import DecoderLM
+if TYPE_CHECKING:  # annotations only: DecoderLM.generate imports this module, so no import back at run time
+    from ..models.decoder import DecoderLM
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, generator=None) -> torch.Tensor:
