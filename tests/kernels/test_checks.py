@@ -164,7 +164,7 @@ for dt in (torch.float16, torch.bfloat16):
           B=1, N=20480, D=320, stride_xb=640, stride_wn=320, stride_ob=20480, eps=1e-6, NORM=False, HAS_BIAS=True,
           BATCH_MAX=True, HIST=True, BLOCK_B=1, BLOCK_N=16, BLOCK_D=512, NUM_STAGES=3), 4, 3)
     build(P._radix_select_kernel, dict(s_ptr=dt, hist_ptr=torch.int32, cnt_ptr=torch.int32, out_ptr=torch.int64,
-          N=20480, k=2048, copy_off=0, n_prog=20, COPIES=1, BINS=P.HIST_BINS, SUB=16, CHUNK=1024, SCAN=2048), 4, 1)
+          N=20480, k=2048, copy_off=0, n_prog=20, COPIES=1, BINS=P.HIST_BINS, SUB=16, CHUNK=1024, SHARE=256), 4, 1)
 print("compiled")
 """
 

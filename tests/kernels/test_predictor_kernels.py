@@ -5,7 +5,7 @@ import torch
 from kernel_helpers import DEVICE, DTYPES, make_gen, randn
 
 from dejavu.kernels import lowrank_gemv, lowrank_gemv_ref, select_topk, topk_select, topk_select_ref
-from dejavu.kernels.predictor_ops import HIST_BINS, radix_histogram_ref, radix_select, radix_workspace
+from dejavu.kernels.predictor_ops import HIST_BINS, HIST_LEN, radix_histogram_ref, radix_select, radix_workspace
 
 pytestmark = pytest.mark.needs_kernels
 
@@ -136,7 +136,8 @@ def _same_top_values(s, out, k):
 @pytest.mark.parametrize("N,k", [(1025, 1), (2000, 700), (3000, 3000), (5000, 2500), (20480, 2048)])
 def test_radix_select(N, k, dtype):
     """Exact top-k of 16-bit scores (one launch after the histogram): the k largest values, ties at the threshold
-    included (repeated values, both signs, +-0, -inf), and the workspace left zeroed for the next call."""
+    included (repeated values, both signs, +-0, -inf), and the workspace -- both histogram levels and the
+    counters -- left zeroed for the next call."""
     g = make_gen("radix", N, k, dtype)
     s = randn(N, gen=g, scale=2.0).to(dtype)
     s[:: 7] = s[3]  # a value repeated ~N/7 times
@@ -162,7 +163,7 @@ def test_scores_gemv_histogram_then_select(B):
     x, w, bias = randn(B, 40, gen=g, dtype=torch.float16), randn(3000, 40, gen=g, dtype=torch.float16), None
     ws = radix_workspace(DEVICE)
     sc = lowrank_gemv(x, w, bias, batch_max=True, out_dtype=torch.float16, hist=ws["hist"])
-    assert torch.equal(ws["hist"], radix_histogram_ref(sc)) and int(ws["hist"].sum()) == 3000
+    assert torch.equal(ws["hist"], radix_histogram_ref(sc)) and int(ws["hist"].sum()) == 2 * 3000  # both levels
     out = torch.empty(300, dtype=torch.int64, device=DEVICE)
     select_topk(sc, 300, out=out, workspace=ws, hist_ready=True)
     _same_top_values(sc, out, 300)
@@ -207,7 +208,7 @@ def test_radix_bad_input():
     for fn, msg in cases:
         with pytest.raises(ValueError, match=msg):
             fn()
-    assert HIST_BINS == 4096
+    assert HIST_BINS == 4096 and HIST_LEN == 4096 + 65536
 
 
 def test_predictor_kernels_bad_input():

@@ -69,7 +69,10 @@ def predictor_bytes(d, r, N, dtype=torch.float16, bias=True):
 SUB_BITS = 4
 HIST_BINS = 1 << (16 - SUB_BITS)
 """radix_select's first level: 4096 bins of a 16-bit score's order key (its top 12 bits)."""
+HIST_LEN = HIST_BINS + (1 << 16)
+"""A radix histogram buffer: the 4096 first-level bins, then one bin per 16-bit key (the second level)."""
 _SUB_BITS = tl.constexpr(SUB_BITS) if HAS_TRITON else SUB_BITS  # the same, readable inside kernels
+_HIST_BINS = tl.constexpr(HIST_BINS) if HAS_TRITON else HIST_BINS
 
 
 @jit
@@ -91,7 +94,7 @@ def _lowrank_gemv_kernel(
     w_ptr,  # [N, D] weight, row-major: one row per output
     bias_ptr,  # [N] or dummy
     out_ptr,  # [B, N] (or [1, N] with BATCH_MAX), fp32 or the weights' dtype
-    hist_ptr,  # [HIST_BINS] int32 histogram of the stored 16-bit scores' keys (HIST), or dummy
+    hist_ptr,  # [HIST_LEN] int32 two-level histogram of the stored 16-bit scores' keys (HIST), or dummy
     B,
     N,
     D,
@@ -102,7 +105,7 @@ def _lowrank_gemv_kernel(
     NORM: tl.constexpr,  # scale row b by rsqrt(mean(x[b]^2) + eps) (LowRank's normalization)
     HAS_BIAS: tl.constexpr,
     BATCH_MAX: tl.constexpr,  # write max over the batch (one row) instead of B rows
-    HIST: tl.constexpr,  # also count the stored (16-bit) scores into hist_ptr by their key's top 12 bits
+    HIST: tl.constexpr,  # also count the stored (16-bit) scores into hist_ptr (top 12 bits of the key, and the key)
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -143,8 +146,10 @@ def _lowrank_gemv_kernel(
     if BATCH_MAX:
         best = tl.max(tl.where(b_mask[:, None], acc, float("-inf")), axis=0).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + offs_n, best, mask=n_mask)
-        if HIST:  # radix_select's first level, from the values exactly as stored
-            tl.atomic_add(hist_ptr + (_key16(best) >> _SUB_BITS), 1, mask=n_mask, sem="relaxed")
+        if HIST:  # radix_select's two levels, from the values exactly as stored
+            key = _key16(best)
+            tl.atomic_add(hist_ptr + (key >> _SUB_BITS), 1, mask=n_mask, sem="relaxed")
+            tl.atomic_add(hist_ptr + _HIST_BINS + key, 1, mask=n_mask, sem="relaxed")
     else:
         tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=b_mask[:, None] & n_mask[None, :])  # fmt: skip
@@ -178,8 +183,8 @@ def lowrank_gemv(x, w, bias=None, *, norm=False, eps=1e-6, batch_max=False, out_
         norm: scale each row of x by ``rsqrt(mean(x^2) + eps)`` first (``LowRank``'s RMS normalization, no gain).
         out_dtype: float32, float16 or bfloat16.
         out: optional preallocated ``out_dtype`` ``[B, N]`` (``[1, N]`` with ``batch_max``).
-        hist: optional int32 ``[HIST_BINS]`` (a :func:`radix_workspace`'s ``hist``, zero): the stored scores are
-            also counted by key into it, the first level of :func:`radix_select` (``batch_max`` and a 16-bit
+        hist: optional int32 ``[HIST_LEN]`` (a :func:`radix_workspace`'s ``hist``, zero): the stored scores are
+            also counted by key into it, both levels of :func:`radix_select` (``batch_max`` and a 16-bit
             ``out_dtype`` only).
     """
     op = "lowrank_gemv"
@@ -197,7 +202,7 @@ def lowrank_gemv(x, w, bias=None, *, norm=False, eps=1e-6, batch_max=False, out_
             raise ValueError(f"{op}: hist= counts the batch-max scores by their 16-bit key; it needs batch_max=True "
                              f"and out_dtype float16/bfloat16 (got batch_max={batch_max}, {out_dtype}).")
         check_tensor(op, "hist", hist, ndim=1, dtype=torch.int32, dtype_of="histograms", device=w.device,
-                     shape=(HIST_BINS,), contiguous=True)  # fmt: skip
+                     shape=(HIST_LEN,), contiguous=True)  # fmt: skip
     B, (N, D) = x.shape[0], w.shape
     rows = 1 if batch_max else B
     if out is None:
@@ -351,7 +356,7 @@ def topk_select_ref(scores, k, *, copies=1, copy_offset=0):
 @jit
 def _radix_select_kernel(
     s_ptr,  # [N] 16-bit scores (fp16 / bf16)
-    hist_ptr,  # [HIST_BINS] int32: counts per key >> SUB_BITS (from lowrank_gemv(hist=)); zeroed here after use
+    hist_ptr,  # [HIST_LEN] int32: counts per key >> SUB_BITS, then per key (lowrank_gemv(hist=)); zeroed here
     cnt_ptr,  # [4] int32 zeros: arrivals, > threshold slots, tie slots, departures; reset here after use
     out_ptr,  # [COPIES * k] int64
     N,
@@ -362,18 +367,20 @@ def _radix_select_kernel(
     BINS: tl.constexpr,
     SUB: tl.constexpr,  # 1 << SUB_BITS
     CHUNK: tl.constexpr,  # scores compacted per program
-    SCAN: tl.constexpr,  # scores per step of the threshold scan
+    SHARE: tl.constexpr,  # next_pow2(cdiv(BINS, n_prog)): first-level bins whose second level a program zeroes
     PDL: tl.constexpr,
 ):
     """Indices of the k largest scores (no order); ties at the threshold key taken first-come.
 
-    Every program finds the same exact threshold T (the k-th largest 16-bit key): the bin of the histogram where
-    the count from the top reaches k, then a scan of all N scores counting that bin's members by their low
-    SUB_BITS bits. Then each compacts its own CHUNK: keys > T get slots from one counter (there are exactly
+    Every program finds the same exact threshold T (the k-th largest 16-bit key): the first-level bin where the
+    count from the top reaches k, then that bin's members by their low SUB_BITS bits, read from the second level.
+    Then each compacts its own CHUNK: keys > T get slots from one counter (there are exactly
     count(> T) of them), keys == T from a second one, kept while the slot is < k. Slots come from one atomic add
     per program, so the order of the indices depends on timing but the set does not, up to which of several
-    equal scores at the threshold are kept (as torch.topk). The program that arrives last at the threshold zeroes
-    the histogram; the one that leaves last resets the counters: the workspace is clean for the next call.
+    equal scores at the threshold are kept (as torch.topk). Each program zeroes the second-level rows of its share
+    of the non-empty first-level bins (bar the threshold bin's, which all read); the program that arrives last at
+    the threshold zeroes the first level and that row; the one that leaves last resets the counters: the
+    workspace is clean for the next call.
     """
     pdl_sync(PDL)
     pid = tl.program_id(0)
@@ -382,19 +389,21 @@ def _radix_select_kernel(
     ge = tl.cumsum(h, axis=0, reverse=True)  # count of keys in bins >= b
     bstar = tl.max(tl.where(ge >= k, bins, -1), axis=0)  # the bin holding the k-th largest key
     above = tl.sum(tl.where(bins > bstar, h, 0), axis=0)
+    js = tl.arange(0, SUB)
+    fine = hist_ptr + BINS  # second level: one bin per key, row b = keys b * SUB .. b * SUB + SUB - 1
+    sub = tl.load(fine + bstar * SUB + js)  # the threshold bin's members by their low bits
+    # second-level rows of this program's share of the non-empty first-level bins: read by nobody, zeroed now
+    # (before arriving, while the first level still holds the counts)
+    share = tl.cdiv(BINS, n_prog)
+    rows = pid * share + tl.arange(0, SHARE)
+    in_share = (rows < (pid + 1) * share) & (rows < BINS)
+    used = tl.load(hist_ptr + rows, mask=in_share, other=0) > 0
+    tl.store(fine + rows[:, None] * SUB + js[None, :], tl.zeros([SHARE, SUB], dtype=tl.int32),
+             mask=(in_share & used & (rows != bstar))[:, None])  # fmt: skip
     if tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == n_prog - 1:  # all programs have read hist
         tl.store(hist_ptr + bins, tl.zeros([BINS], dtype=tl.int32))
+        tl.store(fine + bstar * SUB + js, tl.zeros([SUB], dtype=tl.int32))
         tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
-    # the threshold bin's members by their low bits
-    offs_s = tl.arange(0, SCAN)
-    sub = tl.zeros([2 * SUB], dtype=tl.int32)
-    for c0 in range(0, N, SCAN):
-        o = c0 + offs_s
-        key = _key16(tl.load(s_ptr + o, mask=o < N, other=0.0))
-        lo = tl.where((o < N) & ((key >> _SUB_BITS) == bstar), key & (SUB - 1), SUB)  # SUB: not in the bin
-        sub += tl.histogram(lo, 2 * SUB)
-    js = tl.arange(0, 2 * SUB)
-    sub = tl.where(js < SUB, sub, 0)
     ge_sub = above + tl.cumsum(sub, axis=0, reverse=True)
     jstar = tl.max(tl.where(ge_sub >= k, js, -1), axis=0)
     t = bstar * SUB + jstar  # the k-th largest key
@@ -422,23 +431,26 @@ def _radix_select_kernel(
 
 
 def radix_workspace(device) -> dict:
-    """Zeroed state for :func:`radix_select`: ``hist`` (int32 [HIST_BINS]) and ``counters`` (int32 [4]). Each call
-    leaves it zeroed again, so one workspace serves any number of calls in stream order (not concurrent ones)."""
-    buf = torch.zeros(HIST_BINS + 4, dtype=torch.int32, device=device)
-    return {"hist": buf[:HIST_BINS], "counters": buf[HIST_BINS:]}
+    """Zeroed state for :func:`radix_select`: ``hist`` (int32 [HIST_LEN], 272 KB) and ``counters`` (int32 [4]).
+    Each call leaves it zeroed again, so one workspace serves any number of calls in stream order (not concurrent
+    ones)."""
+    buf = torch.zeros(HIST_LEN + 4, dtype=torch.int32, device=device)
+    return {"hist": buf[:HIST_LEN], "counters": buf[HIST_LEN:]}
 
 
 def radix_histogram_ref(scores):
-    """The first-level histogram of 16-bit scores (what ``lowrank_gemv(hist=)`` accumulates), in torch: int32
-    [HIST_BINS] counts of ``key16 >> SUB_BITS``. Graph-safe (scatter_add, no host sync)."""
+    """The two-level histogram of 16-bit scores (what ``lowrank_gemv(hist=)`` accumulates), in torch: int32
+    [HIST_LEN], counts of ``key16 >> SUB_BITS`` then of ``key16``. Graph-safe (scatter_add, no host sync)."""
     u = scores.reshape(-1).masked_fill(scores.reshape(-1) == 0, 0).view(torch.int16).to(torch.int32) & 0xFFFF
     key = torch.where(u >= 0x8000, 0xFFFF - u, u + 0x8000)
-    hist = torch.zeros(HIST_BINS, dtype=torch.int32, device=scores.device)
-    return hist.scatter_add_(0, (key >> SUB_BITS).long(), torch.ones_like(key))
+    hist = torch.zeros(HIST_LEN, dtype=torch.int32, device=scores.device)
+    one = torch.ones_like(key)
+    hist.scatter_add_(0, (key >> SUB_BITS).long(), one)
+    return hist.scatter_add_(0, (key + HIST_BINS).long(), one)
 
 
 def radix_select(scores, k, *, out, workspace, copies=1, copy_offset=0):
-    """Exact top-k of 16-bit scores in one launch, given their first-level histogram in ``workspace["hist"]``.
+    """Exact top-k of 16-bit scores in one launch, given their two-level histogram in ``workspace["hist"]``.
 
     The decode step fills the histogram for free in the epilogue of the GEMV that computes the scores
     (``lowrank_gemv(..., batch_max=True, hist=ws["hist"])``), so the selection is two launches in all, against
@@ -446,7 +458,7 @@ def radix_select(scores, k, *, out, workspace, copies=1, copy_offset=0):
     particular order (the gathers take any order); ties at the threshold are taken first-come, like torch.topk.
 
     Args:
-        scores: ``[N]`` or ``[1, N]`` float16 / bfloat16, contiguous, N <= 2^20.
+        scores: ``[N]`` or ``[1, N]`` float16 / bfloat16, contiguous.
         k: Python int, ``1 <= k <= N``.
         out: int64 ``[copies * k]`` contiguous; copy ``c`` is shifted by ``c * copy_offset``.
         workspace: :func:`radix_workspace` whose ``hist`` holds these scores' histogram (left zeroed).
@@ -462,8 +474,6 @@ def radix_select(scores, k, *, out, workspace, copies=1, copy_offset=0):
     n = s1.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"{op}: k must be a Python int in [1, {n}] (fixed output size), got {k!r}.")
-    if n > (1 << 20):
-        raise ValueError(f"{op}: N={n} exceeds 2^20 (the threshold scan runs in every program).")
     if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
         raise ValueError(f"{op}: copies must be a positive int, got {copies!r}.")
     check_out(op, out, shape=(copies * k,), dtype=torch.int64, device=s1.device)
@@ -471,15 +481,16 @@ def radix_select(scores, k, *, out, workspace, copies=1, copy_offset=0):
         raise ValueError(f"{op}: workspace must come from radix_workspace(device).")
     hist, cnt = workspace["hist"], workspace["counters"]
     check_tensor(op, "workspace['hist']", hist, ndim=1, dtype=torch.int32, dtype_of="histograms", device=s1.device,
-                 shape=(HIST_BINS,), contiguous=True)  # fmt: skip
+                 shape=(HIST_LEN,), contiguous=True)  # fmt: skip
     check_tensor(op, "workspace['counters']", cnt, ndim=1, dtype=torch.int32, dtype_of="histograms",
                  device=s1.device, shape=(4,), contiguous=True)  # fmt: skip
     chunk = 1024
     n_prog = cdiv(n, chunk)
     pdl = use_pdl(_radix_select_kernel, s1.device)
     _radix_select_kernel[(n_prog,)](s1, hist, cnt, out, n, k, int(copy_offset), n_prog, COPIES=copies,
-                                    BINS=HIST_BINS, SUB=1 << SUB_BITS, CHUNK=chunk, SCAN=2048, PDL=pdl,
-                                    launch_pdl=pdl, num_warps=4)  # fmt: skip
+                                    BINS=HIST_BINS, SUB=1 << SUB_BITS, CHUNK=chunk,
+                                    SHARE=next_pow2(cdiv(HIST_BINS, n_prog)), PDL=pdl, launch_pdl=pdl,
+                                    num_warps=4)  # fmt: skip
     return out
 
 
