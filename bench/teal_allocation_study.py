@@ -121,21 +121,20 @@ class FastTeal(TealPolicy):
         self.kept[key][layer] += float(kept)
         self.seen[key][layer] += float(seen)
 
-    def attn_input(self, layer, x):
-        if self.t["attn"][layer] < 0:
-            self._count("attn", layer, x.numel(), x.numel())
+    def _counted_cut(self, key, layer, x, cut):
+        """TealPolicy's input cut (none where the threshold is < 0, i.e. dense), counting the entries kept."""
+        if self.t[key][layer] < 0:
+            self._count(key, layer, x.numel(), x.numel())
             return x
-        out = super().attn_input(layer, x)
-        self._count("attn", layer, (out != 0).sum(), x.numel())
+        out = cut(layer, x)
+        self._count(key, layer, (out != 0).sum(), x.numel())
         return out
 
+    def attn_input(self, layer, x):
+        return self._counted_cut("attn", layer, x, super().attn_input)
+
     def mlp_input(self, layer, x):
-        if self.t["mlp"][layer] < 0:
-            self._count("mlp", layer, x.numel(), x.numel())
-            return x
-        out = super().mlp_input(layer, x)
-        self._count("mlp", layer, (out != 0).sum(), x.numel())
-        return out
+        return self._counted_cut("mlp", layer, x, super().mlp_input)
 
     def neurons(self, layer, mlp_in, mlp, resid):
         t = self.t["inter"][layer]
