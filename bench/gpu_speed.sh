@@ -2,7 +2,7 @@
 # One device call for the speed work (bench/NOTES.md): GPU tests of the kernels and the decode runtime, then the
 # profile_step A/B with programmatic dependent launch off and on, then (optionally) the committed benchmark.
 #
-#   bash bench/gpu_speed.sh tests,profile          # stages, comma-separated: tests, profile, bench, sweep
+#   bash bench/gpu_speed.sh tests,profile          # stages, comma-separated: tests, mlp, profile, bench, sweep
 #
 # Writes everything under $OUT (runs/gpu when unset) and prints a short table last.
 set -u
@@ -13,8 +13,13 @@ MODEL=${MODEL:-opt-13b}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 if [[ $STAGES == *,tests,* ]]; then
-  timeout 300 python -m pytest -q -x -n 8 -p no:cacheprovider tests/kernels tests/runtime > "$OUT/tests.txt" 2>&1
+  timeout 300 python -m pytest -q -x -n 8 -p no:cacheprovider ${TESTS:-tests/kernels tests/runtime} \
+    > "$OUT/tests.txt" 2>&1
   tail -n 3 "$OUT/tests.txt"
+fi
+if [[ $STAGES == *,mlp,* ]]; then
+  python bench/mlp_micro.py --out "$OUT/mlp" > "$OUT/mlp.txt" 2>&1
+  cat "$OUT/mlp.txt"
 fi
 if [[ $STAGES == *,profile,* ]]; then
   for pdl in ${PDLS:-0 1}; do

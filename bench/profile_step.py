@@ -5,7 +5,8 @@ isolate one design choice each: ``nopred`` (selections fixed, predictor calls sk
 predictors on the main stream, no side stream), ``unfused`` (the norms as kernels of their own instead of folded
 into the gathers), ``torch_topk`` (neuron top-k by torch.topk instead of the radix select) and
 ``sparse_high_priority`` (the side stream created with priority -1), ``fold_forced`` (folded norms at B > 2 too),
-``radix_torch_hist`` (the radix select's histogram built by torch ops instead of the scores GEMV's epilogue). Per variant: median graph-replay time
+``radix_torch_hist`` (the radix select's histogram built by torch ops instead of the scores GEMV's epilogue) and
+``unfused_mlp`` (the sparse MLP as the up and down gathers instead of one ``sparse_mlp`` launch). Per variant: median graph-replay time
 (``--rounds`` interleaved rounds of 60 replays), and a torch.profiler trace of graph replays, reduced to the kernel
 time per step by kernel name and stream, and the gap (span minus busy time) on the main stream. With programmatic
 dependent launch on, a kernel's traced duration includes the time its programs wait for the previous kernel.
@@ -89,7 +90,7 @@ def main():
     ap.add_argument("--point", default="0.1,0.5")
     ap.add_argument("--variants", default="dense,sparse,nopred,inline",
                     help="comma-separated subset of dense,sparse,unfused,nopred,inline,sparse_high_priority,torch_topk,"
-                         "fold_forced,radix_torch_hist")
+                         "fold_forced,radix_torch_hist,unfused_mlp")
     ap.add_argument("--tag", default="", help="suffix of the output file name (e.g. _pdl0 for an A/B run)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per variant (median)")
     ap.add_argument("--batch", type=int, default=1)
@@ -114,6 +115,7 @@ def main():
         "torch_topk": dict(predictors=preds, mlp_density=md, head_density=hd),
         "fold_forced": dict(predictors=preds, mlp_density=md, head_density=hd),
         "radix_torch_hist": dict(predictors=preds, mlp_density=md, head_density=hd),
+        "unfused_mlp": dict(predictors=preds, mlp_density=md, head_density=hd, fuse_mlp=False),
     }
     unknown = set(args.variants.split(",")) - set(variants)
     if unknown:

@@ -86,7 +86,7 @@ _COMPILE_SCRIPT = """
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from dejavu.kernels import gather_mlp as G, decode_attention as A, fused_ops as FO, predictor_ops as P
+from dejavu.kernels import gather_mlp as G, decode_attention as A, fused_ops as FO, predictor_ops as P, mlp_block as MB
 
 TY = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8"}
 
@@ -129,6 +129,14 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
               stride_hb=2048, stride_hg=128, stride_hr=1, stride_wn=5120, stride_rb=5120, stride_ob=5120,
               ROWS_PER_IDX=128, HAS_BIAS=True, HAS_RES=True, WRITE_PARTIAL=s > 1, FUSED_REDUCE=fused and s > 1,
               DOT_FP32=dt == torch.float32, **cfg), nw, cfg["NUM_STAGES"])
+    for B, act in ((1, 1), (2, 2), (16, 1)):  # the whole MLP block; OPT with a folded layernorm, SwiGLU rmsnorm
+        cfg = MB._mlp_config(B, 2048, 5120, act == 2, cpu); nw = cfg.pop("num_warps")
+        build(MB._sparse_mlp_kernel, dict(x_ptr=dt, w1_ptr=dt, w3_ptr=dt, w2t_ptr=dt, idx_ptr=torch.int64,
+              b1_ptr=torch.float32, b2_ptr=dt, res_ptr=dt, out_ptr=dt, acc_ptr=torch.float32, cnt_ptr=torch.int32,
+              g_ptr=dt, rg_ptr=torch.float32, B=B, K=2048, D=5120, eps=1e-5, stride_xb=5120, stride_xd=1,
+              stride_w1n=5120, stride_w3n=5120, stride_w2n=5120, stride_rb=5120, stride_ob=5120, ACT=act, NORM=act,
+              HAS_B1=act == 1, HAS_B2=act == 1, HAS_RES=True, DOT_FP32=dt == torch.float32, **cfg), nw,
+              cfg["NUM_STAGES"])
     for ln in (True, False):
         build(FO._norm_kernel, dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, y_ptr=dt, rb_ptr=dt, init_ptr=dt, D=5120, eps=1e-5,
               stride_x=5120, stride_y=5120, stride_i=5120, IS_LN=ln, HAS_W=True, HAS_B=ln, HAS_INIT=True,

@@ -93,6 +93,30 @@ def test_folded_norms_equal_separate_norm_kernels(tiny):
     assert not wide.fuse_norm and wide._fold1 == [None] * model.spec.n_layers
 
 
+def test_fused_mlp_block_equals_two_gathers(tiny):
+    """fuse_mlp (the default at B <= 2): a sparse MLP block is one sparse_mlp launch; same logits as the up and
+    down gathers (fp32), one launch fewer per sparse MLP layer, and the shared workspace is left zeroed."""
+    model = tiny[1].to(DEV)
+    p = _predictors(model.spec)
+    ids = torch.randint(0, model.spec.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
+    decs = {f: FastDecoder(model, p, MLP_D, HEAD_D, batch=2, max_len=12, backend="triton", fuse_mlp=f)
+            for f in (True, False)}
+    outs = {}
+    for f, dec in decs.items():
+        tok = dec.prefill(ids.to(model.device)).argmax(-1)
+        outs[f] = [dec.decode_step(tok).clone() for _ in range(2)]
+    for a, b in zip(outs[True], outs[False]):
+        torch.testing.assert_close(a, b, rtol=TOL, atol=TOL)
+    fused, plain = decs[True], decs[False]
+    assert fused._fused_mlp == [km < model.spec.ffn_dim for km in fused.k_mlp] and not any(plain._fused_mlp)
+    fewer = [b["main"] - a["main"] for a, b in zip(fused.kernels_per_layer(), plain.kernels_per_layer())]
+    assert fewer == [int(f) for f in fused._fused_mlp]
+    assert not fused._mlp_ws["acc"].any() and not fused._mlp_ws["cnt"].any()
+    assert fused.describe()["fuse_mlp"] and not plain.describe()["fuse_mlp"]
+    wide = FastDecoder(model, p, MLP_D, HEAD_D, batch=3, max_len=12, backend="torch")  # tensor-core path: two
+    assert not any(wide._fused_mlp)
+
+
 @pytest.mark.parametrize("arch", ["opt", "llama"])
 def test_radix_neuron_selection_16bit(arch):
     """16-bit model with N > SMALL_N: the neuron top-k is the radix select fed by the scores GEMV's histogram; each

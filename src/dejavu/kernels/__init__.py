@@ -3,7 +3,7 @@
 Launchers (need Triton; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``):
 
 * MLP: :func:`gather_up` (fc1 + bias + ReLU), :func:`gather_swiglu`, :func:`gather_down`
-  (transposed ``w2t``, + bias + residual); the up gathers (and ``head_gather_gemv``) can apply the norm before
+  (transposed ``w2t``, + bias + residual), and the whole block in one launch, :func:`sparse_mlp`; the up gathers (and ``head_gather_gemv``) can apply the norm before
   them in the same pass (:func:`fold_norm` -> ``norm=``);
 * attention projections: :func:`head_gather_gemv`, :func:`head_gather_down`;
 * attention: :func:`sparse_decode_attention` (selected query heads, GQA, flash-decoding);
@@ -51,6 +51,7 @@ from .predictor_ops import (
     topk_select,
     topk_select_ref,
 )
+from .mlp_block import mlp_workspace, sparse_mlp, sparse_mlp_ref
 
 __all__ = [
     "HAS_TRITON",
@@ -61,6 +62,9 @@ __all__ = [
     "gather_swiglu_ref",
     "gather_down",
     "gather_down_ref",
+    "sparse_mlp",
+    "sparse_mlp_ref",
+    "mlp_workspace",
     "NormFold",
     "fold_norm",
     "norm_ref",

@@ -106,15 +106,27 @@ def _gather_rows_kernel(
     """
     pdl_sync(PDL)
     pid = tl.program_id(0)
-
-    # -- which weight rows this program reads ------------------------------------------------
     offs_c = pid * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K] output columns
     c_mask = offs_c < n_out
     sel = tl.load(idx_ptr + offs_c // ROWS_PER_IDX, mask=c_mask, other=0)
-    rows = sel.to(tl.int64) * ROWS_PER_IDX + offs_c % ROWS_PER_IDX  # [BLOCK_K]
+    rows = sel.to(tl.int64) * ROWS_PER_IDX + offs_c % ROWS_PER_IDX  # [BLOCK_K] weight rows
+    acc = _rows_tile(x_ptr, w_ptr, w2_ptr, bias_ptr, g_ptr, rg_ptr, rows, c_mask, B, D, eps, stride_xb, stride_xd,
+                     stride_wn, stride_w2n, ACT, NORM, HAS_BIAS, BLOCK_B, BLOCK_K, BLOCK_D, USE_DOT, DOT_FP32,
+                     NUM_STAGES)  # fmt: skip
+    offs_b = tl.arange(0, BLOCK_B)
+    out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_c[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_b < B)[:, None] & c_mask[None, :])
+
+
+@jit
+def _rows_tile(x_ptr, w_ptr, w2_ptr, bias_ptr, g_ptr, rg_ptr, rows, c_mask, B, D, eps, stride_xb, stride_xd,
+               stride_wn, stride_w2n, ACT: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr,
+               DOT_FP32: tl.constexpr, NUM_STAGES: tl.constexpr):  # fmt: skip
+    """act(norm(x[b]) . w[rows] + bias[rows]) -> fp32 [BLOCK_B, BLOCK_K] (masked rows read as zero weights): the
+    body of the row gather, shared with the fused MLP block (mlp_block.py)."""
     w_rows = w_ptr + rows[:, None] * stride_wn  # [BLOCK_K, 1]
     w2_rows = w2_ptr + rows[:, None] * stride_w2n
-
     offs_b = tl.arange(0, BLOCK_B)
     b_mask = offs_b < B
     offs_d0 = tl.arange(0, BLOCK_D)
@@ -189,8 +201,7 @@ def _gather_rows_kernel(
         acc = tl.maximum(acc, 0.0)
     if ACT == 2:
         acc = acc / (1.0 + tl.exp(-acc)) * acc2  # silu(gate) * up
-    out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_c[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=b_mask[:, None] & c_mask[None, :])
+    return acc
 
 
 def _rows_config(batch: int, n_out: int, d: int, two_mats: bool, device: torch.device) -> dict:

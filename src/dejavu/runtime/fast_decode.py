@@ -81,6 +81,9 @@ class _TritonOps:
     def down(self, h, w2t, idx, bias, res, out):
         return K.gather_down(h, w2t, idx, bias, res, validate=False, out=out)
 
+    def mlp(self, x, w1, w3, w2t, idx, b1, b2, res, out, norm, ws):  # the whole block, one launch
+        return K.sparse_mlp(x, w1, w2t, idx, b1, b2, res, w3=w3, norm=norm, workspace=ws, validate=False, out=out)
+
     def attn(self, q, kc, vc, lens, idx, group, valid):
         return K.sparse_decode_attention(q, kc, vc, lens, idx, group, kv_valid=valid, validate=False)
 
@@ -119,6 +122,9 @@ class _TorchOps:
     def down(self, h, w2t, idx, bias, res, out):
         return out.copy_(K.gather_down_ref(h, w2t, idx, bias, res))
 
+    def mlp(self, x, w1, w3, w2t, idx, b1, b2, res, out, norm, ws):
+        return out.copy_(K.sparse_mlp_ref(x, w1, w2t, idx, b1, b2, res, w3=w3, norm=norm))
+
     def attn(self, q, kc, vc, lens, idx, group, valid):
         return K.sparse_decode_attention_ref(q, kc, vc, lens, idx, group, kv_valid=valid)
 
@@ -144,7 +150,7 @@ class FastDecoder:
 
     def __init__(self, model: DecoderLM, predictors=None, mlp_density=1.0, head_density=1.0, batch: int = 1,
                  max_len: int = 256, kv_policy: str = "selected", use_graph: bool = True, backend: str = "triton",
-                 overlap: bool = True, fuse_norm: bool = True):
+                 overlap: bool = True, fuse_norm: bool = True, fuse_mlp: bool = True):
         s = model.spec
         L, H, Hkv, N = s.n_layers, s.n_heads, s.n_kv_heads, s.ffn_dim
         if not 1 <= int(batch) <= K.MAX_BATCH:
@@ -203,6 +209,10 @@ class FastDecoder:
             self._hidx.append(idx[:kh])
             self._kvidx.append(idx[:kh] if (g == 1 and self.holes[l]) else kv)  # MHA: KV heads == q heads
         self._nidx = [torch.arange(km, **dev) for km in self.k_mlp]
+        # the sparse MLP block in one launch (kernels.sparse_mlp) at B <= 2 (its up phase is the CUDA-core gather);
+        # not at density 1, where every program's row of atomics would add up to N * d of them
+        self._fused_mlp = [bool(fuse_mlp) and B <= 2 and km < N for km in self.k_mlp]
+        self._mlp_ws = K.mlp_workspace(d, self.device, B) if backend == "triton" and any(self._fused_mlp) else None
         self._all_kv = torch.arange(Hkv, **dev)
         self._kv_offs = torch.tensor([[H], [H + Hkv]], **dev)
         self._wqkv, self._bqkv = self._fuse_qkv()
@@ -358,7 +368,8 @@ class FastDecoder:
     def describe(self) -> dict:
         return {"batch": self.batch, "max_len": self.max_len, "kv_policy": self.kv_policy, "backend": self.backend,
                 "graph": self.use_graph, "overlap": self._side is not None, "lookahead": self.lookahead,
-                "fuse_norm": self.fuse_norm, "neuron_topk": self._topk,
+                "fuse_norm": self.fuse_norm, "fuse_mlp": any(self._fused_mlp),
+                "neuron_topk": self._topk,
                 "k_heads": self.k_heads, "k_mlp": self.k_mlp, "k_kv": self.k_kv,
                 "kernels_per_layer": self._kernel_summary()}
 
@@ -564,9 +575,12 @@ class FastDecoder:
             if mlp_ready is not None:  # the lookahead neuron selection of this layer is written
                 torch.cuda.current_stream(self.device).wait_event(mlp_ready)
             nidx = self._nidx[l]
-            act = ops.up(h2, mlp.w1, mlp.w3, nidx, mlp.b1) if fold2 is None else \
-                ops.up(mid, mlp.w1, mlp.w3, nidx, None, norm=fold2)
-            ops.down(act, mlp.w2t, nidx, mlp.b2, mid, x_next)
+            xin, b1 = (h2, mlp.b1) if fold2 is None else (mid, None)
+            if self._fused_mlp[l]:
+                ops.mlp(xin, mlp.w1, mlp.w3, mlp.w2t, nidx, b1, mlp.b2, mid, x_next, fold2, self._mlp_ws)
+            else:
+                act = ops.up(xin, mlp.w1, mlp.w3, nidx, b1, norm=fold2)
+                ops.down(act, mlp.w2t, nidx, mlp.b2, mid, x_next)
 
     def kernels_per_layer(self) -> list[dict]:
         """Kernel launches per layer of one graphed step (static count of this code path, B and backend aside):
@@ -583,8 +597,8 @@ class FastDecoder:
             n += 0 if self._fold2[l] is not None else 1  # norm2 (+ residual init), unless folded
             if dense_m:
                 n += (3 if s.mlp_bias else 2) + 1 if s.mlp_kind == "relu" else 5  # fc1 (+bias copy), relu, fc2
-            else:
-                n += 2  # gather_up / gather_swiglu, gather_down (split-k reduced in the same launch)
+            else:  # sparse_mlp, or gather_up / gather_swiglu + gather_down (split-k reduced in the same launch)
+                n += 1 if self._fused_mlp[l] else 2
             side = 0
             ent = self._pred[l] if self._pred is not None else {}
             if ent:

@@ -1,0 +1,108 @@
+"""The sparse MLP block in one launch (kernels.sparse_mlp) against the up + down gather pair, as the step runs them
+(GPU diagnostic for bench/NOTES.md).
+
+A chain of 40 layers' MLP blocks (distinct weights per layer, so HBM and not L2; x_{l+1} = block_l(x_l)) is captured
+in one CUDA graph per variant and replayed; per layer: median replay time / 40, against the bytes' roofline (copy
+bandwidth measured in the same run). Variants: the two gathers, and the fused block at its default tiles and at a
+few alternatives. Batch 1, fp16, density 0.1.
+
+    PYTHONPATH=src python bench/mlp_micro.py --out $OUT/mlp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+
+from dejavu import kernels as K
+from dejavu.bench.kernel_sweep import measure_copy_bandwidth
+from dejavu.kernels import mlp_block as MB
+
+SHAPES = {"opt-13b": (5120, 20480, False), "llama-2-7b": (4096, 11008, True)}  # d, N, SwiGLU
+LAYERS = 40
+ALT = [dict(BLOCK_N=n, BLOCK_O=o, NUM_STAGES=st, num_warps=w)
+       for n, o, st, w in [(8, 256, 3, 4), (16, 256, 3, 4), (32, 256, 3, 4), (16, 512, 3, 4), (16, 128, 3, 4),
+                           (16, 256, 2, 4), (16, 256, 4, 4), (32, 256, 3, 8), (16, 512, 3, 8)]]
+
+
+def graph_ms(fn, reps: int = 30) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(reps + 1)]
+    for i in range(reps):
+        ev[i].record()
+        g.replay()
+    ev[reps].record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in zip(ev, ev[1:]))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--density", type=float, default=0.1)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    dev = torch.device("cuda")
+    bw = measure_copy_bandwidth(dev)
+    res = {"gpu": torch.cuda.get_device_name(), "copy_bw_gbps": bw / 1e9, "density": args.density, "shapes": {}}
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for name, (d, n, swiglu) in SHAPES.items():
+        k = max(1, round(args.density * n))
+        mats = 3 if swiglu else 2
+        w = [[torch.randn(n, d, device=dev, dtype=torch.float16, generator=gen) * 0.02 for _ in range(mats)]
+             for _ in range(LAYERS)]
+        b1 = None if swiglu else torch.randn(n, device=dev, dtype=torch.float16, generator=gen) * 0.02
+        idx = [torch.randperm(n, device=dev, generator=gen)[:k] for _ in range(LAYERS)]
+        xs = [torch.randn(1, d, device=dev, dtype=torch.float16, generator=gen) for _ in range(LAYERS + 1)]
+        ws = K.mlp_workspace(d, dev, 1)
+
+        def pair():
+            for l in range(LAYERS):
+                wl = w[l]
+                h = K.gather_swiglu(xs[l], wl[0], wl[2], idx[l], validate=False) if swiglu else \
+                    K.gather_up(xs[l], wl[0], idx[l], b1, "relu", validate=False)
+                K.gather_down(h, wl[1], idx[l], None, xs[l], validate=False, out=xs[l + 1])
+
+        def fused():
+            for l in range(LAYERS):
+                wl = w[l]
+                K.sparse_mlp(xs[l], wl[0], wl[1], idx[l], b1, None, xs[l], w3=wl[2] if swiglu else None,
+                             workspace=ws, validate=False, out=xs[l + 1])
+
+        roof_us = mats * k * d * 2 / bw * 1e6
+        rows = {"roofline_us": roof_us, "k": k, "records": []}
+        orig = MB._mlp_config
+        cands = [("pair", pair, None), ("fused", fused, None)] + [(f"fused {c}", fused, c) for c in ALT]
+        for label, fn, cfg in cands:
+            try:
+                if cfg is not None:
+                    MB._mlp_config = lambda *a, cfg=cfg: {**orig(*a), **cfg}
+                us = graph_ms(fn) * 1e3 / LAYERS
+                rows["records"].append({"variant": label, "us_per_layer": us, "x_roof": us / roof_us})
+                print(f"{name} {label:60s} {us:7.2f} us/layer  x{us / roof_us:.2f} roof", flush=True)
+            except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
+                rows["records"].append({"variant": label, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+                print(f"{name} {label}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+            finally:
+                MB._mlp_config = orig
+        res["shapes"][name] = rows
+        del w
+        torch.cuda.empty_cache()
+    with open(os.path.join(args.out, f"mlp_micro_{torch.cuda.get_device_name().replace(' ', '-').lower()}.json"),
+              "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

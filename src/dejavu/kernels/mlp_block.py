@@ -1,0 +1,257 @@
+"""The whole sparse MLP block in one launch: up gather, activation, down gather, bias and residual.
+
+At batch <= 2 the two sparse MLP projections of a decode step are each a few microseconds of weight reads (OPT-13B
+at density 0.1: 21 MB each, ~5 us at 4.2 TB/s), so each launch's ramp and tail weigh about as much as its reads.
+Here one program owns ``BLOCK_N`` selected neurons end to end:
+
+1. the up rows of its neurons against the whole x (the row-gather body of :mod:`.gather_mlp`, norm folded in when
+   given), bias and activation (ReLU, or SwiGLU with the gate and up rows) -> ``h`` ``[B, BLOCK_N]``, rounded to
+   the activations' dtype as the unfused pair stores it;
+2. its neurons' rows of the transposed down weight, ``h @ w2t[rows]`` ``[B, d]``, added into an fp32 workspace
+   with atomics (column slabs visited from a per-program offset, so programs do not queue on the same lines);
+3. one arrival per program on a counter; the program that arrives last adds the bias and the residual to the
+   workspace, stores the output in the activations' dtype, and zeroes the workspace and the counter for the next
+   launch.
+
+The intermediate ``h`` never leaves the program, the down projection needs no split-k partials, and there is one
+launch instead of two. The fp32 sum's order depends on the programs' timing, so low bits may differ between runs
+(fp16/bf16 outputs usually not at all); the unfused pair is deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import (
+    MAX_BATCH,
+    check_batch,
+    check_index,
+    check_launch_device,
+    check_out,
+    check_tensor,
+    cdiv,
+    is_interpreted,
+    jit,
+    next_pow2,
+    pdl_sync,
+    require_triton,
+    tl,
+    use_pdl,
+)
+from .gather_mlp import (
+    ACT_RELU,
+    ACT_SWIGLU,
+    NORM_CODES,
+    _check_down_epilogue,
+    _check_norm,
+    _rows_tile,
+    gather_down_ref,
+    gather_swiglu_ref,
+    gather_up_ref,
+    norm_ref,
+)
+
+
+@jit
+def _sparse_mlp_kernel(
+    # pointers
+    x_ptr,  # [B, D] activations (the raw residual stream when a norm is folded in)
+    w1_ptr,  # [N, D] up weight (SwiGLU: gate)
+    w3_ptr,  # [N, D] SwiGLU up weight, else == w1_ptr
+    w2t_ptr,  # [N, D] transposed down weight, rows contiguous
+    idx_ptr,  # [K] selected neurons
+    b1_ptr,  # [N] up bias (fp32 b + W beta with a folded layernorm) or dummy
+    b2_ptr,  # [D] down bias or dummy
+    res_ptr,  # [B, D] residual or dummy
+    out_ptr,  # [B, D]
+    acc_ptr,  # [>= B * D] fp32 workspace, zero between launches
+    cnt_ptr,  # [1] int32 arrival counter, zero between launches
+    g_ptr,  # [D] folded norm gain or dummy
+    rg_ptr,  # [N] fp32 W g (folded layernorm) or dummy
+    # sizes
+    B,
+    K,
+    D,
+    eps,
+    # strides
+    stride_xb,
+    stride_xd,
+    stride_w1n,
+    stride_w3n,
+    stride_w2n,
+    stride_rb,
+    stride_ob,
+    # meta-parameters
+    ACT: tl.constexpr,  # 1 relu, 2 swiglu
+    NORM: tl.constexpr,  # 0 none, 1 layernorm, 2 rmsnorm (see gather_mlp.NormFold)
+    HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # neurons per program
+    BLOCK_D: tl.constexpr,  # reduction chunk of the up phase
+    BLOCK_O: tl.constexpr,  # output columns per step of the down phase
+    BLOCK_F: tl.constexpr,  # output columns per step of the last program's epilogue
+    USE_DOT: tl.constexpr,  # tensor cores (B > 2, the batch padded to 16) vs. CUDA-core FMA (B <= 2)
+    DOT_FP32: tl.constexpr,  # fp32 operands for tl.dot (fp32 inputs, or the interpreter)
+    NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """out = act(norm(x) W1[idx]^T + b1[idx]) @ w2t[idx] + b2 + residual. Grid: (cdiv(K, BLOCK_N),)."""
+    pdl_sync(PDL)
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < K
+    rows = tl.load(idx_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)  # [BLOCK_N]
+
+    # -- up: h = act(norm(x) . w1[rows] + b1[rows]), [BLOCK_B, BLOCK_N] --------------------------------------------
+    h = _rows_tile(x_ptr, w1_ptr, w3_ptr, b1_ptr, g_ptr, rg_ptr, rows, n_mask, B, D, eps, stride_xb, stride_xd,
+                   stride_w1n, stride_w3n, ACT, NORM, HAS_B1, BLOCK_B, BLOCK_N, BLOCK_D, USE_DOT, DOT_FP32,
+                   NUM_STAGES)  # fmt: skip
+    h = tl.where(n_mask[None, :], h, 0.0).to(out_ptr.dtype.element_ty)  # rounded to the stored dtype, as unfused
+
+    # -- down: acc[b, :] += h[b] @ w2t[rows], slab by slab from a per-program offset ----------------------------------
+    offs_b = tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+    n_slabs = tl.cdiv(D, BLOCK_O)
+    w2_rows = w2t_ptr + rows[:, None] * stride_w2n  # [BLOCK_N, 1]
+    for i in tl.range(0, n_slabs, num_stages=NUM_STAGES):
+        s = (pid + i) % n_slabs
+        offs_o = s * BLOCK_O + tl.arange(0, BLOCK_O)
+        o_mask = offs_o < D
+        w = tl.load(w2_rows + offs_o[None, :], mask=n_mask[:, None] & o_mask[None, :], other=0.0)
+        if USE_DOT:  # [BLOCK_B, BLOCK_N] @ [BLOCK_N, BLOCK_O]
+            if DOT_FP32:
+                part = tl.dot(h.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(h, w)
+        else:
+            part = tl.sum(h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)  # [BLOCK_B, BLOCK_O]
+        tl.atomic_add(acc_ptr + offs_b[:, None] * D + offs_o[None, :], part, mask=b_mask[:, None] & o_mask[None, :],
+                      sem="relaxed", scope="gpu")  # fmt: skip
+
+    # -- the last program to arrive finishes: + b2 + residual, cast, store; leave the workspace zeroed -------------
+    # (threadfence-reduction pattern: the barrier orders every thread's atomics before the one acq_rel arrival)
+    tl.debug_barrier()
+    old = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    if old == tl.num_programs(0) - 1:
+        for f0 in range(0, D, BLOCK_F):
+            offs_f = f0 + tl.arange(0, BLOCK_F)
+            f_mask = offs_f < D
+            bf_mask = b_mask[:, None] & f_mask[None, :]
+            acc_ptrs = acc_ptr + offs_b[:, None] * D + offs_f[None, :]
+            tot = tl.load(acc_ptrs, mask=bf_mask, other=0.0, cache_modifier=".cg")
+            tl.store(acc_ptrs, tl.zeros([BLOCK_B, BLOCK_F], dtype=tl.float32), mask=bf_mask)
+            if HAS_B2:
+                tot += tl.load(b2_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_RES:
+                tot += tl.load(res_ptr + offs_b[:, None] * stride_rb + offs_f[None, :], mask=bf_mask,
+                               other=0.0).to(tl.float32)  # fmt: skip
+            tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_f[None, :], tot.to(out_ptr.dtype.element_ty),
+                     mask=bf_mask)  # fmt: skip
+        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+
+
+def _mlp_config(batch: int, k: int, d: int, swiglu: bool, device: torch.device) -> dict:
+    """Tiles for :func:`_sparse_mlp_kernel` (a heuristic). B <= 2: CUDA-core FMA, 16 neurons a program (every
+    program adds a full [B, d] row of atomics, so not fewer), 512-column down slabs, 8 warps: the best of
+    bench/mlp_micro.py's candidates at OPT-13B and Llama-2-7B shapes, density 0.1 (H100, bench/NOTES.md). The up
+    phase's fp32 accumulator [B, 16, BLOCK_D] (twice for SwiGLU) stays <= 64 registers a thread. B > 2: tensor
+    cores, the batch padded to 16, 128-wide chunks in both phases (as the gathers' tensor-core path)."""
+    if batch > 2:
+        return dict(BLOCK_B=16, BLOCK_N=16, BLOCK_D=max(16, min(128, next_pow2(d))), BLOCK_O=max(16, min(128, next_pow2(d))),
+                    BLOCK_F=max(16, min(512, next_pow2(d))), USE_DOT=True, NUM_STAGES=3, num_warps=4)  # fmt: skip
+    block_b, block_n, warps = next_pow2(batch), 16, 8
+    budget = 64 * 32 * warps // (block_b * block_n * (2 if swiglu else 1))
+    block_d = max(16, min(512, next_pow2(d), budget))
+    block_o = max(16, min(512, next_pow2(d)))
+    block_f = max(16, min(2048, next_pow2(d)))
+    return dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_O=block_o, BLOCK_F=block_f, USE_DOT=False,
+                NUM_STAGES=3, num_warps=warps)  # fmt: skip
+
+
+def mlp_workspace(d: int, device, batch: int = MAX_BATCH) -> dict:
+    """A zeroed workspace for :func:`sparse_mlp` (fp32 ``[batch * d]`` sums and an int32 arrival counter). The
+    kernel leaves it zeroed, so launches that run one after another (one stream) can share one; launches that may
+    run at the same time need one each."""
+    device = torch.device(device)
+    return {"acc": torch.zeros(batch * d, dtype=torch.float32, device=device),
+            "cnt": torch.zeros(1, dtype=torch.int32, device=device)}
+
+
+def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, norm=None, workspace=None,
+               validate=True, out=None):
+    """The sparse MLP block ``act(x @ w1[idx].T + b1[idx]) @ w2t[idx] + b2 + residual`` -> ``[B, d]`` in one launch.
+
+    ``act`` is ReLU (OPT: ``w1`` = fc1, ``b1`` its bias) or, with ``w3``, SwiGLU ``silu(x w1[idx]^T) * (x w3[idx]^T)``
+    (LLaMA: ``w1`` = gate, ``w3`` = up, no biases). ``w2t`` is the transposed down weight ``[N, d]``.
+    ``norm``: a :class:`~dejavu.kernels.gather_mlp.NormFold` of the norm before the block, folded for ``w1``
+    (SwiGLU: rmsnorm only); x is then the raw residual stream and ``b1`` comes from the fold.
+    ``workspace``: from :func:`mlp_workspace` (default: a fresh one per call, which costs a memset launch).
+    """
+    op = "sparse_mlp"
+    require_triton(op)
+    check_tensor(op, "w1", w1, ndim=2, contiguous=True)
+    check_launch_device(op, _sparse_mlp_kernel, w1)
+    N, D = w1.shape
+    check_tensor(op, "x", x, ndim=2, dtype=w1.dtype, device=w1.device, shape=(None, D))
+    check_batch(op, x.shape[0])
+    B = x.shape[0]
+    check_tensor(op, "w2t", w2t, ndim=2, dtype=w1.dtype, dtype_of="w1", device=w1.device, device_of="w1",
+                 shape=(N, None), contiguous=True)  # fmt: skip
+    if w2t.shape[1] != D:
+        raise ValueError(f"{op}: w2t is {tuple(w2t.shape)}, but the block's output must have x's width {D}: pass the "
+                         "transposed down weight [N, d] (down_proj.weight.T.contiguous()).")  # fmt: skip
+    if w3 is not None:
+        check_tensor(op, "w3", w3, ndim=2, dtype=w1.dtype, dtype_of="w1", device=w1.device, device_of="w1",
+                     shape=(N, D), contiguous=True)  # fmt: skip
+        if b1 is not None:
+            raise ValueError(f"{op}: the SwiGLU block has no up bias; pass b1=None with w3.")
+    check_index(op, "idx", idx, n=N, device=w1.device, validate=validate)
+    if b1 is not None:
+        check_tensor(op, "b1", b1, ndim=1, dtype=w1.dtype, device=w1.device, shape=(N,), contiguous=True)
+    _check_norm(op, norm, w1, x, b1)
+    if norm is not None and w3 is not None and norm.kind != "rmsnorm":
+        raise ValueError(f"{op}: only an rmsnorm can be folded into the SwiGLU block (got {norm.kind}); run the norm "
+                         "first and pass norm=None.")  # fmt: skip
+    _check_down_epilogue(op, b2, residual, w1, B, D)
+    if out is None:
+        out = torch.empty((B, D), dtype=x.dtype, device=x.device)
+    else:
+        check_out(op, out, shape=(B, D), dtype=x.dtype, device=x.device)
+    if workspace is None:
+        workspace = mlp_workspace(D, x.device, B)
+    acc, cnt = workspace.get("acc"), workspace.get("cnt")
+    if not (isinstance(acc, torch.Tensor) and acc.dtype == torch.float32 and acc.device == x.device
+            and acc.is_contiguous() and acc.numel() >= B * D and isinstance(cnt, torch.Tensor)
+            and cnt.dtype == torch.int32 and cnt.device == x.device and cnt.numel() >= 1):
+        raise ValueError(f"{op}: workspace must come from mlp_workspace(d={D}, device, batch>={B}).")
+    k = idx.shape[0]
+    cfg = _mlp_config(B, k, D, w3 is not None, x.device)
+    num_warps = cfg.pop("num_warps")
+    pdl = use_pdl(_sparse_mlp_kernel, x.device)
+    bias1 = norm.bias if norm is not None else b1
+    res = residual if residual is not None else out
+    _sparse_mlp_kernel[(cdiv(k, cfg["BLOCK_N"]),)](
+        x, w1, w3 if w3 is not None else w1, w2t, idx, bias1 if bias1 is not None else w1,
+        b2 if b2 is not None else w1, res, out, acc, cnt,
+        norm.weight if norm is not None else w1, norm.rowsum if norm is not None and norm.rowsum is not None else w1,
+        B, k, D, norm.eps if norm is not None else 0.0,
+        x.stride(0), x.stride(1), w1.stride(0), (w3 if w3 is not None else w1).stride(0), w2t.stride(0),
+        res.stride(0), out.stride(0),
+        ACT=ACT_SWIGLU if w3 is not None else ACT_RELU, NORM=0 if norm is None else NORM_CODES[norm.kind],
+        HAS_B1=bias1 is not None, HAS_B2=b2 is not None, HAS_RES=residual is not None,
+        DOT_FP32=x.dtype == torch.float32 or is_interpreted(_sparse_mlp_kernel), PDL=pdl, launch_pdl=pdl, num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg,
+    )  # fmt: skip
+    return out
+
+
+def sparse_mlp_ref(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, norm=None):
+    """Reference for :func:`sparse_mlp`: the unfused torch references, in the inputs' dtype."""
+    if norm is not None:
+        x, b1 = norm_ref(x, norm), norm.linear_bias
+    h = gather_up_ref(x, w1, idx, b1, act="relu") if w3 is None else gather_swiglu_ref(x, w1, w3, idx)
+    return gather_down_ref(h, w2t, idx, b2, residual)
+
+
+__all__ = ["sparse_mlp", "sparse_mlp_ref", "mlp_workspace"]

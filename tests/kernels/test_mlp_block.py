@@ -1,0 +1,120 @@
+"""sparse_mlp (the whole sparse MLP block in one launch) against the unfused torch references.
+
+Odd d (not a multiple of the up chunk, the down slab or the epilogue chunk), k = 1 / some / all, batches 1, 2, 3
+and 16, ReLU with biases and residual (OPT) and SwiGLU (LLaMA), folded norms, and the workspace left clean for the
+next launch.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernel_helpers import DEVICE, DTYPES, check_against, make_gen, poisoned, rand_index, randn  # noqa: E402
+
+from dejavu.kernels import fold_norm, mlp_workspace, sparse_mlp, sparse_mlp_ref  # noqa: E402
+from dejavu.kernels import mlp_block as SM  # noqa: E402
+
+pytestmark = pytest.mark.needs_kernels
+
+CASES = [(72, 40, 1), (72, 40, 40), (300, 130, 45), (600, 37, 13)]  # (d, N, k)
+
+
+def _weights(d, n, dtype, g, swiglu):
+    w1 = randn(n, d, dtype=dtype, gen=g, scale=0.2)
+    w3 = randn(n, d, dtype=dtype, gen=g, scale=0.2) if swiglu else None
+    w2t = randn(n, d, dtype=dtype, gen=g, scale=0.2)
+    return w1, w3, w2t
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [1, 2, 3])
+@pytest.mark.parametrize("swiglu", [False, True], ids=["relu", "swiglu"])
+@pytest.mark.parametrize("d,n,k", CASES)
+def test_sparse_mlp(d, n, k, swiglu, B, dtype):
+    g = make_gen("sparse_mlp", d, n, k, swiglu, B, dtype)
+    x = randn(B, d, dtype=dtype, gen=g)
+    w1, w3, w2t = _weights(d, n, dtype, g, swiglu)
+    b1 = None if swiglu else randn(n, dtype=dtype, gen=g)
+    b2, res = (randn(d, dtype=dtype, gen=g), randn(B, d, dtype=dtype, gen=g)) if (k + B) % 2 else (None, None)
+    idx = rand_index(n, k, gen=g, dtype=torch.int32 if B == 2 else torch.int64)
+    ws = mlp_workspace(d, DEVICE, B)
+    out = poisoned((B, d), dtype)
+    got = sparse_mlp(x, w1, w2t, idx, b1, b2, res, w3=w3, workspace=ws, out=out)
+    assert got is out
+    check_against(got, sparse_mlp_ref, (x, w1, w2t, idx, b1, b2, res), {"w3": w3}, dtype=dtype)
+    assert not ws["acc"].any() and not ws["cnt"].any(), "the kernel must leave its workspace zeroed"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse_mlp_batch_16_and_reused_workspace(dtype):
+    d, n, k, B = 200, 90, 33, 16
+    g = make_gen("sparse_mlp16", dtype)
+    w1, _, w2t = _weights(d, n, dtype, g, False)
+    b1, b2 = randn(n, dtype=dtype, gen=g), randn(d, dtype=dtype, gen=g)
+    ws = mlp_workspace(d, DEVICE)  # one workspace, two launches in a row (as the decode step shares it)
+    for step in range(2):
+        x, res = randn(B, d, dtype=dtype, gen=g), randn(B, d, dtype=dtype, gen=g)
+        idx = rand_index(n, k, gen=g)
+        got = sparse_mlp(x, w1, w2t, idx, b1, b2, res, workspace=ws, out=poisoned((B, d), dtype))
+        check_against(got, sparse_mlp_ref, (x, w1, w2t, idx, b1, b2, res), dtype=dtype)
+        assert not ws["acc"].any() and not ws["cnt"].any(), f"workspace not zeroed after launch {step}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [2, 3])
+@pytest.mark.parametrize("kind,swiglu", [("layernorm", False), ("rmsnorm", False), ("rmsnorm", True)])
+def test_sparse_mlp_folded_norm(kind, swiglu, B, dtype):
+    d, n, k = 300, 64, 20
+    g = make_gen("sparse_mlp_norm", kind, swiglu, B, dtype)
+    x = (randn(B, d, gen=g) + 0.5).to(dtype)  # off-centre: the layernorm's mean term matters
+    w1, w3, w2t = _weights(d, n, dtype, g, swiglu)
+    b1 = None if swiglu else randn(n, dtype=dtype, gen=g)
+    gain = (1.0 + 0.3 * randn(d, gen=g)).to(dtype)
+    shift = randn(d, dtype=dtype, gen=g, scale=0.5) if kind == "layernorm" else None
+    fold = fold_norm(w1, kind, gain, shift, 1e-5, b1)
+    b2 = randn(d, dtype=dtype, gen=g)
+    idx = rand_index(n, k, gen=g)
+    got = sparse_mlp(x, w1, w2t, idx, None, b2, x, w3=w3, norm=fold)
+    check_against(got, sparse_mlp_ref, (x, w1, w2t, idx, None, b2, x), {"w3": w3, "norm": fold}, dtype=dtype)
+
+
+def test_sparse_mlp_config():
+    """B <= 2: CUDA-core FMA, the accumulators [B, BLOCK_N, BLOCK_D] (twice for SwiGLU) and [B, BLOCK_N, BLOCK_O]
+    within 64 fp32 registers a thread; B > 2: tensor cores (tl.dot needs 16 rows and 16 neurons)."""
+    for B in (1, 2, 3, 16):
+        for swiglu in (False, True):
+            c = SM._mlp_config(B, 2048, 5120, swiglu, torch.device("cpu"))
+            assert c["BLOCK_B"] >= B and c["USE_DOT"] == (B > 2)
+            if B > 2:
+                assert c["BLOCK_B"] >= 16 and c["BLOCK_N"] >= 16
+                continue
+            assert c["BLOCK_B"] * c["BLOCK_N"] * c["BLOCK_D"] * (2 if swiglu else 1) <= 64 * 32 * c["num_warps"]
+            assert c["BLOCK_B"] * c["BLOCK_N"] * c["BLOCK_O"] <= 64 * 32 * c["num_warps"]
+
+
+def _args(dtype=torch.float16):
+    g = make_gen("sparse_mlp_bad")
+    d, n = 64, 32
+    w1, w3, w2t = _weights(d, n, dtype, g, True)
+    return dict(x=randn(2, d, dtype=dtype, gen=g), w1=w1, w2t=w2t, idx=rand_index(n, 8, gen=g)), w3
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a, w3: a.update(w2t=a["w2t"].T.contiguous()), "w2t"),
+        (lambda a, w3: a.update(w2t=a["w2t"][:, :32].contiguous()), "transposed down weight"),
+        (lambda a, w3: a.update(x=a["x"].float()), "x"),
+        (lambda a, w3: a.update(idx=torch.tensor([0, 0, 3], device=DEVICE)), "duplicate"),
+        (lambda a, w3: a.update(idx=torch.tensor([0, 32], device=DEVICE)), "out of bounds"),
+        (lambda a, w3: a.update(w3=w3, b1=torch.zeros(32, dtype=torch.float16, device=DEVICE)), "no up bias"),
+        (lambda a, w3: a.update(workspace={"acc": torch.zeros(10, device=DEVICE)}), "mlp_workspace"),
+        (lambda a, w3: a.update(x=randn(17, 64, dtype=torch.float16)), "17"),
+    ],
+)
+def test_sparse_mlp_rejects(mutate, match):
+    a, w3 = _args()
+    mutate(a, w3)
+    with pytest.raises(ValueError, match=match):
+        sparse_mlp(**a)
