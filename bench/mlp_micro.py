@@ -3,8 +3,8 @@
 
 A chain of 40 layers' MLP blocks (distinct weights per layer, so HBM and not L2; x_{l+1} = block_l(x_l)) is captured
 in one CUDA graph per variant and replayed; per layer: median replay time / 40, against the bytes' roofline (copy
-bandwidth measured in the same run). Variants: the two gathers, and the fused block at its default tiles and at a
-few alternatives. Batch 1, fp16, density 0.1.
+bandwidth measured in the same run). Variants: the two gathers, the fused block at its default tiles and at a
+few alternatives, and at density 1 the dense runtime's cuBLAS MLP (``--no-alt``: none). Batch 1, fp16, densities ``--densities`` (default 0.1).
 
     PYTHONPATH=src python bench/mlp_micro.py --out $OUT/mlp
 """
@@ -50,15 +50,17 @@ def graph_ms(fn, reps: int = 30) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--density", type=float, default=0.1)
+    ap.add_argument("--densities", default="0.1", help="comma-separated MLP densities")
+    ap.add_argument("--no-alt", action="store_true", help="only the pair and the fused block's default tiles")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     dev = torch.device("cuda")
     bw = measure_copy_bandwidth(dev)
-    res = {"gpu": torch.cuda.get_device_name(), "copy_bw_gbps": bw / 1e9, "density": args.density, "shapes": {}}
+    densities = [float(v) for v in args.densities.split(",")]
+    res = {"gpu": torch.cuda.get_device_name(), "copy_bw_gbps": bw / 1e9, "densities": densities, "shapes": {}}
     gen = torch.Generator(device=dev).manual_seed(0)
-    for name, (d, n, swiglu) in SHAPES.items():
-        k = max(1, round(args.density * n))
+    for (name, (d, n, swiglu)), density in ((s, dd) for s in SHAPES.items() for dd in densities):
+        k = max(1, round(density * n))
         mats = 3 if swiglu else 2
         w = [[torch.randn(n, d, device=dev, dtype=torch.float16, generator=gen) * 0.02 for _ in range(mats)]
              for _ in range(LAYERS)]
@@ -74,6 +76,16 @@ def main():
                     K.gather_up(xs[l], wl[0], idx[l], b1, "relu", validate=False)
                 K.gather_down(h, wl[1], idx[l], None, xs[l], validate=False, out=xs[l + 1])
 
+        def cublas():  # the dense runtime's MLP (density 1): cuBLAS GEMVs, the activation, addmm with the residual
+            for l in range(LAYERS):
+                wl = w[l]
+                if swiglu:
+                    act = torch.nn.functional.silu(torch.nn.functional.linear(xs[l], wl[0])) * \
+                        torch.nn.functional.linear(xs[l], wl[2])
+                else:
+                    act = torch.nn.functional.linear(xs[l], wl[0], b1).relu_()
+                torch.addmm(xs[l], act, wl[1], out=xs[l + 1])
+
         def fused():
             for l in range(LAYERS):
                 wl = w[l]
@@ -83,20 +95,21 @@ def main():
         roof_us = mats * k * d * 2 / bw * 1e6
         rows = {"roofline_us": roof_us, "k": k, "records": []}
         orig = MB._mlp_config
-        cands = [("pair", pair, None), ("fused", fused, None)] + [(f"fused {c}", fused, c) for c in ALT]
+        cands = [("pair", pair, None), ("fused", fused, None)] + ([("cublas dense", cublas, None)] if k == n else []) + \
+            ([] if args.no_alt else [(f"fused {c}", fused, c) for c in ALT])
         for label, fn, cfg in cands:
             try:
                 if cfg is not None:
                     MB._mlp_config = lambda *a, cfg=cfg: {**orig(*a), **cfg}
                 us = graph_ms(fn) * 1e3 / LAYERS
                 rows["records"].append({"variant": label, "us_per_layer": us, "x_roof": us / roof_us})
-                print(f"{name} {label:60s} {us:7.2f} us/layer  x{us / roof_us:.2f} roof", flush=True)
+                print(f"{name} {density} {label:60s} {us:7.2f} us/layer  x{us / roof_us:.2f} roof", flush=True)
             except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
                 rows["records"].append({"variant": label, "error": f"{type(e).__name__}: {str(e)[:160]}"})
                 print(f"{name} {label}: {type(e).__name__}: {str(e)[:160]}", flush=True)
             finally:
                 MB._mlp_config = orig
-        res["shapes"][name] = rows
+        res["shapes"][f"{name} {density}"] = rows
         del w
         torch.cuda.empty_cache()
     with open(os.path.join(args.out, f"mlp_micro_{torch.cuda.get_device_name().replace(' ', '-').lower()}.json"),

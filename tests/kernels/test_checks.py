@@ -108,6 +108,8 @@ def build(kernel, args, num_warps, num_stages):
     opts = dict(num_warps=num_warps, num_stages=num_stages, launch_pdl=True)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     assert "griddepcontrol.wait" in k.asm["ptx"], kernel.__name__
+    if args.get("FENCE"):  # the per-thread fence of the threadfence-reduction pattern
+        assert "fence.acq_rel.gpu" in k.asm["ptx"], kernel.__name__
     return k
 
 cpu = torch.device("cpu")
@@ -128,6 +130,7 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
               part_ptr=torch.float32, cnt_ptr=torch.int32, B=B, n_in=2048, D=5120, rows_per_split=rps, n_splits=s,
               stride_hb=2048, stride_hg=128, stride_hr=1, stride_wn=5120, stride_rb=5120, stride_ob=5120,
               ROWS_PER_IDX=128, HAS_BIAS=True, HAS_RES=True, WRITE_PARTIAL=s > 1, FUSED_REDUCE=fused and s > 1,
+              FENCE=fused and s > 1,
               DOT_FP32=dt == torch.float32, **cfg), nw, cfg["NUM_STAGES"])
     for B, act in ((1, 1), (2, 2), (16, 1)):  # the whole MLP block; OPT with a folded layernorm, SwiGLU rmsnorm
         cfg = MB._mlp_config(B, 2048, 5120, act == 2, cpu); nw = cfg.pop("num_warps")
@@ -135,7 +138,7 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
               b1_ptr=torch.float32, b2_ptr=dt, res_ptr=dt, out_ptr=dt, acc_ptr=torch.float32, cnt_ptr=torch.int32,
               g_ptr=dt, rg_ptr=torch.float32, B=B, K=2048, D=5120, eps=1e-5, stride_xb=5120, stride_xd=1,
               stride_w1n=5120, stride_w3n=5120, stride_w2n=5120, stride_rb=5120, stride_ob=5120, ACT=act, NORM=act,
-              HAS_B1=act == 1, HAS_B2=act == 1, HAS_RES=True, DOT_FP32=dt == torch.float32, **cfg), nw,
+              HAS_B1=act == 1, HAS_B2=act == 1, HAS_RES=True, DOT_FP32=dt == torch.float32, FENCE=True, **cfg), nw,
               cfg["NUM_STAGES"])
     for ln in (True, False):
         build(FO._norm_kernel, dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, y_ptr=dt, rb_ptr=dt, init_ptr=dt, D=5120, eps=1e-5,

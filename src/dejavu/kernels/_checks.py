@@ -125,6 +125,19 @@ def pdl_sync(PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
+@jit
+def fence_gpu(FENCE: tl.constexpr):
+    """Every thread: ``fence.acq_rel.gpu``, so that its earlier writes and atomics are performed GPU-wide before
+    anything after it. The per-thread ``__threadfence()`` of the threadfence-reduction pattern (fence, barrier, one
+    acq_rel arrival; the last program to arrive reads what all wrote): without it the arriving thread's fence covers
+    only its own writes, and the last program can read sums that other warps' atomics have not reached yet
+    (measured: an MLP block over 16384 neurons 0.46 off in relative logit error). FENCE=False under the interpreter,
+    which runs programs one at a time and has no inline PTX."""
+    if FENCE:
+        tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, $1;", "=r,r", [tl.full([128], 0, tl.int32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)  # 128 elements: every thread runs it
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 

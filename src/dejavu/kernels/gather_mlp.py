@@ -39,6 +39,7 @@ from ._checks import (
     check_out,
     check_tensor,
     cdiv,
+    fence_gpu,
     is_interpreted,
     jit,
     next_pow2,
@@ -458,6 +459,7 @@ def _gather_down_kernel(
     HAS_RES: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr,  # split-k: store fp32 partials, a second kernel finishes
     FUSED_REDUCE: tl.constexpr,  # split-k in one launch: the last program of a column slab sums the partials
+    FENCE: tl.constexpr,  # per-thread GPU fence before the arrival (FUSED_REDUCE; off in the interpreter)
     BLOCK_B: tl.constexpr,
     BLOCK_J: tl.constexpr,  # gathered rows per loop step
     BLOCK_D: tl.constexpr,  # output columns per program
@@ -514,9 +516,10 @@ def _gather_down_kernel(
         part_ptrs = part_ptr + (pid_s * B + offs_b[:, None]) * D + offs_d[None, :]
         tl.store(part_ptrs, acc, mask=bd_mask)
         if FUSED_REDUCE:
-            # threadfence-reduction pattern: every thread's partial is stored (barrier), one gpu-scope acq_rel
+            # threadfence-reduction pattern: every thread's partial is stored and fenced (barrier), one gpu-scope acq_rel
             # arrival per program; the program that arrives last sums all partials of its slab in split order
             # (deterministic: same order whoever is last) and resets the counter for the next launch/replay.
+            fence_gpu(FENCE)
             tl.debug_barrier()
             old = tl.atomic_add(cnt_ptr + pid_d, 1, sem="acq_rel", scope="gpu")
             if old == n_splits - 1:
@@ -669,7 +672,7 @@ def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out,
         B, n_in, D, rows_per_split, splits,
         *h_strides, w.stride(0), res.stride(0), out.stride(0),
         ROWS_PER_IDX=rows_per_idx, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        WRITE_PARTIAL=splits > 1, FUSED_REDUCE=fused,
+        WRITE_PARTIAL=splits > 1, FUSED_REDUCE=fused, FENCE=fused and not is_interpreted(_gather_down_kernel),
         DOT_FP32=w.dtype == torch.float32 or is_interpreted(_gather_down_kernel), PDL=pdl, launch_pdl=pdl,
         num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg,
     )  # fmt: skip

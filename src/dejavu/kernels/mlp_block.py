@@ -30,6 +30,7 @@ from ._checks import (
     check_out,
     check_tensor,
     cdiv,
+    fence_gpu,
     is_interpreted,
     jit,
     next_pow2,
@@ -95,6 +96,7 @@ def _sparse_mlp_kernel(
     USE_DOT: tl.constexpr,  # tensor cores (B > 2, the batch padded to 16) vs. CUDA-core FMA (B <= 2)
     DOT_FP32: tl.constexpr,  # fp32 operands for tl.dot (fp32 inputs, or the interpreter)
     NUM_STAGES: tl.constexpr,
+    FENCE: tl.constexpr,  # per-thread GPU fence before the arrival (off in the interpreter)
     PDL: tl.constexpr,
 ):
     """out = act(norm(x) W1[idx]^T + b1[idx]) @ w2t[idx] + b2 + residual. Grid: (cdiv(K, BLOCK_N),)."""
@@ -131,7 +133,8 @@ def _sparse_mlp_kernel(
                       sem="relaxed", scope="gpu")  # fmt: skip
 
     # -- the last program to arrive finishes: + b2 + residual, cast, store; leave the workspace zeroed -------------
-    # (threadfence-reduction pattern: the barrier orders every thread's atomics before the one acq_rel arrival)
+    # (threadfence-reduction pattern: every thread fences its atomics, barrier, one acq_rel arrival)
+    fence_gpu(FENCE)
     tl.debug_barrier()
     old = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
     if old == tl.num_programs(0) - 1:
@@ -141,6 +144,10 @@ def _sparse_mlp_kernel(
             bf_mask = b_mask[:, None] & f_mask[None, :]
             acc_ptrs = acc_ptr + offs_b[:, None] * D + offs_f[None, :]
             tot = tl.load(acc_ptrs, mask=bf_mask, other=0.0, cache_modifier=".cg")
+            # every thread has read its sums before any thread zeroes: the zeros' tile may be laid out over the
+            # threads differently from the loaded one (measured on the GPU: without this barrier, 2048-wide chunks
+            # lost sums; the interpreter, one thread, cannot show it)
+            tl.debug_barrier()
             tl.store(acc_ptrs, tl.zeros([BLOCK_B, BLOCK_F], dtype=tl.float32), mask=bf_mask)
             if HAS_B2:
                 tot += tl.load(b2_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
@@ -241,7 +248,8 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
         res.stride(0), out.stride(0),
         ACT=ACT_SWIGLU if w3 is not None else ACT_RELU, NORM=0 if norm is None else NORM_CODES[norm.kind],
         HAS_B1=bias1 is not None, HAS_B2=b2 is not None, HAS_RES=residual is not None,
-        DOT_FP32=x.dtype == torch.float32 or is_interpreted(_sparse_mlp_kernel), PDL=pdl, launch_pdl=pdl, num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg,
+        DOT_FP32=x.dtype == torch.float32 or is_interpreted(_sparse_mlp_kernel),
+        FENCE=not is_interpreted(_sparse_mlp_kernel), PDL=pdl, launch_pdl=pdl, num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg,
     )  # fmt: skip
     return out
 

@@ -11,13 +11,15 @@ updated inside the graph, so one captured step replays for every token.
 Per layer l (``_block``), with ``x`` the residual stream entering the block:
   norm1 -> q (selected heads, ``head_gather_gemv``; OPT bias) and K/V (see kv_policy) -> RoPE (Llama) ->
   write K/V at the current position -> ``sparse_decode_attention`` over the selected heads ->
-  ``head_gather_down`` with the residual fused -> norm2 -> ``gather_up`` (OPT: bias + ReLU) or ``gather_swiglu``
-  -> ``gather_down`` with bias and residual fused. At batch <= 2 each norm before a sparse gather is folded into
-  it (``fuse_norm``, ``kernels.fold_norm``): a sparse layer is then seven kernels. On Hopper every Triton kernel is
-  launched with programmatic dependent launch (``kernels._checks.use_pdl``).
-A layer at density 1 uses dense cuBLAS GEMVs for that part and runs no predictor. ``predictors=None`` is the
-all-dense runtime ("ours-dense": same graph, cuBLAS GEMVs, the decode-attention kernel over all heads), our
-stand-in for FasterTransformer / gpt-fast.
+  ``head_gather_down`` with the residual fused -> norm2 -> the MLP block. At batch <= 2 a sparse MLP block is one
+  launch, ``sparse_mlp`` (up rows, ReLU / SwiGLU, down rows, bias and residual; ``fuse_mlp``); above, ``gather_up``
+  (OPT: bias + ReLU) or ``gather_swiglu`` then ``gather_down`` with bias and residual fused.
+  At batch <= 2 each norm before a gather is also folded into it (``fuse_norm``, ``kernels.fold_norm``): a sparse
+  layer is then six kernels. On Hopper every Triton kernel is launched with programmatic dependent launch
+  (``kernels._checks.use_pdl``).
+A part at density 1 uses dense cuBLAS GEMVs, and a layer at density 1 runs no predictor. ``predictors=None`` is the
+all-dense runtime ("ours-dense": same graph, cuBLAS GEMVs, the decode-attention kernel over all heads), our stand-in
+for FasterTransformer / gpt-fast.
 
 Predictors (``policy.PredictorPolicy`` semantics): with lookahead, layer l+1's heads and neurons are scored from
 layer l's input; layer 0 from its own. On CUDA that lookahead runs on a side stream (forked and joined inside the
@@ -209,9 +211,10 @@ class FastDecoder:
             self._hidx.append(idx[:kh])
             self._kvidx.append(idx[:kh] if (g == 1 and self.holes[l]) else kv)  # MHA: KV heads == q heads
         self._nidx = [torch.arange(km, **dev) for km in self.k_mlp]
-        # the sparse MLP block in one launch (kernels.sparse_mlp) at B <= 2 (its up phase is the CUDA-core gather);
-        # not at density 1, where every program's row of atomics would add up to N * d of them
+        # the sparse MLP block in one launch (kernels.sparse_mlp) at B <= 2. Not at density 1: in the OPT-13B step on an
+        # H200 (profile_step, same call) ours-dense took 7.84 ms with it against 7.40 with cuBLAS (bench/NOTES.md, v5)
         self._fused_mlp = [bool(fuse_mlp) and B <= 2 and km < N for km in self.k_mlp]
+        self._cublas_mlp = [km == N and not f for km, f in zip(self.k_mlp, self._fused_mlp)]
         self._mlp_ws = K.mlp_workspace(d, self.device, B) if backend == "triton" and any(self._fused_mlp) else None
         self._all_kv = torch.arange(Hkv, **dev)
         self._kv_offs = torch.tensor([[H], [H + Hkv]], **dev)
@@ -277,7 +280,7 @@ class FastDecoder:
         for l, blk in enumerate(self.model.layers):
             n1, n2, mlp = blk.norm1, blk.norm2, blk.mlp
             ok1 = self.k_heads[l] < self.spec.n_heads and n1.weight is not None
-            ok2 = self.k_mlp[l] < self.spec.ffn_dim and n2.weight is not None and \
+            ok2 = not self._cublas_mlp[l] and n2.weight is not None and \
                 (mlp.w3 is None or n2.kind == "rmsnorm")
             f1.append(K.fold_norm(self._wqkv[l], n1.kind, n1.weight, n1.bias, n1.eps, self._bqkv[l]) if ok1 else None)
             f2.append(K.fold_norm(mlp.w1, n2.kind, n2.weight, n2.bias, n2.eps, mlp.b1) if ok2 else None)
@@ -532,7 +535,7 @@ class FastDecoder:
         B, H, Hkv, hd = self.batch, s.n_heads, s.n_kv_heads, s.head_dim
         x, x_next, mid = self._x[l], self._x[l + 1], self._mid
         kh, kkv = self.k_heads[l], self.k_kv[l]
-        dense_heads, dense_mlp = kh == H, self.k_mlp[l] == s.ffn_dim
+        dense_heads, dense_mlp = kh == H, self._cublas_mlp[l]
         n1, n2, fold1, fold2 = blk.norm1, blk.norm2, self._fold1[l], self._fold2[l]
         # norm1 (unless folded into the q/k/v gather); a dense o_proj accumulates in place into mid, so
         # mid = x + bo is written here in the same pass
@@ -588,7 +591,7 @@ class FastDecoder:
         s, out = self.spec, []
         bias = s.attn_bias
         for l in range(s.n_layers):
-            dense_h, dense_m = self.k_heads[l] == s.n_heads, self.k_mlp[l] == s.ffn_dim
+            dense_h, dense_m = self.k_heads[l] == s.n_heads, self._cublas_mlp[l]
             n = 0 if self._fold1[l] is not None else 1  # norm1 (+ residual init), unless folded
             n += (2 if bias else 1) if dense_h else 1  # fused qkv GEMV (+ cuBLAS bias copy at M = 1) / one gather
             n += 1  # qkv_post: RoPE, q, K/V cache write, hole mask
