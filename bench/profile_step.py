@@ -6,8 +6,7 @@ predictors on the main stream, no side stream), ``unfused`` (the norms as kernel
 into the gathers), ``torch_topk`` (neuron top-k by torch.topk instead of the radix select) and
 ``sparse_high_priority`` (the side stream created with priority -1), ``fold_forced`` (folded norms at B > 2 too),
 ``radix_torch_hist`` (the radix select's histogram built by torch ops instead of the scores GEMV's epilogue) and
-``unfused_mlp`` (the sparse MLP as the up and down gathers instead of one ``sparse_mlp`` launch) and
-``dense_unfused_mlp`` (ours-dense with cuBLAS MLP GEMVs instead of the MLP block kernel). Per variant: median graph-replay time
+``unfused_mlp`` (the sparse MLP as the up and down gathers instead of one ``sparse_mlp`` launch). Per variant: median graph-replay time
 (``--rounds`` interleaved rounds of 60 replays), and a torch.profiler trace of graph replays, reduced to the kernel
 time per step by kernel name and stream, and the gap (span minus busy time) on the main stream. With programmatic
 dependent launch on, a kernel's traced duration includes the time its programs wait for the previous kernel.
@@ -91,7 +90,7 @@ def main():
     ap.add_argument("--point", default="0.1,0.5")
     ap.add_argument("--variants", default="dense,sparse,nopred,inline",
                     help="comma-separated subset of dense,sparse,unfused,nopred,inline,sparse_high_priority,torch_topk,"
-                         "fold_forced,radix_torch_hist,unfused_mlp,dense_unfused_mlp")
+                         "fold_forced,radix_torch_hist,unfused_mlp")
     ap.add_argument("--tag", default="", help="suffix of the output file name (e.g. _pdl0 for an A/B run)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per variant (median)")
     ap.add_argument("--batch", type=int, default=1)
@@ -117,7 +116,6 @@ def main():
         "fold_forced": dict(predictors=preds, mlp_density=md, head_density=hd),
         "radix_torch_hist": dict(predictors=preds, mlp_density=md, head_density=hd),
         "unfused_mlp": dict(predictors=preds, mlp_density=md, head_density=hd, fuse_mlp=False),
-        "dense_unfused_mlp": dict(predictors=None, mlp_density=1.0, head_density=1.0, kv_policy="all", fuse_mlp=False),
     }
     unknown = set(args.variants.split(",")) - set(variants)
     if unknown:
