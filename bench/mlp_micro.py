@@ -4,7 +4,8 @@
 A chain of 40 layers' MLP blocks (distinct weights per layer, so HBM and not L2; x_{l+1} = block_l(x_l)) is captured
 in one CUDA graph per variant and replayed; per layer: median replay time / 40, against the bytes' roofline (copy
 bandwidth measured in the same run). Variants: the two gathers, the fused block at its default tiles and at a
-few alternatives, and at density 1 the dense runtime's cuBLAS MLP (``--no-alt``: none). Batch 1, fp16, densities ``--densities`` (default 0.1).
+few alternatives (``--no-alt``: none), and at density 1 the dense runtime's cuBLAS MLP. Batch 1, fp16, densities
+``--densities`` (default 0.1).
 
     PYTHONPATH=src python bench/mlp_micro.py --out $OUT/mlp
 """
@@ -12,13 +13,14 @@ few alternatives, and at density 1 the dense runtime's cuBLAS MLP (``--no-alt``:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 
 import torch
 
 from dejavu import kernels as K
+from dejavu.atomic import write_json_atomic
+from dejavu.bench.report import slug
 from dejavu.bench.kernel_sweep import measure_copy_bandwidth
 from dejavu.kernels import mlp_block as MB
 
@@ -95,7 +97,8 @@ def main():
         roof_us = mats * k * d * 2 / bw * 1e6
         rows = {"roofline_us": roof_us, "k": k, "records": []}
         orig = MB._mlp_config
-        cands = [("pair", pair, None), ("fused", fused, None)] + ([("cublas dense", cublas, None)] if k == n else []) + \
+        cands = [("pair", pair, None), ("fused", fused, None)] + \
+            ([("cublas dense", cublas, None)] if k == n else []) + \
             ([] if args.no_alt else [(f"fused {c}", fused, c) for c in ALT])
         for label, fn, cfg in cands:
             try:
@@ -110,11 +113,9 @@ def main():
             finally:
                 MB._mlp_config = orig
         res["shapes"][f"{name} {density}"] = rows
-        del w
+        w.clear()  # free this shape's weights before the next
         torch.cuda.empty_cache()
-    with open(os.path.join(args.out, f"mlp_micro_{torch.cuda.get_device_name().replace(' ', '-').lower()}.json"),
-              "w") as f:
-        json.dump(res, f, indent=1)
+    write_json_atomic(os.path.join(args.out, f"mlp_micro_{slug(torch.cuda.get_device_name())}.json"), res, indent=1)
 
 
 if __name__ == "__main__":

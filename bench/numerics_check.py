@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 
 import torch
 
+from dejavu.atomic import write_json_atomic
 from dejavu.bench.decode import bench_spec, build_random_model
 from dejavu.bench.hf_baseline import prompt_ids
 from dejavu.runtime.fast_decode import FastDecoder
@@ -62,8 +62,7 @@ def main():
         del dec
     for name, errs in res["paths"].items():
         print(f"{name:48s} max rel {max(errs):.2e}  per step {' '.join(f'{e:.1e}' for e in errs)}", flush=True)
-    with open(os.path.join(args.out, f"numerics_{args.model}.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_json_atomic(os.path.join(args.out, f"numerics_{args.model}.json"), res, indent=1)
 
 
 if __name__ == "__main__":

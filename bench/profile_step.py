@@ -6,9 +6,10 @@ predictors on the main stream, no side stream), ``unfused`` (the norms as kernel
 into the gathers), ``torch_topk`` (neuron top-k by torch.topk instead of the radix select) and
 ``sparse_high_priority`` (the side stream created with priority -1), ``fold_forced`` (folded norms at B > 2 too),
 ``radix_torch_hist`` (the radix select's histogram built by torch ops instead of the scores GEMV's epilogue) and
-``unfused_mlp`` (the sparse MLP as the up and down gathers instead of one ``sparse_mlp`` launch). Per variant: median graph-replay time
-(``--rounds`` interleaved rounds of 60 replays), and a torch.profiler trace of graph replays, reduced to the kernel
-time per step by kernel name and stream, and the gap (span minus busy time) on the main stream. With programmatic
+``unfused_mlp`` (the sparse MLP as the up and down gathers instead of one ``sparse_mlp`` launch). Per variant: median
+graph-replay time (``--rounds`` interleaved rounds of 60 replays), and a torch.profiler trace of graph replays,
+reduced to the kernel time per step by kernel name and stream, and the gap (span minus busy time) on the main
+stream. With programmatic
 dependent launch on, a kernel's traced duration includes the time its programs wait for the previous kernel.
 
     PYTHONPATH=src python bench/profile_step.py --out $OUT/profile [--model opt-13b] [--variants dense,sparse]

@@ -67,13 +67,11 @@ def test_sparse_batch1_equals_reference_policy(tiny, kv_policy):
         assert dec.k_kv == [1, model.spec.n_kv_heads, model.spec.n_kv_heads]  # gathered / dense-with-holes
 
 
-def test_folded_norms_equal_separate_norm_kernels(tiny):
-    """fuse_norm (the default): the sparse parts' norms run inside their gathers; same logits as with the norm
-    kernels (fp32), two launches fewer per fully sparse layer, and the fold's fp32 row constants are counted."""
-    model = tiny[1].to(DEV)
-    p = _predictors(model.spec)
-    ids = torch.randint(0, model.spec.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3))
-    decs = {f: FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=12, backend="triton", fuse_norm=f)
+def _on_and_off(model, p, flag, B, seed):
+    """Two decoders differing only in ``flag`` (on / off), two decode steps each from the same prompt: the logits
+    agree (fp32); returns (on, off)."""
+    ids = torch.randint(0, model.spec.vocab_size, (B, 5), generator=torch.Generator().manual_seed(seed))
+    decs = {f: FastDecoder(model, p, MLP_D, HEAD_D, batch=B, max_len=12, backend="triton", **{flag: f})
             for f in (True, False)}
     outs = {}
     for f, dec in decs.items():
@@ -81,7 +79,15 @@ def test_folded_norms_equal_separate_norm_kernels(tiny):
         outs[f] = [dec.decode_step(tok).clone() for _ in range(2)]
     for a, b in zip(outs[True], outs[False]):
         torch.testing.assert_close(a, b, rtol=TOL, atol=TOL)
-    fused, plain = decs[True], decs[False]
+    return decs[True], decs[False]
+
+
+def test_folded_norms_equal_separate_norm_kernels(tiny):
+    """fuse_norm (the default): the sparse parts' norms run inside their gathers; same logits as with the norm
+    kernels (fp32), two launches fewer per fully sparse layer, and the fold's fp32 row constants are counted."""
+    model = tiny[1].to(DEV)
+    p = _predictors(model.spec)
+    fused, plain = _on_and_off(model, p, "fuse_norm", B=1, seed=3)
     assert [f is not None for f in fused._fold1] == [kh < model.spec.n_heads for kh in fused.k_heads]
     assert [f is not None for f in fused._fold2] == [km < model.spec.ffn_dim for km in fused.k_mlp]
     fewer = [b["main"] - a["main"] for a, b in zip(fused.kernels_per_layer(), plain.kernels_per_layer())]
@@ -98,16 +104,7 @@ def test_fused_mlp_block_equals_two_gathers(tiny):
     down gathers (fp32), one launch fewer per sparse MLP layer, and the shared workspace is left zeroed."""
     model = tiny[1].to(DEV)
     p = _predictors(model.spec)
-    ids = torch.randint(0, model.spec.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
-    decs = {f: FastDecoder(model, p, MLP_D, HEAD_D, batch=2, max_len=12, backend="triton", fuse_mlp=f)
-            for f in (True, False)}
-    outs = {}
-    for f, dec in decs.items():
-        tok = dec.prefill(ids.to(model.device)).argmax(-1)
-        outs[f] = [dec.decode_step(tok).clone() for _ in range(2)]
-    for a, b in zip(outs[True], outs[False]):
-        torch.testing.assert_close(a, b, rtol=TOL, atol=TOL)
-    fused, plain = decs[True], decs[False]
+    fused, plain = _on_and_off(model, p, "fuse_mlp", B=2, seed=4)
     assert fused._fused_mlp == [km < model.spec.ffn_dim for km in fused.k_mlp] and not any(plain._fused_mlp)
     fewer = [b["main"] - a["main"] for a, b in zip(fused.kernels_per_layer(), plain.kernels_per_layer())]
     assert fewer == [int(f) for f in fused._fused_mlp]

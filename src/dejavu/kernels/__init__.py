@@ -3,7 +3,8 @@
 Launchers (need Triton; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``):
 
 * MLP: :func:`gather_up` (fc1 + bias + ReLU), :func:`gather_swiglu`, :func:`gather_down`
-  (transposed ``w2t``, + bias + residual), and the whole block in one launch, :func:`sparse_mlp`; the up gathers (and ``head_gather_gemv``) can apply the norm before
+  (transposed ``w2t``, + bias + residual), and the whole block in one launch, :func:`sparse_mlp`; the up gathers
+  (and ``head_gather_gemv``) can apply the norm before
   them in the same pass (:func:`fold_norm` -> ``norm=``);
 * attention projections: :func:`head_gather_gemv`, :func:`head_gather_down`;
 * attention: :func:`sparse_decode_attention` (selected query heads, GQA, flash-decoding);

@@ -516,7 +516,8 @@ def _gather_down_kernel(
         part_ptrs = part_ptr + (pid_s * B + offs_b[:, None]) * D + offs_d[None, :]
         tl.store(part_ptrs, acc, mask=bd_mask)
         if FUSED_REDUCE:
-            # threadfence-reduction pattern: every thread's partial is stored and fenced (barrier), one gpu-scope acq_rel
+            # threadfence-reduction pattern: every thread's partial is stored and fenced (barrier), one gpu-scope
+            # acq_rel
             # arrival per program; the program that arrives last sums all partials of its slab in split order
             # (deterministic: same order whoever is last) and resets the counter for the next launch/replay.
             fence_gpu(FENCE)

@@ -110,7 +110,7 @@ def _sparse_mlp_kernel(
     h = _rows_tile(x_ptr, w1_ptr, w3_ptr, b1_ptr, g_ptr, rg_ptr, rows, n_mask, B, D, eps, stride_xb, stride_xd,
                    stride_w1n, stride_w3n, ACT, NORM, HAS_B1, BLOCK_B, BLOCK_N, BLOCK_D, USE_DOT, DOT_FP32,
                    NUM_STAGES)  # fmt: skip
-    h = tl.where(n_mask[None, :], h, 0.0).to(out_ptr.dtype.element_ty)  # rounded to the stored dtype, as unfused
+    h = h.to(out_ptr.dtype.element_ty)  # rounded to the stored dtype, as unfused (masked neurons' rows read as 0)
 
     # -- down: acc[b, :] += h[b] @ w2t[rows], slab by slab from a per-program offset ----------------------------------
     offs_b = tl.arange(0, BLOCK_B)
@@ -166,7 +166,8 @@ def _mlp_config(batch: int, k: int, d: int, swiglu: bool, device: torch.device) 
     phase's fp32 accumulator [B, 16, BLOCK_D] (twice for SwiGLU) stays <= 64 registers a thread. B > 2: tensor
     cores, the batch padded to 16, 128-wide chunks in both phases (as the gathers' tensor-core path)."""
     if batch > 2:
-        return dict(BLOCK_B=16, BLOCK_N=16, BLOCK_D=max(16, min(128, next_pow2(d))), BLOCK_O=max(16, min(128, next_pow2(d))),
+        return dict(BLOCK_B=16, BLOCK_N=16, BLOCK_D=max(16, min(128, next_pow2(d))),
+                    BLOCK_O=max(16, min(128, next_pow2(d))),
                     BLOCK_F=max(16, min(512, next_pow2(d))), USE_DOT=True, NUM_STAGES=3, num_warps=4)  # fmt: skip
     block_b, block_n, warps = next_pow2(batch), 16, 8
     budget = 64 * 32 * warps // (block_b * block_n * (2 if swiglu else 1))
@@ -249,7 +250,8 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
         ACT=ACT_SWIGLU if w3 is not None else ACT_RELU, NORM=0 if norm is None else NORM_CODES[norm.kind],
         HAS_B1=bias1 is not None, HAS_B2=b2 is not None, HAS_RES=residual is not None,
         DOT_FP32=x.dtype == torch.float32 or is_interpreted(_sparse_mlp_kernel),
-        FENCE=not is_interpreted(_sparse_mlp_kernel), PDL=pdl, launch_pdl=pdl, num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg,
+        FENCE=not is_interpreted(_sparse_mlp_kernel), PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
+        num_stages=cfg["NUM_STAGES"], **cfg,
     )  # fmt: skip
     return out
 
