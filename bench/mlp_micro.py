@@ -4,10 +4,12 @@
 A chain of 40 layers' MLP blocks (distinct weights per layer, so HBM and not L2; x_{l+1} = block_l(x_l)) is captured
 in one CUDA graph per variant and replayed; per layer: median replay time / 40, against the bytes' roofline (copy
 bandwidth measured in the same run). Variants: the two gathers, the fused block at its default tiles and at a
-few alternatives (``--no-alt``: none), and at density 1 the dense runtime's cuBLAS MLP. Batch 1, fp16, densities
-``--densities`` (default 0.1).
+few alternatives (``--alt tiles``: neurons per program, slab width, stages, warps; ``--alt epilogue``: the width of
+the last program's epilogue steps; ``--alt stages``: pipeline depth and chunk widths; ``--alt none``), and at
+density 1 the dense runtime's cuBLAS MLP. Batch 1, fp16, densities ``--densities`` (default 0.1), shapes
+``--shapes``.
 
-    PYTHONPATH=src python bench/mlp_micro.py --out $OUT/mlp
+    PYTHONPATH=src python bench/mlp_micro.py --out $OUT/mlp [--alt epilogue] [--shapes opt-13b,opt-30b]
 """
 
 from __future__ import annotations
@@ -24,11 +26,16 @@ from dejavu.bench.report import slug
 from dejavu.bench.kernel_sweep import measure_copy_bandwidth
 from dejavu.kernels import mlp_block as MB
 
-SHAPES = {"opt-13b": (5120, 20480, False), "llama-2-7b": (4096, 11008, True)}  # d, N, SwiGLU
+SHAPES = {"opt-13b": (5120, 20480, False), "llama-2-7b": (4096, 11008, True),
+          "opt-30b": (7168, 28672, False)}  # d, N, SwiGLU
 LAYERS = 40
 ALT = [dict(BLOCK_N=n, BLOCK_O=o, NUM_STAGES=st, num_warps=w)
        for n, o, st, w in [(8, 256, 3, 4), (16, 256, 3, 4), (32, 256, 3, 4), (16, 512, 3, 4), (16, 128, 3, 4),
                            (16, 256, 2, 4), (16, 256, 4, 4), (32, 256, 3, 8), (16, 512, 3, 8)]]
+ALTS = {"tiles": ALT, "epilogue": [dict(BLOCK_F=f) for f in (1024, 2048, 4096, 8192)],
+        "stages": [dict(NUM_STAGES=st, BLOCK_D=bd, BLOCK_O=bo) for st, bd, bo in
+                   [(2, 512, 512), (4, 512, 512), (5, 512, 512), (4, 256, 1024), (6, 256, 256), (4, 1024, 512)]],
+        "none": []}
 
 
 def graph_ms(fn, reps: int = 30) -> float:
@@ -53,7 +60,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--densities", default="0.1", help="comma-separated MLP densities")
-    ap.add_argument("--no-alt", action="store_true", help="only the pair and the fused block's default tiles")
+    ap.add_argument("--alt", default="tiles", choices=sorted(ALTS), help="which alternative configs to time too")
+    ap.add_argument("--shapes", default="opt-13b,llama-2-7b", help=f"comma-separated subset of {sorted(SHAPES)}")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     dev = torch.device("cuda")
@@ -61,7 +69,8 @@ def main():
     densities = [float(v) for v in args.densities.split(",")]
     res = {"gpu": torch.cuda.get_device_name(), "copy_bw_gbps": bw / 1e9, "densities": densities, "shapes": {}}
     gen = torch.Generator(device=dev).manual_seed(0)
-    for (name, (d, n, swiglu)), density in ((s, dd) for s in SHAPES.items() for dd in densities):
+    shapes = {s: SHAPES[s] for s in args.shapes.split(",")}
+    for (name, (d, n, swiglu)), density in ((s, dd) for s in shapes.items() for dd in densities):
         k = max(1, round(density * n))
         mats = 3 if swiglu else 2
         w = [[torch.randn(n, d, device=dev, dtype=torch.float16, generator=gen) * 0.02 for _ in range(mats)]
@@ -99,7 +108,7 @@ def main():
         orig = MB._mlp_config
         cands = [("pair", pair, None), ("fused", fused, None)] + \
             ([("cublas dense", cublas, None)] if k == n else []) + \
-            ([] if args.no_alt else [(f"fused {c}", fused, c) for c in ALT])
+            [(f"fused {c}", fused, c) for c in ALTS[args.alt]]
         for label, fn, cfg in cands:
             try:
                 if cfg is not None:

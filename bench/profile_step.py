@@ -5,8 +5,10 @@ isolate one design choice each: ``nopred`` (selections fixed, predictor calls sk
 predictors on the main stream, no side stream), ``unfused`` (the norms as kernels of their own instead of folded
 into the gathers), ``torch_topk`` (neuron top-k by torch.topk instead of the radix select) and
 ``sparse_high_priority`` (the side stream created with priority -1), ``fold_forced`` (folded norms at B > 2 too),
-``radix_torch_hist`` (the radix select's histogram built by torch ops instead of the scores GEMV's epilogue) and
-``unfused_mlp`` (the sparse MLP as the up and down gathers instead of one ``sparse_mlp`` launch). Per variant: median
+``radix_torch_hist`` (the radix select's histogram built by torch ops instead of the scores GEMV's epilogue),
+``unfused_mlp`` (the sparse MLP as the up and down gathers instead of one ``sparse_mlp`` launch) and
+``unfused_attn`` (``qkv_post`` before the decode attention instead of ``qkv_decode_attention``) and ``epilogue_2048``
+(the MLP block's last program finishing 2048 columns per step instead of one pass). Per variant: median
 graph-replay time (``--rounds`` interleaved rounds of 60 replays), and a torch.profiler trace of graph replays,
 reduced to the kernel time per step by kernel name and stream, and the gap (span minus busy time) on the main
 stream. With programmatic
@@ -30,6 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from dejavu.bench.decode import build_random_model, random_predictors
 from dejavu.bench.hf_baseline import prompt_ids
+from dejavu.kernels import mlp_block as MB
 from dejavu.runtime.fast_decode import FastDecoder
 
 
@@ -91,7 +94,7 @@ def main():
     ap.add_argument("--point", default="0.1,0.5")
     ap.add_argument("--variants", default="dense,sparse,nopred,inline",
                     help="comma-separated subset of dense,sparse,unfused,nopred,inline,sparse_high_priority,torch_topk,"
-                         "fold_forced,radix_torch_hist,unfused_mlp")
+                         "fold_forced,radix_torch_hist,unfused_mlp,unfused_attn,epilogue_2048")
     ap.add_argument("--tag", default="", help="suffix of the output file name (e.g. _pdl0 for an A/B run)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per variant (median)")
     ap.add_argument("--batch", type=int, default=1)
@@ -117,6 +120,8 @@ def main():
         "fold_forced": dict(predictors=preds, mlp_density=md, head_density=hd),
         "radix_torch_hist": dict(predictors=preds, mlp_density=md, head_density=hd),
         "unfused_mlp": dict(predictors=preds, mlp_density=md, head_density=hd, fuse_mlp=False),
+        "unfused_attn": dict(predictors=preds, mlp_density=md, head_density=hd, fuse_attn=False),
+        "epilogue_2048": dict(predictors=preds, mlp_density=md, head_density=hd),
     }
     unknown = set(args.variants.split(",")) - set(variants)
     if unknown:
@@ -137,7 +142,13 @@ def main():
             dec.fuse_norm = True
             dec._fold1, dec._fold2 = dec._fold_norms()
         dec.prefill(ids)
-        dec.capture()
+        epi = MB.EPILOGUE_COLS
+        if name == "epilogue_2048":  # A/B: the MLP block's epilogue in 2048-column steps (read at capture)
+            MB.EPILOGUE_COLS = 2048
+        try:
+            dec.capture()
+        finally:
+            MB.EPILOGUE_COLS = epi
         decs[name] = dec
     times = {name: [] for name in decs}
     for _ in range(args.rounds):  # interleaved, so a drift of the card's clocks hits every variant alike

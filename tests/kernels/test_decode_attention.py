@@ -9,7 +9,12 @@ pytest.importorskip("triton")
 
 from kernel_helpers import DEVICE, DTYPES, LOW_PRECISION, assert_matches, make_gen, poisoned, randn  # noqa: E402
 
-from dejavu.kernels import sparse_decode_attention, sparse_decode_attention_ref  # noqa: E402
+from dejavu.kernels import (  # noqa: E402
+    qkv_decode_attention,
+    qkv_decode_attention_ref,
+    sparse_decode_attention,
+    sparse_decode_attention_ref,
+)
 
 pytestmark = pytest.mark.needs_kernels
 
@@ -172,3 +177,85 @@ def test_kv_valid_rejects_bad_masks():
                        (strided, "stride 1")]:
         with pytest.raises(ValueError, match=match):
             sparse_decode_attention(q, k, v, sl, hi, group, kv_valid=bad)
+
+
+# ---- qkv_decode_attention: the q/k/v finish fused into the attention ----------------------------------------
+
+# (B, H_kv, group, S, hd, kh, kv set: "need" = the needed KV heads (padded to kh under GQA), "all")
+QKV_CONFIGS = [
+    (1, 4, 1, 150, 32, 2, "need"),  # MHA with holes: K/V rows of exactly the selected heads
+    (2, 2, 3, 97, 24, 4, "need"),  # GQA: 2 KV rows serve 4 query heads; head_dim not a power of two
+    (3, 4, 2, 40, 16, 1, "all"),  # kv_policy "all": more K/V rows (4) than query heads (1)
+]
+
+
+def _qkv_inputs(B, H_kv, group, S, hd, kh, kv, dtype, key):
+    g = make_gen("qkv", B, H_kv, group, S, hd, kh, kv, dtype, key)
+    head_idx = torch.randperm(H_kv * group, generator=g)[:kh]
+    need = torch.unique(head_idx // group)
+    if kv == "all":
+        kvidx = torch.arange(H_kv)
+    else:  # the needed heads first, padded with unneeded ones up to min(kh, H_kv) (the runtime's fixed-size set)
+        rest = torch.tensor([h for h in range(H_kv) if h not in need.tolist()], dtype=torch.long)
+        kvidx = torch.cat([need, rest[:max(0, min(kh, H_kv) - need.numel())]])
+    qkv = randn(B, kh + 2 * kvidx.numel(), hd, dtype=dtype, gen=g)
+    k_cache, v_cache = randn(B, H_kv, S, hd, dtype=dtype, gen=g), randn(B, H_kv, S, hd, dtype=dtype, gen=g)
+    pos = torch.randint(0, S, (B,), generator=g)
+    pos[0] = S - 1  # the last slot
+    if B > 1:
+        pos[1] = 0  # the first token
+    ang = torch.rand(B, hd // 2, generator=g) * 6.3  # RoPE tables: the same angle in both halves
+    cos, sin = (f(torch.cat([ang, ang], 1)).to(dtype=dtype, device=DEVICE) for f in (torch.cos, torch.sin))
+    return qkv, kvidx.to(DEVICE), k_cache, v_cache, pos.to(DEVICE), head_idx.to(DEVICE), cos, sin
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rope,holes", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("B,H_kv,group,S,hd,kh,kv", QKV_CONFIGS)
+def test_qkv_decode_attention(B, H_kv, group, S, hd, kh, kv, num_splits, rope, holes, dtype):
+    """Output, cache writes and hole mask equal qkv_post + sparse_decode_attention (the reference); positions past
+    pos are poisoned (never read), and the cache entries at pos of the K/V heads are poisoned before (the kernel
+    must take them from the projection, not from the cache)."""
+    qkv, kvidx, k_cache, v_cache, pos, head_idx, cos, sin = _qkv_inputs(B, H_kv, group, S, hd, kh, kv, dtype,
+                                                                         (num_splits, rope, holes))  # fmt: skip
+    cs = dict(cos=cos, sin=sin) if rope else {}
+    valid = _holes(B, H_kv, S, pos + 1, (group, num_splits, "qkv")) if holes else None
+    k_p, v_p = _poison_tail(k_cache, pos), _poison_tail(v_cache, pos)  # slots >= pos
+    vm = valid.clone() if holes else None
+    out = poisoned((B, kh, hd), dtype)
+    res = qkv_decode_attention(qkv, kvidx, k_p, v_p, pos, head_idx, group, kv_valid=vm, num_splits=num_splits,
+                               out=out, **cs)  # fmt: skip
+    assert res is out
+    exact = qkv_decode_attention_ref(qkv.double(), kvidx, k_cache.double(), v_cache.double(), pos, head_idx, group,
+                                     kv_valid=valid.clone() if holes else None,
+                                     **{n: t.double() for n, t in cs.items()})  # fmt: skip
+    k_l, v_l, va_l = k_cache.clone(), v_cache.clone(), valid.clone() if holes else None
+    ref_l = qkv_decode_attention_ref(qkv, kvidx, k_l, v_l, pos, head_idx, group, kv_valid=va_l, **cs)
+    assert_matches(res, exact, ref_l if dtype in LOW_PRECISION else None)
+    # what the step leaves in the cache: the K/V rows at pos (RoPE'd in fp32, then rounded), the hole mask
+    bi, kv = torch.arange(B, device=DEVICE)[:, None], kvidx[None, :].long()
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    for got, ref in ((k_p, k_l), (v_p, v_l)):
+        torch.testing.assert_close(got[bi, kv, pos[:, None]], ref[bi, kv, pos[:, None]], rtol=tol, atol=tol)
+    if holes:
+        assert torch.equal(vm, va_l)
+
+
+def test_qkv_decode_attention_rejects_bad_inputs():
+    B, H_kv, group, S, hd, kh = 2, 4, 2, 20, 16, 2
+    qkv, kvidx, k, v, pos, hi, cos, sin = _qkv_inputs(B, H_kv, group, S, hd, kh, "need", torch.float16, "bad")
+    other = torch.tensor([h for h in range(H_kv) if h not in kvidx.tolist()][:kvidx.numel()], device=DEVICE)
+    cases = [
+        (lambda: qkv_decode_attention(qkv, other, k, v, pos, hi, group), "lacks the KV heads"),
+        (lambda: qkv_decode_attention(qkv[:, :-1], kvidx, k, v, pos, hi, group), "expected kh"),
+        (lambda: qkv_decode_attention(qkv, kvidx, k, v, pos + S, hi, group), "free cache slot"),
+        (lambda: qkv_decode_attention(qkv, kvidx, k, v, pos.float(), hi, group), "pos must be"),
+        (lambda: qkv_decode_attention(qkv, kvidx, k, v, pos, hi, group, cos=cos), "both cos and sin"),
+        (lambda: qkv_decode_attention(qkv, kvidx, k, v, pos, hi, group, cos=cos[:1], sin=sin[:1]), "dimension 0"),
+        (lambda: qkv_decode_attention(qkv, kvidx * 0, k, v, pos, hi, group), "duplicated"),
+        (lambda: qkv_decode_attention(qkv.float(), kvidx, k, v, pos, hi, group), "dtype"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()

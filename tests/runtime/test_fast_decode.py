@@ -67,11 +67,11 @@ def test_sparse_batch1_equals_reference_policy(tiny, kv_policy):
         assert dec.k_kv == [1, model.spec.n_kv_heads, model.spec.n_kv_heads]  # gathered / dense-with-holes
 
 
-def _on_and_off(model, p, flag, B, seed):
+def _on_and_off(model, p, flag, B, seed, max_len=12):
     """Two decoders differing only in ``flag`` (on / off), two decode steps each from the same prompt: the logits
     agree (fp32); returns (on, off)."""
     ids = torch.randint(0, model.spec.vocab_size, (B, 5), generator=torch.Generator().manual_seed(seed))
-    decs = {f: FastDecoder(model, p, MLP_D, HEAD_D, batch=B, max_len=12, backend="triton", **{flag: f})
+    decs = {f: FastDecoder(model, p, MLP_D, HEAD_D, batch=B, max_len=max_len, backend="triton", **{flag: f})
             for f in (True, False)}
     outs = {}
     for f, dec in decs.items():
@@ -112,6 +112,28 @@ def test_fused_mlp_block_equals_two_gathers(tiny):
     assert fused.describe()["fuse_mlp"] and not plain.describe()["fuse_mlp"]
     wide = FastDecoder(model, p, MLP_D, HEAD_D, batch=3, max_len=12, backend="torch")  # tensor-core path: two
     assert not any(wide._fused_mlp)
+
+
+def test_fused_attention_equals_post_and_attention_kernels(tiny, monkeypatch):
+    """fuse_attn (the default): the q/k/v finish (RoPE, K/V cache write, hole mask) runs inside the decode attention;
+    same logits, K/V caches and hole masks as qkv_post + attention (fp32), one launch fewer per layer."""
+    from dejavu.kernels import decode_attention as DA
+
+    cfg = DA._attn_config  # short caches get one split; force three (the current position in a later split)
+    monkeypatch.setattr(DA, "_attn_config", lambda *a: cfg(*a[:-1], 3))
+    model = tiny[1].to(DEV)
+    p = _predictors(model.spec)
+    fused, plain = _on_and_off(model, p, "fuse_attn", B=2, seed=5)
+    for cf, cp in zip(fused.caches, plain.caches):
+        n = 5 + 2  # prompt + two steps
+        torch.testing.assert_close(cf.k[:, :, :n], cp.k[:, :, :n], rtol=TOL, atol=TOL)
+        torch.testing.assert_close(cf.v[:, :, :n], cp.v[:, :, :n], rtol=TOL, atol=TOL)
+        assert torch.equal(cf.valid[:, :, :n], cp.valid[:, :, :n])
+    fewer = [b["main"] - a["main"] for a, b in zip(fused.kernels_per_layer(), plain.kernels_per_layer())]
+    assert fewer == [1] * model.spec.n_layers
+    assert fused.describe()["fuse_attn"] and not plain.describe()["fuse_attn"]
+    wide = FastDecoder(model, p, MLP_D, HEAD_D, batch=3, max_len=12, backend="torch")  # measured slower at B=4
+    assert not wide.fuse_attn
 
 
 @pytest.mark.parametrize("arch", ["opt", "llama"])

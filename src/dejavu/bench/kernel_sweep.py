@@ -3,8 +3,10 @@
 For every layer shape (OPT-13B, OPT-30B) and density in ``DENSITIES`` it times
 
 * the sparse kernel (``gather_up`` relu, ``gather_swiglu``, ``gather_down``,
-  ``head_gather_gemv``, ``head_gather_down``) with ``triton.testing.do_bench`` (median);
-* the dense torch GEMV of the same layer (``x @ W.T``; for SwiGLU both projections);
+  ``head_gather_gemv``, ``head_gather_down``, and ``sparse_mlp``, the whole OPT MLP block in one launch, which
+  the runtime uses at batch <= 2 instead of the up / down pair) with ``triton.testing.do_bench`` (median);
+* the dense torch GEMV of the same layer (``x @ W.T``; for SwiGLU both projections; for ``sparse_mlp`` fc1 + bias +
+  ReLU + fc2 + residual);
 * the roofline: bytes the kernel must move / copy bandwidth, the bandwidth measured in the
   same run by a large device-to-device copy (read + write bytes counted).
 
@@ -27,7 +29,6 @@ Usage (GPU only)::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -37,8 +38,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..atomic import write_json_atomic, write_text_atomic
+
 DENSITIES = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
-KERNELS = ("gather_up", "gather_swiglu", "gather_down", "head_gather_gemv", "head_gather_down")
+KERNELS = ("gather_up", "gather_swiglu", "gather_down", "head_gather_gemv", "head_gather_down", "sparse_mlp")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TARGET_RATIO = 1.3
 
@@ -133,6 +136,8 @@ def _bytes(kernel: str, shape: LayerShape, k: int, batch: int, elem: int, idx_el
         return k * hd * d * elem + batch * d * elem + batch * k * hd * elem + k * idx_elem
     if kernel == "head_gather_down":
         return k * hd * d * elem + batch * k * hd * elem + batch * d * elem + k * idx_elem
+    if kernel == "sparse_mlp":  # up and down rows, bias[idx], x in (also the residual), y out
+        return 2 * k * d * elem + k * elem + 2 * batch * d * elem + k * idx_elem
     raise ValueError(kernel)
 
 
@@ -141,7 +146,7 @@ def _bench_kernel(K, kernel, shape, densities, dtype, batch, device, copy_bw, l2
     elem = torch.empty((), dtype=dtype).element_size()
     d, hd, H = shape.d, shape.head_dim, shape.heads
     rows = H * hd if kernel.startswith("head") else shape.ffn
-    n_mats = 2 if kernel == "gather_swiglu" else 1
+    n_mats = 2 if kernel in ("gather_swiglu", "sparse_mlp") else 1
     copy_bytes = n_mats * rows * d * elem
     min_call = _bytes(kernel, shape, _n_selected(kernel, shape, min(densities)), batch, elem)
     n_copies = _copies_needed(min_call, copy_bytes, l2_bytes, budget)
@@ -156,6 +161,9 @@ def _bench_kernel(K, kernel, shape, densities, dtype, batch, device, copy_bw, l2
         dense = _rotating(lambda i: (lambda: F.linear(x, mats[i][0])), n_copies)
     elif kernel == "gather_swiglu":
         dense = _rotating(lambda i: (lambda: F.silu(F.linear(x, mats[i][0])) * F.linear(x, mats[i][1])), n_copies)
+    elif kernel == "sparse_mlp":  # mats[i] = (fc1 [N, d], fc2 transposed [N, d])
+        dense = _rotating(lambda i: (lambda: torch.addmm(x, F.linear(x, mats[i][0], bias).relu_(), mats[i][1])),
+                          n_copies)  # fmt: skip
     else:  # down projections: x_in [B, rows] @ w_t [rows, d] == F.linear(x_in, W) with W = w_t.T
         x_in = torch.randn(batch, rows, device=device, dtype=dtype, generator=gen)
         dense = _rotating(lambda i: (lambda: x_in @ mats[i][0]), n_copies)
@@ -177,6 +185,14 @@ def _bench_kernel(K, kernel, shape, densities, dtype, batch, device, copy_bw, l2
             h = torch.randn(batch, k, device=device, dtype=dtype, generator=gen)
             make = lambda i: (lambda: K.gather_down(h, mats[i][0], idx, None, x, validate=False))  # noqa: E731
             ref = lambda: K.gather_down_ref(h.float(), mats[0][0].float(), idx, None, x.float())  # noqa: E731
+        elif kernel == "sparse_mlp":
+            ws = K.mlp_workspace(d, device, batch)
+            def make(i, ws=ws, idx=idx):
+                return lambda: K.sparse_mlp(x, mats[i][0], mats[i][1], idx, bias, None, x, workspace=ws, validate=False)
+
+            def ref(idx=idx):
+                return K.sparse_mlp_ref(x.float(), mats[0][0].float(), mats[0][1].float(), idx, bias.float(), None,
+                                        x.float())  # fmt: skip
         elif kernel == "head_gather_gemv":
             make = lambda i: (lambda: K.head_gather_gemv(x, mats[i][0], idx, hd, bias, validate=False))  # noqa: E731
             ref = lambda: K.head_gather_gemv_ref(x.float(), mats[0][0].float(), idx, hd, bias.float())  # noqa: E731
@@ -189,11 +205,15 @@ def _bench_kernel(K, kernel, shape, densities, dtype, batch, device, copy_bw, l2
         sparse_us, sparse_graph_us = _time(_rotating(make, n_copies))
         nbytes = _bytes(kernel, shape, k, batch, elem)
         roof_us = nbytes / copy_bw * 1e6
+        # the ratios use the graph replay when there is one: the decode runtime runs every kernel inside a CUDA graph,
+        # while do_bench times each call from the host (launch latency included: it dominated on one H200 host)
+        graph = sparse_graph_us is not None and dense_graph_us is not None
+        t, t_dense = (sparse_graph_us, dense_graph_us) if graph else (sparse_us, dense_us)
         records.append(dict(
             kernel=kernel, density=density, k=k, bytes=nbytes, sparse_us=sparse_us, sparse_graph_us=sparse_graph_us,
             dense_us=dense_us, dense_graph_us=dense_graph_us, roofline_us=roof_us, dense_roofline_us=dense_roof_us,
-            ratio_roofline=sparse_us / roof_us, speedup_vs_dense=dense_us / sparse_us, max_rel_err=rel_err,
-            weight_copies=n_copies,
+            ratio_timing="graph" if graph else "do_bench", ratio_roofline=t / roof_us, speedup_vs_dense=t_dense / t,
+            max_rel_err=rel_err, weight_copies=n_copies,
         ))  # fmt: skip
         print(f"  {kernel:17s} density {density:4.2f} k={k:6d}  {sparse_us:8.2f} us (graph "
               f"{sparse_graph_us if sparse_graph_us is None else round(sparse_graph_us, 2)})  roofline "
@@ -208,17 +228,21 @@ def _markdown(result) -> str:
         f"# Kernel sweep on {result['device']}",
         "",
         f"dtype {result['dtype']}, batch {result['batch']}, copy bandwidth {result['copy_bw_GBps']:.0f} GB/s "
-        f"(read+write), torch {result['torch']}, triton {result['triton']}. Times are medians in us; "
-        f"`graph` = CUDA-graph replay; `x roof` = do_bench time / roofline time.",
+        f"(read+write), torch {result['torch']}, triton {result['triton']}. Times are medians in us: `do_bench` "
+        f"(one call at a time from the host, L2 flushed) and `graph` (CUDA-graph replay of rotating weight copies, "
+        f"as the decode runtime runs them); `x roof` and `speedup vs dense` use the graph times (`do_bench` where "
+        f"a graph time is missing). Command: `python -m dejavu.bench.kernel_sweep --out DIR`.",
         "",
     ]
     for shape, recs in result["shapes"].items():
-        lines += [f"## {shape}", "", "| kernel | density | k | MB | sparse us | graph us | dense us | roofline us "
-                  "| x roof | speedup vs dense |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"## {shape}", "", "| kernel | density | k | MB | sparse do_bench us | sparse graph us "
+                  "| dense graph us | roofline us | x roof | speedup vs dense |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in recs:
             g = "-" if r["sparse_graph_us"] is None else f"{r['sparse_graph_us']:.2f}"
+            dg = "-" if r["dense_graph_us"] is None else f"{r['dense_graph_us']:.2f}"
             lines.append(f"| {r['kernel']} | {r['density']:.2f} | {r['k']} | {r['bytes'] / 1e6:.2f} | "
-                         f"{r['sparse_us']:.2f} | {g} | {r['dense_us']:.2f} | {r['roofline_us']:.2f} | "
+                         f"{r['sparse_us']:.2f} | {g} | {dg} | {r['roofline_us']:.2f} | "
                          f"{r['ratio_roofline']:.2f} | {r['speedup_vs_dense']:.2f} |")  # fmt: skip
         lines.append("")
     return "\n".join(lines)
@@ -243,7 +267,8 @@ def _plot(result, out_dir: Path):
             if all(r["sparse_graph_us"] is not None for r in rs):
                 ax.plot(dens, [r["sparse_graph_us"] for r in rs], "s--", label="sparse (graph)")
             ax.plot(dens, [r["roofline_us"] for r in rs], "k:", label="roofline")
-            ax.axhline(rs[0]["dense_us"], color="r", label="dense torch")
+            dense_t = rs[0]["dense_graph_us"] if rs[0]["dense_graph_us"] is not None else rs[0]["dense_us"]
+            ax.axhline(dense_t, color="r", label="dense torch (graph)")
             if rs[0].get("dense_roofline_us"):
                 ax.axhline(rs[0]["dense_roofline_us"], color="r", ls=":", label="dense roofline")
             ax.set_title(kernel)
@@ -289,12 +314,12 @@ def run_kernel_sweep(out_dir, shapes=("opt-13b", "opt-30b"), dtype=torch.float16
         for kernel in kernels:
             recs += _bench_kernel(K, kernel, shape, densities, dtype, batch, device, copy_bw, l2_bytes, budget)
         result["shapes"][name] = recs
-    (out_dir / "kernel_sweep.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "kernel_sweep.md").write_text(_markdown(result))
+    write_json_atomic(out_dir / "kernel_sweep.json", result, indent=2)
+    write_text_atomic(out_dir / "kernel_sweep.md", _markdown(result))
     result["plots"] = _plot(result, out_dir)
 
     print(f"\nwrote {out_dir / 'kernel_sweep.json'}, {out_dir / 'kernel_sweep.md'} {' '.join(result['plots'])}")
-    print(f"\ntime / roofline at density 0.1 (target <= {TARGET_RATIO}x), {result['device']}, {dtype_name}, "
+    print(f"\ngraph time / roofline at density 0.1 (target <= {TARGET_RATIO}x), {result['device']}, {dtype_name}, "
           f"batch {batch}")
     print(f"{'shape':8s} {'kernel':17s} {'us':>8s} {'graph us':>9s} {'roof us':>8s} {'ratio':>6s} {'vs dense':>8s}")
     for name, recs in result["shapes"].items():

@@ -7,7 +7,8 @@ Launchers (need Triton; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`
   (and ``head_gather_gemv``) can apply the norm before
   them in the same pass (:func:`fold_norm` -> ``norm=``);
 * attention projections: :func:`head_gather_gemv`, :func:`head_gather_down`;
-* attention: :func:`sparse_decode_attention` (selected query heads, GQA, flash-decoding);
+* attention: :func:`sparse_decode_attention` (selected query heads, GQA, flash-decoding) and
+  :func:`qkv_decode_attention` (the same with the q/k/v finish fused: RoPE, cache write, hole mask);
 * predictors: :func:`lowrank_gemv` (a factor, optional fused RMS norm), :func:`topk_select` (one-launch top-k),
   :func:`select_topk` (the decode step's choice between it, :func:`radix_select` for long 16-bit
   score vectors, and an unsorted ``torch.topk``).
@@ -22,7 +23,12 @@ outside CUDA-graph capture.
 """
 
 from ._checks import HAS_TRITON, MAX_BATCH
-from .decode_attention import sparse_decode_attention, sparse_decode_attention_ref
+from .decode_attention import (
+    qkv_decode_attention,
+    qkv_decode_attention_ref,
+    sparse_decode_attention,
+    sparse_decode_attention_ref,
+)
 from .gather_mlp import (
     NormFold,
     fold_norm,
@@ -77,6 +83,8 @@ __all__ = [
     "kv_heads_for",
     "sparse_decode_attention",
     "sparse_decode_attention_ref",
+    "qkv_decode_attention",
+    "qkv_decode_attention_ref",
     "lowrank_gemv",
     "lowrank_gemv_ref",
     "select_topk",

@@ -25,6 +25,12 @@ a score of -inf, except the query's own position ``seq_lens[b] - 1``, which is a
 every softmax row has at least one term). A tile, or a whole split, may then hold no valid
 position: the online softmax keeps its exp2 arguments finite (the running max is clamped to 0
 while it is still -inf), so such tiles add exactly nothing and an empty split gets weight 0.
+
+Fused q/k/v finish (:func:`qkv_decode_attention`, the decode step's path at batch <= 2): the same kernel reads the raw
+fused projection ``[B, kh + 2 kkv, hd]`` instead of ``q`` and also does what ``fused_ops.qkv_post`` did in a launch
+of its own: RoPE on q and K, the K/V rows written into the cache at the current position, the hole mask there.
+Nothing inside the launch waits for those writes: every program reads cache positions below the current one only,
+and the split that holds the current position takes its K/V from the projection (rounded as the cache stores them).
 """
 
 import math
@@ -48,6 +54,7 @@ from ._checks import (
     tl,
     use_pdl,
 )
+from .fused_ops import qkv_post_ref, rope_row, rope_tables
 
 LOG2E = 1.4426950408889634
 
@@ -55,17 +62,23 @@ LOG2E = 1.4426950408889634
 @jit
 def _decode_attn_kernel(
     # pointers
-    q_ptr,  # [B, KH, HD]
+    q_ptr,  # [B, KH, HD] queries; FROM_QKV: the raw projection [B, KH + 2 KKV, HD] (q heads, K heads, V heads)
     k_ptr,  # [B, H_kv, S_max, HD]
     v_ptr,  # [B, H_kv, S_max, HD]
-    seq_lens_ptr,  # [B] int32/int64
+    seq_lens_ptr,  # [B] int32/int64; FROM_QKV: the positions being decoded (seq_len = pos + 1)
     head_idx_ptr,  # [KH]
     out_ptr,  # [B, KH, HD] (num_splits == 1)
     part_o_ptr,  # [B * KH, NUM_SPLITS, HD] fp32 (num_splits > 1)
     part_lse_ptr,  # [B * KH, NUM_SPLITS] fp32, log2 domain
     valid_ptr,  # [B, H_kv, S_max] uint8 (HAS_VALID), else a dummy
+    kvidx_ptr,  # [KKV] KV heads of the projection's K/V rows (FROM_QKV), else a dummy
+    cos_ptr,  # [B, HD] RoPE tables (HAS_ROPE), else dummies
+    sin_ptr,
     # sizes
     KH,
+    KKV,  # FROM_QKV: K/V heads in the projection
+    NJ,  # programs per sequence on axis 0: KH, or max(KH, KKV) with FROM_QKV
+    H_KV,
     HD,
     group_size,
     qk_scale,  # softmax scale * log2(e)
@@ -82,69 +95,127 @@ def _decode_attn_kernel(
     stride_oh,
     stride_mb,
     stride_mh,
+    stride_cb,
     # meta-parameters
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    BLOCK_KV: tl.constexpr,  # >= KKV and >= H_kv (FROM_QKV)
+    BLOCK_KQ: tl.constexpr,  # >= KH (FROM_QKV with HAS_VALID)
     NUM_STAGES: tl.constexpr,
     HAS_VALID: tl.constexpr,
+    FROM_QKV: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """One (sequence, selected head, split) per program; online softmax over its positions."""
+    """One (sequence, selected head, split) per program; online softmax over its positions.
+
+    FROM_QKV (``qkv_decode_attention``): the program also finishes the projection. Split 0 of program j < KKV writes
+    K/V head j (RoPE'd) into the cache at pos, split 0 of program 0 the hole mask at pos; every program reads only
+    cache positions below pos, and the split that holds pos adds that position from the projection itself (the
+    cache-rounded values), so no program waits for another's write."""
     pdl_sync(PDL)
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
-    b = pid_bh // KH
-    j = pid_bh % KH
-
-    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
-    kv_head = tl.load(head_idx_ptr + j).to(tl.int64) // group_size
-    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_S) * BLOCK_S  # whole tiles per split
-    s_lo = pid_s * chunk
-    s_hi = tl.minimum(s_lo + chunk, seq_len)
+    b = pid_bh // NJ
+    j = pid_bh % NJ
 
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < HD
-    q = tl.load(q_ptr + b * stride_qb + j * stride_qh + offs_h, mask=h_mask, other=0.0).to(tl.float32)
-    q = q * qk_scale  # scores come out in log2 units: exp2 below is exp of the scaled score
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh
-    m_base = valid_ptr + b.to(tl.int64) * stride_mb + kv_head * stride_mh
-
-    m_i = float("-inf")  # running max (log2 units)
-    l_i = 0.0  # running sum of exp2(score - m_i)
-    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for s0 in tl.range(s_lo, s_hi, BLOCK_S, num_stages=NUM_STAGES):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        s_mask = offs_s < s_hi
-        kv_mask = s_mask[:, None] & h_mask[None, :]
-        k = tl.load(k_base + offs_s[:, None] * stride_ks + offs_h[None, :], mask=kv_mask, other=0.0)
-        scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # [BLOCK_S]
-        scores = tl.where(s_mask, scores, float("-inf"))
-        if HAS_VALID:  # holes are skipped; the current position (seq_len - 1) is always seen
-            ok = tl.load(m_base + offs_s, mask=s_mask, other=0) != 0
-            scores = tl.where(ok | (offs_s == seq_len - 1), scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=0))  # -inf while only holes were seen
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # keeps exp2 arguments finite
-        else:
-            m_new = tl.maximum(m_i, tl.max(scores, axis=0))  # finite: every tile has a valid position
-            m_use = m_new
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(scores - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        v = tl.load(v_base + offs_s[:, None] * stride_vs + offs_h[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-        m_i = m_new
-
-    if NUM_SPLITS == 1:
-        o = acc / tl.maximum(l_i, 1e-30)
-        tl.store(out_ptr + b * stride_ob + j * stride_oh + offs_h, o.to(out_ptr.dtype.element_ty), mask=h_mask)
+    if FROM_QKV:
+        pos = tl.load(seq_lens_ptr + b).to(tl.int32)
+        seq_len = pos + 1
+        qkv_base = q_ptr + b * stride_qb
+        cos, sin = rope_tables(cos_ptr + b * stride_cb, sin_ptr + b * stride_cb, offs_h, h_mask, HAS_ROPE)
+        if pid_s == 0:
+            if j < KKV:  # K/V head j of the projection -> cache[b, kvidx[j], pos]
+                kvh_w = tl.load(kvidx_ptr + j).to(tl.int64)
+                kw = rope_row(qkv_base + (KH + j) * stride_qh, offs_h, h_mask, cos, sin, HD, HAS_ROPE)
+                tl.store(k_ptr + b.to(tl.int64) * stride_kb + kvh_w * stride_kh + pos * stride_ks + offs_h,
+                         kw.to(k_ptr.dtype.element_ty), mask=h_mask)  # fmt: skip
+                vw = tl.load(qkv_base + (KH + KKV + j) * stride_qh + offs_h, mask=h_mask, other=0.0)
+                tl.store(v_ptr + b.to(tl.int64) * stride_vb + kvh_w * stride_vh + pos * stride_vs + offs_h,
+                         vw.to(v_ptr.dtype.element_ty), mask=h_mask)  # fmt: skip
+            if HAS_VALID:
+                if j == 0:  # valid[b, h, pos] = some selected query head reads KV head h
+                    offs_kv = tl.arange(0, BLOCK_KV)
+                    offs_q = tl.arange(0, BLOCK_KQ)
+                    hq = tl.load(head_idx_ptr + offs_q, mask=offs_q < KH, other=-1).to(tl.int32)
+                    grp = tl.where(hq >= 0, hq // group_size, -1)
+                    need = tl.max((grp[None, :] == offs_kv[:, None]).to(tl.int32), axis=1)
+                    tl.store(valid_ptr + b * stride_mb + offs_kv * stride_mh + pos, need.to(tl.uint8),
+                             mask=offs_kv < H_KV)  # fmt: skip
     else:
-        # An empty split (s_lo >= seq_len) stores o = 0 and lse = -inf: weight 0 in stage 2.
-        o = acc / tl.maximum(l_i, 1e-30)
-        part = pid_bh * NUM_SPLITS + pid_s
-        tl.store(part_o_ptr + part * HD + offs_h, o, mask=h_mask)
-        tl.store(part_lse_ptr + part, tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf")))
+        seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+
+    if j < KH:
+        kv_head = tl.load(head_idx_ptr + j).to(tl.int64) // group_size
+        chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_S) * BLOCK_S  # whole tiles per split
+        s_lo = pid_s * chunk
+        s_hi = tl.minimum(s_lo + chunk, seq_len)
+        if FROM_QKV:
+            q = rope_row(qkv_base + j * stride_qh, offs_h, h_mask, cos, sin, HD, HAS_ROPE)
+            q = q.to(q_ptr.dtype.element_ty).to(tl.float32)  # the model's rounding of q (as qkv_post stores it)
+            s_cache = tl.minimum(s_hi, pos)  # the cache holds positions < pos; pos comes from the projection
+        else:
+            q = tl.load(q_ptr + b * stride_qb + j * stride_qh + offs_h, mask=h_mask, other=0.0).to(tl.float32)
+            s_cache = s_hi
+        q = q * qk_scale  # scores come out in log2 units: exp2 below is exp of the scaled score
+        k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh
+        v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh
+        m_base = valid_ptr + b.to(tl.int64) * stride_mb + kv_head * stride_mh
+
+        m_i = float("-inf")  # running max (log2 units)
+        l_i = 0.0  # running sum of exp2(score - m_i)
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for s0 in tl.range(s_lo, s_cache, BLOCK_S, num_stages=NUM_STAGES):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            s_mask = offs_s < s_cache
+            kv_mask = s_mask[:, None] & h_mask[None, :]
+            k = tl.load(k_base + offs_s[:, None] * stride_ks + offs_h[None, :], mask=kv_mask, other=0.0)
+            scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # [BLOCK_S]
+            scores = tl.where(s_mask, scores, float("-inf"))
+            if HAS_VALID:  # holes are skipped; the current position (seq_len - 1) is always seen
+                ok = tl.load(m_base + offs_s, mask=s_mask, other=0) != 0
+                scores = tl.where(ok | (offs_s == seq_len - 1), scores, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, axis=0))  # -inf while only holes were seen
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # keeps exp2 arguments finite
+            else:
+                m_new = tl.maximum(m_i, tl.max(scores, axis=0))  # finite: every tile has a valid position
+                m_use = m_new
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(scores - m_use)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            v = tl.load(v_base + offs_s[:, None] * stride_vs + offs_h[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+            m_i = m_new
+
+        if FROM_QKV:
+            if (pos >= s_lo) & (pos < s_hi):  # this split holds the current position: K/V from the projection
+                offs_t = tl.arange(0, BLOCK_KV)
+                kv_all = tl.load(kvidx_ptr + offs_t, mask=offs_t < KKV, other=-1).to(tl.int64)
+                t = tl.sum(tl.where(kv_all == kv_head, offs_t, 0), axis=0)  # its K/V head's slot
+                kn = rope_row(qkv_base + (KH + t) * stride_qh, offs_h, h_mask, cos, sin, HD, HAS_ROPE)
+                kn = kn.to(k_ptr.dtype.element_ty).to(tl.float32)  # as the cache stores it
+                vn = tl.load(qkv_base + (KH + KKV + t) * stride_qh + offs_h, mask=h_mask, other=0.0)
+                vn = vn.to(v_ptr.dtype.element_ty).to(tl.float32)
+                sc = tl.sum(kn * q, axis=0)
+                m_new = tl.maximum(m_i, sc)  # finite
+                alpha = tl.exp2(m_i - m_new)
+                p1 = tl.exp2(sc - m_new)
+                l_i = l_i * alpha + p1
+                acc = acc * alpha + p1 * vn
+                m_i = m_new
+
+        if NUM_SPLITS == 1:
+            o = acc / tl.maximum(l_i, 1e-30)
+            tl.store(out_ptr + b * stride_ob + j * stride_oh + offs_h, o.to(out_ptr.dtype.element_ty), mask=h_mask)
+        else:
+            # An empty split (s_lo >= seq_len) stores o = 0 and lse = -inf: weight 0 in stage 2.
+            o = acc / tl.maximum(l_i, 1e-30)
+            part = (b * KH + j) * NUM_SPLITS + pid_s
+            tl.store(part_o_ptr + part * HD + offs_h, o, mask=h_mask)
+            tl.store(part_lse_ptr + part, tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf")))
 
 
 @jit
@@ -198,6 +269,88 @@ def _attn_config(batch: int, kh: int, s_max: int, hd: int, elem: int, device: to
     return dict(NUM_SPLITS=num_splits, BLOCK_S=block_s, BLOCK_H=block_h, NUM_STAGES=3, num_warps=4)
 
 
+def _check_common(op, q_like, q_name, k_cache, v_cache, head_idx, group_size, validate):
+    """The checks both launchers share: caches, the query tensor, batch, group size, selected heads."""
+    check_tensor(op, "k_cache", k_cache, ndim=4, last_dim_contiguous=True)
+    check_launch_device(op, _decode_attn_kernel, k_cache)
+    B, H_kv, S_max, hd = k_cache.shape
+    like = dict(dtype=k_cache.dtype, dtype_of="the caches", device=k_cache.device, device_of="the caches")
+    check_tensor(op, "v_cache", v_cache, ndim=4, shape=tuple(k_cache.shape), last_dim_contiguous=True, **like)
+    check_tensor(op, q_name, q_like, ndim=3, shape=(B, None, hd), last_dim_contiguous=True, **like)
+    check_batch(op, B)
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"{op}: group_size must be a positive int (H // H_kv), got {group_size!r}.")
+    check_index(op, "head_idx", head_idx, n=H_kv * group_size, device=k_cache.device, validate=validate,
+                what="heads")  # fmt: skip
+
+
+def _check_valid_mask(op, kv_valid, k_cache):
+    if kv_valid is None:
+        return None
+    B, H_kv, S_max, _ = k_cache.shape
+    if not isinstance(kv_valid, torch.Tensor) or kv_valid.dtype not in (torch.bool, torch.uint8):
+        raise ValueError(f"{op}: kv_valid must be a bool or uint8 tensor [B, H_kv, S_max] (True = entry written); "
+                         f"got {type(kv_valid).__name__} {getattr(kv_valid, 'dtype', '')}.")  # fmt: skip
+    check_tensor(op, "kv_valid", kv_valid.view(torch.uint8), ndim=3, dtype=torch.uint8, dtype_of="masks",
+                 device=k_cache.device, device_of="the caches", shape=(B, H_kv, S_max),
+                 last_dim_contiguous=True)  # fmt: skip
+    return kv_valid.view(torch.uint8)  # same bytes; Triton loads it as a plain byte mask
+
+
+def _check_lengths(op, name, t, B, device, lo_ok, hi_ok, what, validate):
+    if not isinstance(t, torch.Tensor) or t.dtype not in INDEX_DTYPES or tuple(t.shape) != (B,) \
+            or t.device != device or not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be a contiguous int32 (or int64) tensor of shape ({B},) on "
+                         f"{device}; got {t!r:.80}.")  # fmt: skip
+    if should_validate(validate):
+        lo, hi = torch.stack([t.min(), t.max()]).tolist()
+        if lo < lo_ok or hi > hi_ok:
+            raise ValueError(f"{op}: {name} must lie in [{lo_ok}, {hi_ok}] ({what}); got values in [{lo}, {hi}].")
+
+
+def _launch(op, qsrc, k_cache, v_cache, lens, head_idx, group_size, scale, kv_valid, out, num_splits, kvidx=None,
+            cos=None, sin=None):  # fmt: skip
+    B, H_kv, S_max, hd = k_cache.shape
+    kh = head_idx.shape[0]
+    kkv = kvidx.shape[0] if kvidx is not None else 0
+    if out is None:
+        out = torch.empty((B, kh, hd), dtype=k_cache.dtype, device=k_cache.device)
+    else:
+        check_out(op, out, shape=(B, kh, hd), dtype=k_cache.dtype, device=k_cache.device)
+    cfg = _attn_config(B, kh, S_max, hd, k_cache.element_size(), k_cache.device, num_splits)
+    num_warps, splits = cfg.pop("num_warps"), cfg["NUM_SPLITS"]
+    dev = k_cache.device
+    part_o = torch.empty((B * kh, splits, hd), dtype=torch.float32, device=dev) if splits > 1 else out
+    part_lse = torch.empty((B * kh, splits), dtype=torch.float32, device=dev) if splits > 1 else out
+    qk_scale = (scale if scale is not None else 1.0 / math.sqrt(hd)) * LOG2E
+    mask = kv_valid if kv_valid is not None else lens  # dummy pointer when there is no mask
+    from_qkv = kvidx is not None
+    nj = max(kh, kkv) if from_qkv else kh
+    pdl = use_pdl(_decode_attn_kernel, dev)
+    _decode_attn_kernel[(B * nj, splits)](
+        qsrc, k_cache, v_cache, lens, head_idx, out, part_o, part_lse, mask,
+        kvidx if from_qkv else head_idx, cos if cos is not None else qsrc, sin if sin is not None else qsrc,
+        kh, kkv, nj, H_kv, hd, group_size, qk_scale,
+        qsrc.stride(0), qsrc.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        mask.stride(0) if kv_valid is not None else 0, mask.stride(1) if kv_valid is not None else 0,
+        cos.stride(0) if cos is not None else 0,
+        num_warps=num_warps, num_stages=cfg["NUM_STAGES"], HAS_VALID=kv_valid is not None, FROM_QKV=from_qkv,
+        HAS_ROPE=cos is not None, BLOCK_KV=max(16, next_pow2(max(kkv, H_kv))), BLOCK_KQ=max(16, next_pow2(kh)),
+        PDL=pdl, launch_pdl=pdl, **cfg,
+    )  # fmt: skip
+    if splits == 1:
+        return out
+    _decode_attn_combine_kernel[(B * kh,)](
+        part_o, part_lse, out, kh, hd, out.stride(0), out.stride(1),
+        NUM_SPLITS=splits, BLOCK_SPLITS=next_pow2(splits), BLOCK_H=cfg["BLOCK_H"], PDL=pdl, launch_pdl=pdl,
+        num_warps=4,
+    )  # fmt: skip
+    return out
+
+
 def sparse_decode_attention(q, k_cache, v_cache, seq_lens, head_idx, group_size, scale=None, *, kv_valid=None,
                             validate=True, out=None, num_splits=None):  # fmt: skip
     """Decode attention for the selected query heads -> ``[B, kh, hd]``.
@@ -217,67 +370,71 @@ def sparse_decode_attention(q, k_cache, v_cache, seq_lens, head_idx, group_size,
     """
     op = "sparse_decode_attention"
     require_triton(op)
-    check_tensor(op, "k_cache", k_cache, ndim=4, last_dim_contiguous=True)
-    check_launch_device(op, _decode_attn_kernel, k_cache)
+    _check_common(op, q, "q", k_cache, v_cache, head_idx, group_size, validate)
     B, H_kv, S_max, hd = k_cache.shape
-    like = dict(dtype=k_cache.dtype, dtype_of="the caches", device=k_cache.device, device_of="the caches")
-    check_tensor(op, "v_cache", v_cache, ndim=4, shape=tuple(k_cache.shape), last_dim_contiguous=True, **like)
-    check_tensor(op, "q", q, ndim=3, shape=(B, None, hd), last_dim_contiguous=True, **like)
-    check_batch(op, B)
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"{op}: group_size must be a positive int (H // H_kv), got {group_size!r}.")
-    check_index(op, "head_idx", head_idx, n=H_kv * group_size, device=k_cache.device, validate=validate,
-                what="heads")  # fmt: skip
     if q.shape[1] != head_idx.shape[0]:
         raise ValueError(f"{op}: q has {q.shape[1]} heads but head_idx selects {head_idx.shape[0]}.")
-    if not isinstance(seq_lens, torch.Tensor) or seq_lens.dtype not in INDEX_DTYPES or tuple(seq_lens.shape) != (B,) \
-            or seq_lens.device != k_cache.device or not seq_lens.is_contiguous():
-        raise ValueError(f"{op}: seq_lens must be a contiguous int32 (or int64) tensor of shape ({B},) on "
-                         f"{k_cache.device}; got {seq_lens!r:.80}.")  # fmt: skip
-    if should_validate(validate):
-        lo, hi = torch.stack([seq_lens.min(), seq_lens.max()]).tolist()
-        if lo < 1 or hi > S_max:
-            raise ValueError(f"{op}: seq_lens must lie in [1, S_max={S_max}] (the current token is in the cache); "
-                             f"got values in [{lo}, {hi}].")  # fmt: skip
-    if kv_valid is not None:
-        if not isinstance(kv_valid, torch.Tensor) or kv_valid.dtype not in (torch.bool, torch.uint8):
-            raise ValueError(f"{op}: kv_valid must be a bool or uint8 tensor [B, H_kv, S_max] (True = entry written); "
-                             f"got {type(kv_valid).__name__} {getattr(kv_valid, 'dtype', '')}.")  # fmt: skip
-        check_tensor(op, "kv_valid", kv_valid.view(torch.uint8), ndim=3, dtype=torch.uint8, dtype_of="masks",
-                     device=k_cache.device, device_of="the caches", shape=(B, H_kv, S_max),
-                     last_dim_contiguous=True)  # fmt: skip
-        kv_valid = kv_valid.view(torch.uint8)  # same bytes; Triton loads it as a plain byte mask
-    kh = head_idx.shape[0]
-    if out is None:
-        out = torch.empty((B, kh, hd), dtype=q.dtype, device=q.device)
-    else:
-        check_out(op, out, shape=(B, kh, hd), dtype=q.dtype, device=q.device)
+    _check_lengths(op, "seq_lens", seq_lens, B, k_cache.device, 1, S_max, "the current token is in the cache",
+                   validate)  # fmt: skip
+    kv_valid = _check_valid_mask(op, kv_valid, k_cache)
+    return _launch(op, q, k_cache, v_cache, seq_lens, head_idx, group_size, scale, kv_valid, out, num_splits)
 
-    cfg = _attn_config(B, kh, S_max, hd, q.element_size(), q.device, num_splits)
-    num_warps, splits = cfg.pop("num_warps"), cfg["NUM_SPLITS"]
-    part_o = torch.empty((B * kh, splits, hd), dtype=torch.float32, device=q.device) if splits > 1 else out
-    part_lse = torch.empty((B * kh, splits), dtype=torch.float32, device=q.device) if splits > 1 else out
-    qk_scale = (scale if scale is not None else 1.0 / math.sqrt(hd)) * LOG2E
-    mask = kv_valid if kv_valid is not None else seq_lens  # dummy pointer when there is no mask
-    pdl = use_pdl(_decode_attn_kernel, q.device)
-    _decode_attn_kernel[(B * kh, splits)](
-        q, k_cache, v_cache, seq_lens, head_idx, out, part_o, part_lse, mask,
-        kh, hd, group_size, qk_scale,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1),
-        mask.stride(0) if kv_valid is not None else 0, mask.stride(1) if kv_valid is not None else 0,
-        num_warps=num_warps, num_stages=cfg["NUM_STAGES"], HAS_VALID=kv_valid is not None, PDL=pdl, launch_pdl=pdl,
-        **cfg,
-    )  # fmt: skip
-    if splits > 1:
-        _decode_attn_combine_kernel[(B * kh,)](
-            part_o, part_lse, out, kh, hd, out.stride(0), out.stride(1),
-            NUM_SPLITS=splits, BLOCK_SPLITS=next_pow2(splits), BLOCK_H=cfg["BLOCK_H"], PDL=pdl, launch_pdl=pdl,
-            num_warps=4,
-        )  # fmt: skip
-    return out
+
+def qkv_decode_attention(qkv, kvidx, k_cache, v_cache, pos, head_idx, group_size, scale=None, *, cos=None,
+                         sin=None, kv_valid=None, validate=True, out=None, num_splits=None):  # fmt: skip
+    """The fused q/k/v projection's finish and the decode attention in one launch -> ``[B, kh, hd]``.
+
+    Does what :func:`~dejavu.kernels.fused_ops.qkv_post` and :func:`sparse_decode_attention` do one after the other
+    (the same values; the current position's K/V enter the softmax from the projection, as the cache stores them):
+    RoPE on q and K, K/V head t of the projection written into the cache at ``[b, kvidx[t], pos[b]]``, the hole
+    mask at ``pos`` (``kv_valid``: True for the KV heads the selected query heads read, False for the others), and
+    attention of query head ``head_idx[j]`` (row j of ``qkv``) over positions ``0..pos[b]``.
+
+    Args:
+        qkv: ``[B, kh + 2 * kkv, hd]`` the projection: q rows of the selected heads, then K rows, then V rows.
+        kvidx: ``[kkv]`` the KV heads of the K/V rows; it must hold every ``head_idx[j] // group_size``.
+        pos: ``[B]`` int32/int64 positions being decoded, 0 <= pos[b] < S_max.
+        cos, sin: ``[B, hd]`` RoPE tables at ``pos`` (both or neither).
+        Others as in :func:`sparse_decode_attention`.
+    """
+    op = "qkv_decode_attention"
+    require_triton(op)
+    _check_common(op, qkv, "qkv", k_cache, v_cache, head_idx, group_size, validate)
+    B, H_kv, S_max, hd = k_cache.shape
+    check_index(op, "kvidx", kvidx, n=H_kv, device=k_cache.device, validate=validate, what="KV heads")
+    kh, kkv = head_idx.shape[0], kvidx.shape[0]
+    if qkv.shape[1] != kh + 2 * kkv:
+        raise ValueError(f"{op}: qkv has {qkv.shape[1]} heads, expected kh + 2 * kkv = {kh} + 2 * {kkv}; it must "
+                         f"hold the selected q heads, then K and V rows of the kvidx heads.")  # fmt: skip
+    if (cos is None) != (sin is None):
+        raise ValueError(f"{op}: pass both cos and sin (RoPE) or neither.")
+    if cos is not None:
+        for name, t in (("cos", cos), ("sin", sin)):
+            check_tensor(op, name, t, ndim=2, shape=(B, hd), device=k_cache.device, device_of="the caches",
+                         last_dim_contiguous=True)  # fmt: skip
+        if cos.stride(0) != sin.stride(0):
+            raise ValueError(f"{op}: cos and sin must share a layout; call .contiguous() on both.")
+    _check_lengths(op, "pos", pos, B, k_cache.device, 0, S_max - 1, "a free cache slot", validate)
+    if should_validate(validate):
+        missing = torch.isin(head_idx.long() // group_size, kvidx.long(), invert=True).sum().item()
+        if missing:
+            raise ValueError(f"{op}: kvidx lacks the KV heads of {missing} selected query heads (head // "
+                             f"group_size); add them (kv_heads_for(head_idx, group_size) gives the minimal set).")
+    kv_valid = _check_valid_mask(op, kv_valid, k_cache)
+    lens = pos  # the kernel reads pos and attends over pos + 1 positions
+    return _launch(op, qkv, k_cache, v_cache, lens, head_idx, group_size, scale, kv_valid, out, num_splits,
+                   kvidx=kvidx, cos=cos, sin=sin)  # fmt: skip
+
+
+def qkv_decode_attention_ref(qkv, kvidx, k_cache, v_cache, pos, head_idx, group_size, scale=None, *, cos=None,
+                             sin=None, kv_valid=None):  # fmt: skip
+    """Reference for :func:`qkv_decode_attention`: ``qkv_post_ref`` then :func:`sparse_decode_attention_ref`."""
+    B, _, hd = qkv.shape
+    kh, kkv = head_idx.shape[0], kvidx.shape[0]
+    q = torch.empty((B, kh, hd), dtype=qkv.dtype, device=qkv.device)
+    qkv_post_ref(qkv, kh, kkv, q, k_cache, v_cache, kvidx, pos, cos=cos, sin=sin, valid=kv_valid, hidx=head_idx,
+                 group=group_size)  # fmt: skip
+    return sparse_decode_attention_ref(q, k_cache, v_cache, pos + 1, head_idx, group_size, scale, kv_valid=kv_valid)
 
 
 def sparse_decode_attention_ref(q, k_cache, v_cache, seq_lens, head_idx, group_size, scale=None, kv_valid=None):

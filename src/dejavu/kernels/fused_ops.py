@@ -102,6 +102,29 @@ def F_layer_norm(x, weight, bias, eps):
 
 
 @jit
+def rope_tables(cos_ptr, sin_ptr, offs, mask, HAS_ROPE: tl.constexpr):
+    """This sequence's RoPE tables [BLOCK_H] in fp32 (``cos_ptr`` / ``sin_ptr`` already at its row); zeros without
+    (unused then)."""
+    cos = offs.to(tl.float32) * 0.0
+    sin = cos
+    if HAS_ROPE:
+        cos = tl.load(cos_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@jit
+def rope_row(ptr, offs, mask, cos, sin, HD, HAS_ROPE: tl.constexpr):
+    """One head row at ``ptr`` in fp32, rotated (``x * cos + rotate_half(x) * sin``) when HAS_ROPE."""
+    x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ROPE:
+        half = HD // 2
+        xr = tl.load(ptr + tl.where(offs < half, offs + half, offs - half), mask=mask, other=0.0).to(tl.float32)
+        x = x * cos + tl.where(offs < half, -1.0, 1.0) * xr * sin
+    return x
+
+
+@jit
 def _qkv_post_kernel(qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_ptr, v_ptr, kvidx_ptr, pos_ptr, valid_ptr, hidx_ptr,
                      KQ, KKV, HD, H_KV, group,
                      s_qb, s_qh, s_cb, s_oqb, s_oqh, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_mb, s_mh,
@@ -115,28 +138,16 @@ def _qkv_post_kernel(qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_ptr, v_ptr, kvidx_p
     pos = tl.load(pos_ptr + b).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)
     hm = offs < HD
-    if HAS_ROPE:
-        half = HD // 2
-        offs_r = tl.where(offs < half, offs + half, offs - half)
-        sign = tl.where(offs < half, -1.0, 1.0)
-        cos = tl.load(cos_ptr + b * s_cb + offs, mask=hm, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + b * s_cb + offs, mask=hm, other=0.0).to(tl.float32)
+    cos, sin = rope_tables(cos_ptr + b * s_cb, sin_ptr + b * s_cb, offs, hm, HAS_ROPE)
     base = qkv_ptr + b * s_qb
     if j < KQ:
         if WRITE_Q:
-            x = tl.load(base + j * s_qh + offs, mask=hm, other=0.0).to(tl.float32)
-            if HAS_ROPE:
-                xr = tl.load(base + j * s_qh + offs_r, mask=hm, other=0.0).to(tl.float32)
-                x = x * cos + sign * xr * sin
+            x = rope_row(base + j * s_qh, offs, hm, cos, sin, HD, HAS_ROPE)
             tl.store(q_out_ptr + b * s_oqb + j * s_oqh + offs, x.to(q_out_ptr.dtype.element_ty), mask=hm)
     elif j < KQ + KKV:
         t = j - KQ
         kvh = tl.load(kvidx_ptr + t).to(tl.int64)
-        kb = base + (KQ + t) * s_qh
-        x = tl.load(kb + offs, mask=hm, other=0.0).to(tl.float32)
-        if HAS_ROPE:
-            xr = tl.load(kb + offs_r, mask=hm, other=0.0).to(tl.float32)
-            x = x * cos + sign * xr * sin
+        x = rope_row(base + (KQ + t) * s_qh, offs, hm, cos, sin, HD, HAS_ROPE)
         tl.store(k_ptr + b * s_kb + kvh * s_kh + pos * s_ks + offs, x.to(k_ptr.dtype.element_ty), mask=hm)
         v = tl.load(base + (KQ + KKV + t) * s_qh + offs, mask=hm, other=0.0)
         tl.store(v_ptr + b * s_vb + kvh * s_vh + pos * s_vs + offs, v.to(v_ptr.dtype.element_ty), mask=hm)

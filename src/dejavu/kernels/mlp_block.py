@@ -138,17 +138,14 @@ def _sparse_mlp_kernel(
     tl.debug_barrier()
     old = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
     if old == tl.num_programs(0) - 1:
+        # one pass when BLOCK_F covers d; the sums, the bias and the residual are loaded together (one memory round
+        # trip per chunk on this single program's path, which every launch waits for)
         for f0 in range(0, D, BLOCK_F):
             offs_f = f0 + tl.arange(0, BLOCK_F)
             f_mask = offs_f < D
             bf_mask = b_mask[:, None] & f_mask[None, :]
             acc_ptrs = acc_ptr + offs_b[:, None] * D + offs_f[None, :]
             tot = tl.load(acc_ptrs, mask=bf_mask, other=0.0, cache_modifier=".cg")
-            # every thread has read its sums before any thread zeroes: the zeros' tile may be laid out over the
-            # threads differently from the loaded one (measured on the GPU: without this barrier, 2048-wide chunks
-            # lost sums; the interpreter, one thread, cannot show it)
-            tl.debug_barrier()
-            tl.store(acc_ptrs, tl.zeros([BLOCK_B, BLOCK_F], dtype=tl.float32), mask=bf_mask)
             if HAS_B2:
                 tot += tl.load(b2_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
             if HAS_RES:
@@ -156,13 +153,23 @@ def _sparse_mlp_kernel(
                                other=0.0).to(tl.float32)  # fmt: skip
             tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_f[None, :], tot.to(out_ptr.dtype.element_ty),
                      mask=bf_mask)  # fmt: skip
+            # every thread has read its sums before any thread zeroes: the zeros' tile may be laid out over the
+            # threads differently from the loaded one (measured on the GPU: without this barrier, 2048-wide chunks
+            # lost sums; the interpreter, one thread, cannot show it)
+            tl.debug_barrier()
+            tl.store(acc_ptrs, tl.zeros([BLOCK_B, BLOCK_F], dtype=tl.float32), mask=bf_mask)
         tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+
+
+EPILOGUE_COLS = 8192  # columns x batch rows per step of the last program's epilogue (B <= 2): one pass to d = 8192
 
 
 def _mlp_config(batch: int, k: int, d: int, swiglu: bool, device: torch.device) -> dict:
     """Tiles for :func:`_sparse_mlp_kernel` (a heuristic). B <= 2: CUDA-core FMA, 16 neurons a program (every
     program adds a full [B, d] row of atomics, so not fewer), 512-column down slabs, 8 warps: the best of
-    bench/mlp_micro.py's candidates at OPT-13B and Llama-2-7B shapes, density 0.1 (H100, bench/NOTES.md). The up
+    bench/mlp_micro.py's candidates at OPT-13B and Llama-2-7B shapes, density 0.1 (H100, bench/NOTES.md v5); 4
+    pipeline stages and a one-pass epilogue (H200, v6: OPT-13B 18.00 -> 17.59 us, Llama-2-7B 15.33 -> 14.72 us,
+    OPT-30B within noise; epilogue 2048 -> 8192 columns 18.52 -> 18.00 / 35.81 -> 34.71 us). The up
     phase's fp32 accumulator [B, 16, BLOCK_D] (twice for SwiGLU) stays <= 64 registers a thread. B > 2: tensor
     cores, the batch padded to 16, 128-wide chunks in both phases (as the gathers' tensor-core path)."""
     if batch > 2:
@@ -173,9 +180,9 @@ def _mlp_config(batch: int, k: int, d: int, swiglu: bool, device: torch.device) 
     budget = 64 * 32 * warps // (block_b * block_n * (2 if swiglu else 1))
     block_d = max(16, min(512, next_pow2(d), budget))
     block_o = max(16, min(512, next_pow2(d)))
-    block_f = max(16, min(2048, next_pow2(d)))
+    block_f = max(16, min(EPILOGUE_COLS // block_b, next_pow2(d)))
     return dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_O=block_o, BLOCK_F=block_f, USE_DOT=False,
-                NUM_STAGES=3, num_warps=warps)  # fmt: skip
+                NUM_STAGES=4, num_warps=warps)  # fmt: skip
 
 
 def mlp_workspace(d: int, device, batch: int = MAX_BATCH) -> dict:

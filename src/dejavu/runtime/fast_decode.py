@@ -10,12 +10,13 @@ updated inside the graph, so one captured step replays for every token.
 
 Per layer l (``_block``), with ``x`` the residual stream entering the block:
   norm1 -> q (selected heads, ``head_gather_gemv``; OPT bias) and K/V (see kv_policy) -> RoPE (Llama) ->
-  write K/V at the current position -> ``sparse_decode_attention`` over the selected heads ->
-  ``head_gather_down`` with the residual fused -> norm2 -> the MLP block. At batch <= 2 a sparse MLP block is one
-  launch, ``sparse_mlp`` (up rows, ReLU / SwiGLU, down rows, bias and residual; ``fuse_mlp``); above, ``gather_up``
-  (OPT: bias + ReLU) or ``gather_swiglu`` then ``gather_down`` with bias and residual fused.
-  At batch <= 2 each norm before a gather is also folded into it (``fuse_norm``, ``kernels.fold_norm``): a sparse
-  layer is then six kernels. On Hopper every Triton kernel is launched with programmatic dependent launch
+  write K/V at the current position -> ``sparse_decode_attention`` over the selected heads (at batch <= 2 these
+  three are one launch, ``qkv_decode_attention``; ``fuse_attn``) -> ``head_gather_down`` with the residual fused
+  -> norm2 -> the MLP block. At batch <= 2 a sparse MLP block is one launch, ``sparse_mlp`` (up rows, ReLU /
+  SwiGLU, down rows, bias and residual; ``fuse_mlp``); above, ``gather_up`` (OPT: bias + ReLU) or ``gather_swiglu``
+  then ``gather_down`` with bias and residual fused. At batch <= 2 each norm before a gather is also folded into it
+  (``fuse_norm``, ``kernels.fold_norm``): a sparse layer is then five kernels (q/k/v gather, attention, split
+  combine, o_proj, MLP block). On Hopper every Triton kernel is launched with programmatic dependent launch
   (``kernels._checks.use_pdl``).
 A part at density 1 uses dense cuBLAS GEMVs, and a layer at density 1 runs no predictor. ``predictors=None`` is the
 all-dense runtime ("ours-dense": same graph, cuBLAS GEMVs, the decode-attention kernel over all heads), our stand-in
@@ -89,6 +90,10 @@ class _TritonOps:
     def attn(self, q, kc, vc, lens, idx, group, valid):
         return K.sparse_decode_attention(q, kc, vc, lens, idx, group, kv_valid=valid, validate=False)
 
+    def qkv_attn(self, qkv, kvidx, kc, vc, pos, idx, group, cos, sin, valid):  # -> [B, kh, hd]
+        return K.qkv_decode_attention(qkv, kvidx, kc, vc, pos, idx, group, cos=cos, sin=sin, kv_valid=valid,
+                                      validate=False)  # fmt: skip
+
     def norm(self, x, kind, w, b, eps, out, init=None, init_bias=None):
         return FO.norm_fused(x, kind, w, b, eps, out=out, init=init, init_bias=init_bias)
 
@@ -130,6 +135,9 @@ class _TorchOps:
     def attn(self, q, kc, vc, lens, idx, group, valid):
         return K.sparse_decode_attention_ref(q, kc, vc, lens, idx, group, kv_valid=valid)
 
+    def qkv_attn(self, qkv, kvidx, kc, vc, pos, idx, group, cos, sin, valid):
+        return K.qkv_decode_attention_ref(qkv, kvidx, kc, vc, pos, idx, group, cos=cos, sin=sin, kv_valid=valid)
+
     def norm(self, x, kind, w, b, eps, out, init=None, init_bias=None):
         return FO.norm_fused_ref(x, kind, w, b, eps, out=out, init=init, init_bias=init_bias)
 
@@ -152,7 +160,7 @@ class FastDecoder:
 
     def __init__(self, model: DecoderLM, predictors=None, mlp_density=1.0, head_density=1.0, batch: int = 1,
                  max_len: int = 256, kv_policy: str = "selected", use_graph: bool = True, backend: str = "triton",
-                 overlap: bool = True, fuse_norm: bool = True, fuse_mlp: bool = True):
+                 overlap: bool = True, fuse_norm: bool = True, fuse_mlp: bool = True, fuse_attn: bool = True):
         s = model.spec
         L, H, Hkv, N = s.n_layers, s.n_heads, s.n_kv_heads, s.ffn_dim
         if not 1 <= int(batch) <= K.MAX_BATCH:
@@ -216,6 +224,10 @@ class FastDecoder:
         self._fused_mlp = [bool(fuse_mlp) and B <= 2 and km < N for km in self.k_mlp]
         self._cublas_mlp = [km == N and not f for km, f in zip(self.k_mlp, self._fused_mlp)]
         self._mlp_ws = K.mlp_workspace(d, self.device, B) if backend == "triton" and any(self._fused_mlp) else None
+        # the q/k/v finish (RoPE, cache write, hole mask) inside the decode attention (kernels.qkv_decode_attention):
+        # one launch fewer per layer. Only at B <= 2: OPT-13B (0.1, 0.5) on an H200, same calls, B=1 3.155 / 3.138
+        # against 3.289 / 3.282 ms per step, but B=4 4.436 against 4.263 (bench/NOTES.md, v6)
+        self.fuse_attn = bool(fuse_attn) and B <= 2
         self._all_kv = torch.arange(Hkv, **dev)
         self._kv_offs = torch.tensor([[H], [H + Hkv]], **dev)
         self._wqkv, self._bqkv = self._fuse_qkv()
@@ -223,7 +235,8 @@ class FastDecoder:
         self.fuse_norm = bool(fuse_norm) and B <= 2
         self._fold1, self._fold2 = self._fold_norms() if self.fuse_norm else ([None] * L, [None] * L)
         self._h = torch.zeros(B, d, dtype=self.dtype, **dev)  # normed activations (reused by both norms)
-        self._q = {kh: torch.zeros(B, kh, hd, dtype=self.dtype, **dev) for kh in set(self.k_heads)}  # RoPE'd q
+        self._q = {kh: torch.zeros(B, kh, hd, dtype=self.dtype, **dev)  # RoPE'd q (qkv_post's output)
+                   for kh in (set() if self.fuse_attn else set(self.k_heads))}
         self._pred = self._prepare_predictors(predictors) if predictors is not None else None
         # predictor outputs: first-factor activations per width (fp32); scores per output size, in the model's dtype
         # as the reference LowRank stores them (16-bit keys also halve torch.topk's radix passes), already reduced to
@@ -371,7 +384,7 @@ class FastDecoder:
     def describe(self) -> dict:
         return {"batch": self.batch, "max_len": self.max_len, "kv_policy": self.kv_policy, "backend": self.backend,
                 "graph": self.use_graph, "overlap": self._side is not None, "lookahead": self.lookahead,
-                "fuse_norm": self.fuse_norm, "fuse_mlp": any(self._fused_mlp),
+                "fuse_norm": self.fuse_norm, "fuse_mlp": any(self._fused_mlp), "fuse_attn": self.fuse_attn,
                 "neuron_topk": self._topk,
                 "k_heads": self.k_heads, "k_mlp": self.k_mlp, "k_kv": self.k_kv,
                 "kernels_per_layer": self._kernel_summary()}
@@ -552,11 +565,15 @@ class FastDecoder:
             else:
                 qkv = ops.rows(x, self._wqkv[l], self._qkvidx[l], hd, None, norm=fold1)
         valid = cache.valid if self.holes[l] else None
-        q_out = self._q[kh] if rope is not None else None
-        ops.post(qkv, kh, kkv, q_out, cache.k, cache.v, kvidx, self._pos, cos=rope[0] if rope else None,
-                 sin=rope[1] if rope else None, valid=valid, hidx=hidx, group=s.group_size)
-        q = q_out if q_out is not None else qkv[:, :kh]
-        a = ops.attn(q, cache.k, cache.v, lens, hidx, s.group_size, valid)  # (B, kh, hd)
+        cos, sin = rope if rope is not None else (None, None)
+        if self.fuse_attn:
+            a = ops.qkv_attn(qkv, kvidx, cache.k, cache.v, self._pos, hidx, s.group_size, cos, sin, valid)
+        else:
+            q_out = self._q[kh] if rope is not None else None
+            ops.post(qkv, kh, kkv, q_out, cache.k, cache.v, kvidx, self._pos, cos=cos, sin=sin, valid=valid,
+                     hidx=hidx, group=s.group_size)  # fmt: skip
+            q = q_out if q_out is not None else qkv[:, :kh]
+            a = ops.attn(q, cache.k, cache.v, lens, hidx, s.group_size, valid)  # (B, kh, hd)
         if dense_heads:
             mid.addmm_(a.reshape(B, H * hd), at.wo_t)
         else:
@@ -594,8 +611,7 @@ class FastDecoder:
             dense_h, dense_m = self.k_heads[l] == s.n_heads, self._cublas_mlp[l]
             n = 0 if self._fold1[l] is not None else 1  # norm1 (+ residual init), unless folded
             n += (2 if bias else 1) if dense_h else 1  # fused qkv GEMV (+ cuBLAS bias copy at M = 1) / one gather
-            n += 1  # qkv_post: RoPE, q, K/V cache write, hole mask
-            n += 2  # decode attention + split combine
+            n += 2 if self.fuse_attn else 3  # [qkv_post (RoPE, q, K/V cache write, hole mask)], attention, combine
             n += 1  # o_proj: in-place addmm_ (dense) / head_gather_down with fused bias + residual
             n += 0 if self._fold2[l] is not None else 1  # norm2 (+ residual init), unless folded
             if dense_m:
