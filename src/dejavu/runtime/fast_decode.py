@@ -467,7 +467,7 @@ class FastDecoder:
         else:
             x0.copy_(m.embed(self._tok))
         lens = (pos + 1).to(torch.int32)  # valid cache length incl. this token
-        rope = m.rope(pos, self.dtype)  # (cos, sin) [B, hd] once per step, applied inside qkv_post; or None
+        rope = m.rope(pos, self.dtype)  # (cos, sin) [B, hd] once per step, applied in qkv_post / the attention; or None
         main = torch.cuda.current_stream(self.device) if self._side is not None else None
         if self.lookahead:
             self._predict(0, x0, heads=True, mlp=True)
