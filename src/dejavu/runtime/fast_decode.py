@@ -466,7 +466,8 @@ class FastDecoder:
             torch.add(m.embed(self._tok), m.pos_embed(pos), out=x0)
         else:
             x0.copy_(m.embed(self._tok))
-        lens = (pos + 1).to(torch.int32)  # valid cache length incl. this token
+        # valid cache length incl. this token, for the unfused attention (the fused one reads pos itself)
+        lens = None if self.fuse_attn else (pos + 1).to(torch.int32)
         rope = m.rope(pos, self.dtype)  # (cos, sin) [B, hd] once per step, applied in qkv_post / the attention; or None
         main = torch.cuda.current_stream(self.device) if self._side is not None else None
         if self.lookahead:
