@@ -2,7 +2,8 @@
 # One device call for the speed work (bench/NOTES.md): GPU tests of the kernels and the decode runtime, then the
 # profile_step A/B with programmatic dependent launch off and on, then (optionally) the committed benchmark.
 #
-#   bash bench/gpu_speed.sh tests,profile          # stages, comma-separated: tests, mlp, profile, bench, sweep
+#   bash bench/gpu_speed.sh tests,profile          # stages, comma-separated: tests, mlp, profile, bench, sweep,
+#                                                  # hfcompile (HF static cache + torch.compile next to ours, own call)
 #
 # Writes everything under $OUT (runs/gpu when unset) and prints a short table last.
 set -u
@@ -37,6 +38,14 @@ if [[ $STAGES == *,bench,* ]]; then
   python -m dejavu.bench.decode --out "$OUT/bench" --models opt-30b,llama-2-7b,opt-6.7b --batches 1 \
     --modes ours-dense,ours-sparse --quick --no-check --budget-s 110 > "$OUT/bench_other.txt" 2>&1
   tail -n 40 "$OUT/bench_b1.txt"
+fi
+if [[ $STAGES == *,hfcompile,* ]]; then
+  # the "HF with static cache + torch.compile" baseline with ours-dense / ours-sparse in the same call; the
+  # compile runs in a subprocess with a time limit (a 13B compile may take minutes: give this stage a call of its own)
+  python -m dejavu.bench.decode --out "$OUT/hfc" --models "$MODEL" --batches 1 \
+    --modes ours-dense,ours-sparse,hf-compile --quick --no-check --hf-compile-timeout 420 --budget-s 540 \
+    > "$OUT/bench_hfc.txt" 2>&1
+  tail -n 12 "$OUT/bench_hfc.txt"
 fi
 if [[ $STAGES == *,sweep,* ]]; then
   python -m dejavu.bench.kernel_sweep --out "$OUT/ks" > "$OUT/sweep.txt" 2>&1

@@ -8,7 +8,12 @@ into the gathers), ``torch_topk`` (neuron top-k by torch.topk instead of the rad
 ``radix_torch_hist`` (the radix select's histogram built by torch ops instead of the scores GEMV's epilogue),
 ``unfused_mlp`` (the sparse MLP as the up and down gathers instead of one ``sparse_mlp`` launch) and
 ``unfused_attn`` (``qkv_post`` before the decode attention instead of ``qkv_decode_attention``) and ``epilogue_2048``
-(the MLP block's last program finishing 2048 columns per step instead of one pass). Per variant: median
+(the MLP block's last program finishing 2048 columns per step instead of one pass), ``attn_split_<n>`` (decode
+attention splits of at least n positions: ``decode_attention.SPLIT_MIN_POSITIONS``) and ``down_ctas_<n>`` (o_proj's
+split count aiming at n programs per SM: ``gather_mlp.DOWN_PROGRAMS_PER_SM``), ``side_pdl_<off|first|scores|mlp>``
+(the side stream's predictor launches without programmatic dependent launch: all, the first factors' GEMV, the neuron
+scores GEMV, the neuron scores and top-k; ``FastDecoder.side_pdl``) and ``nopdl_<kernel>`` (one main-stream kernel launched without it:
+``kernels._checks.PDL_EXCLUDE``). Per variant: median
 graph-replay time (``--rounds`` interleaved rounds of 60 replays), and a torch.profiler trace of graph replays,
 reduced to the kernel time per step by kernel name and stream, and the gap (span minus busy time) on the main
 stream. With programmatic
@@ -32,6 +37,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from dejavu.bench.decode import build_random_model, random_predictors
 from dejavu.bench.hf_baseline import prompt_ids
+from dejavu.kernels import _checks as C
+from dejavu.kernels import decode_attention as DA
+from dejavu.kernels import gather_mlp as GM
 from dejavu.kernels import mlp_block as MB
 from dejavu.runtime.fast_decode import FastDecoder
 
@@ -94,7 +102,9 @@ def main():
     ap.add_argument("--point", default="0.1,0.5")
     ap.add_argument("--variants", default="dense,sparse,nopred,inline",
                     help="comma-separated subset of dense,sparse,unfused,nopred,inline,sparse_high_priority,torch_topk,"
-                         "fold_forced,radix_torch_hist,unfused_mlp,unfused_attn,epilogue_2048")
+                         "fold_forced,radix_torch_hist,unfused_mlp,unfused_attn,epilogue_2048,"
+                         "attn_split_128,attn_split_256,down_ctas_1,down_ctas_4,side_pdl_{off,first,scores,mlp},"
+                         "nopdl_{rows,attn,combine,oproj,mlp}")
     ap.add_argument("--tag", default="", help="suffix of the output file name (e.g. _pdl0 for an A/B run)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per variant (median)")
     ap.add_argument("--batch", type=int, default=1)
@@ -122,7 +132,17 @@ def main():
         "unfused_mlp": dict(predictors=preds, mlp_density=md, head_density=hd, fuse_mlp=False),
         "unfused_attn": dict(predictors=preds, mlp_density=md, head_density=hd, fuse_attn=False),
         "epilogue_2048": dict(predictors=preds, mlp_density=md, head_density=hd),
+        **{f"side_pdl_{m}": dict(predictors=preds, mlp_density=md, head_density=hd)
+           for m in ("off", "first", "scores", "mlp")},
     }
+    knobs = {  # A/B of launch heuristics, set while the step is captured: (module, name, value)
+        "attn_split_128": (DA, "SPLIT_MIN_POSITIONS", 128), "attn_split_256": (DA, "SPLIT_MIN_POSITIONS", 256),
+        "down_ctas_1": (GM, "DOWN_PROGRAMS_PER_SM", 1), "down_ctas_4": (GM, "DOWN_PROGRAMS_PER_SM", 4),
+    }
+    knobs.update({f"nopdl_{k}": (C, "PDL_EXCLUDE", {v}) for k, v in (
+        ("rows", "_gather_rows_kernel"), ("attn", "_decode_attn_kernel"), ("combine", "_decode_attn_combine_kernel"),
+        ("oproj", "_gather_down_kernel"), ("mlp", "_sparse_mlp_kernel"))})
+    variants.update({name: dict(predictors=preds, mlp_density=md, head_density=hd) for name in knobs})
     unknown = set(args.variants.split(",")) - set(variants)
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; choose from {sorted(variants)}")
@@ -132,6 +152,8 @@ def main():
         dec = FastDecoder(model, batch=args.batch, max_len=200, **kw)
         if name == "nopred":
             dec._predict = lambda *a, **k: None
+        if name.startswith("side_pdl_"):  # A/B: which of the side stream's launches skip PDL
+            dec.side_pdl = name[len("side_pdl_"):]
         if name == "sparse_high_priority":  # A/B: schedule the predictors' blocks ahead of the main stream's
             dec._side = torch.cuda.Stream(dec.device, priority=-1)
         if name == "torch_topk":  # A/B: the neuron top-k by torch.topk instead of the radix select
@@ -145,10 +167,16 @@ def main():
         epi = MB.EPILOGUE_COLS
         if name == "epilogue_2048":  # A/B: the MLP block's epilogue in 2048-column steps (read at capture)
             MB.EPILOGUE_COLS = 2048
+        mod, attr, value = knobs.get(name, (None, None, None))
+        saved = getattr(mod, attr) if mod is not None else None
+        if mod is not None:
+            setattr(mod, attr, value)
         try:
             dec.capture()
         finally:
             MB.EPILOGUE_COLS = epi
+            if mod is not None:
+                setattr(mod, attr, saved)
         decs[name] = dec
     times = {name: [] for name in decs}
     for _ in range(args.rounds):  # interleaved, so a drift of the card's clocks hits every variant alike

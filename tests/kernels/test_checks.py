@@ -33,6 +33,32 @@ def test_no_data_checks_while_capturing(monkeypatch):
     assert torch.equal(y[:, 0], y[:, 1])
 
 
+def test_use_pdl_switches(monkeypatch):
+    """PDL on a Hopper device unless DEJAVU_PDL=0, inside pdl_suspended(), or for a kernel named in PDL_EXCLUDE."""
+
+    def compiled_kernel():  # stands in for a (not interpreted) Triton kernel
+        pass
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(_checks, "_cc_major", lambda index: 9)
+    monkeypatch.delenv(_checks.PDL_ENV, raising=False)
+    assert _checks.use_pdl(compiled_kernel, cuda)
+    assert not _checks.use_pdl(compiled_kernel, torch.device("cpu"))
+    with _checks.pdl_suspended():
+        with _checks.pdl_suspended():
+            assert not _checks.use_pdl(compiled_kernel, cuda)
+        assert not _checks.use_pdl(compiled_kernel, cuda)  # nested: still suspended
+    assert _checks.use_pdl(compiled_kernel, cuda)
+    monkeypatch.setattr(_checks, "PDL_EXCLUDE", {"compiled_kernel"})
+    assert not _checks.use_pdl(compiled_kernel, cuda)
+    monkeypatch.setattr(_checks, "PDL_EXCLUDE", set())
+    monkeypatch.setenv(_checks.PDL_ENV, "0")
+    assert not _checks.use_pdl(compiled_kernel, cuda)
+    monkeypatch.setattr(_checks, "_cc_major", lambda index: 8)  # before Hopper
+    monkeypatch.delenv(_checks.PDL_ENV)
+    assert not _checks.use_pdl(compiled_kernel, cuda)
+
+
 def test_error_messages_name_the_fix():
     x = torch.randn(2, 8, dtype=torch.float16)
     with pytest.raises(ValueError, match=r"cast one side, e\.g\. x\.to\(torch\.float32\)"):

@@ -99,6 +99,24 @@ def test_folded_norms_equal_separate_norm_kernels(tiny):
     assert not wide.fuse_norm and wide._fold1 == [None] * model.spec.n_layers
 
 
+def test_side_stream_pdl_modes(tiny):
+    """side_pdl names the parts of a side-stream prediction launched without PDL; inline predictions (main stream)
+    always keep it."""
+    from dejavu.kernels import _checks as KC
+    from dejavu.runtime.fast_decode import SIDE_PDL_OFF
+
+    model = tiny[1].to(DEV)
+    dec = FastDecoder(model, _predictors(model.spec), MLP_D, HEAD_D, batch=1, max_len=12, backend="torch")
+    assert dec.side_pdl == "on"
+    for mode, off in SIDE_PDL_OFF.items():
+        dec.side_pdl = mode
+        for part in ("first", "heads", "scores", "select"):
+            for side in (True, False):
+                with dec._launch(side, part):
+                    assert bool(KC._PDL_SUSPENDED[0]) == (side and part in off), (mode, part, side)
+    assert SIDE_PDL_OFF["on"] == () and set(SIDE_PDL_OFF["off"]) == {"first", "heads", "scores", "select"}
+
+
 def test_fused_mlp_block_equals_two_gathers(tiny):
     """fuse_mlp (the default at B <= 2): a sparse MLP block is one sparse_mlp launch; same logits as the up and
     down gathers (fp32), one launch fewer per sparse MLP layer, and the shared workspace is left zeroed."""

@@ -20,6 +20,7 @@ the launchers raise a ``RuntimeError`` saying how to get Triton.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -101,6 +102,22 @@ def _cc_major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
+_PDL_SUSPENDED = [0]
+PDL_EXCLUDE: set[str] = set()
+"""Names of kernels that launch without PDL (read at launch time; A/B knob of bench/profile_step.py)."""
+
+
+@contextlib.contextmanager
+def pdl_suspended():
+    """Launches made inside this block use no programmatic dependent launch (read at launch, so also while a CUDA
+    graph is captured)."""
+    _PDL_SUSPENDED[0] += 1
+    try:
+        yield
+    finally:
+        _PDL_SUSPENDED[0] -= 1
+
+
 def use_pdl(kernel, device: torch.device) -> bool:
     """Launch ``kernel`` with programmatic dependent launch (PDL) on ``device``?
 
@@ -108,9 +125,10 @@ def use_pdl(kernel, device: torch.device) -> bool:
     in the stream is still finishing; each of our kernels then blocks in :func:`pdl_sync` until that kernel has
     completed and its writes are visible, so the launch latency and the ramp overlap the predecessor's tail
     instead of following it. CUDA graphs keep the launches' programmatic edges. Off for the interpreter, off-GPU,
-    before Hopper, and when ``DEJAVU_PDL=0``.
+    before Hopper, when ``DEJAVU_PDL=0``, inside :func:`pdl_suspended` and for kernels named in :data:`PDL_EXCLUDE`.
     """
-    if device.type != "cuda" or is_interpreted(kernel) or os.environ.get(PDL_ENV, "1") == "0":
+    if device.type != "cuda" or is_interpreted(kernel) or os.environ.get(PDL_ENV, "1") == "0" or _PDL_SUSPENDED[0] \
+            or getattr(kernel, "__name__", None) in PDL_EXCLUDE:
         return False
     return _cc_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
 

@@ -256,6 +256,10 @@ def _decode_attn_combine_kernel(
     tl.store(out_ptr + b * stride_ob + j * stride_oh + offs_h, out.to(out_ptr.dtype.element_ty), mask=h_mask)
 
 
+SPLIT_MIN_POSITIONS = 0
+"""Fewest cache positions a split of the decode attention covers (0: one tile). A/B knob, read at launch time."""
+
+
 def _attn_config(batch: int, kh: int, s_max: int, hd: int, elem: int, device: torch.device, num_splits) -> dict:
     """Tiles and split count: aim for ~2 programs per SM, never more splits than tiles.
 
@@ -264,7 +268,8 @@ def _attn_config(batch: int, kh: int, s_max: int, hd: int, elem: int, device: to
     block_h = max(16, next_pow2(hd))
     block_s = max(16, min(64, 16384 // (block_h * elem)))
     if num_splits is None:
-        num_splits = min(cdiv(2 * num_sms(device), batch * kh), cdiv(s_max, block_s), 64)
+        per_split = max(block_s, SPLIT_MIN_POSITIONS)
+        num_splits = min(cdiv(2 * num_sms(device), batch * kh), cdiv(s_max, per_split), 64)
     num_splits = max(1, int(num_splits))
     return dict(NUM_SPLITS=num_splits, BLOCK_S=block_s, BLOCK_H=block_h, NUM_STAGES=3, num_warps=4)
 

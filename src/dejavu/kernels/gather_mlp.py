@@ -609,6 +609,10 @@ def _down_config_v1(batch: int, n_in: int, d: int, device: torch.device, split_k
                 num_warps=4, splits=split_k, rows_per_split=rows_per_split, fused=False)  # fmt: skip
 
 
+DOWN_PROGRAMS_PER_SM = 2
+"""Programs per SM the v2 down schedule aims for when it picks the split count (A/B knob, read at launch time)."""
+
+
 def _down_config(batch: int, n_in: int, d: int, device: torch.device, split_k: int | None) -> dict:
     """Tile sizes and split count for :func:`_gather_down_kernel` (v2, "split").
 
@@ -629,7 +633,7 @@ def _down_config(batch: int, n_in: int, d: int, device: torch.device, split_k: i
     block_d = max(16, min(block_d, next_pow2(d)))
     n_d = cdiv(d, block_d)
     if split_k is None:
-        split_k = max(1, min(cdiv(2 * num_sms(device), n_d), cdiv(n_in, 2 * block_j)))
+        split_k = max(1, min(cdiv(DOWN_PROGRAMS_PER_SM * num_sms(device), n_d), cdiv(n_in, 2 * block_j)))
     rows_per_split = cdiv(n_in, max(1, min(int(split_k), n_in)))
     rows_per_split = cdiv(rows_per_split, block_j) * block_j  # whole tiles per split; the count may shrink
     split_k = cdiv(n_in, rows_per_split)

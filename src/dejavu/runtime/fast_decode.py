@@ -45,6 +45,7 @@ position), instead of the four elementwise kernels of ``x * cos + rotate_half(x)
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -52,11 +53,16 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels as K
+from ..kernels import _checks as KC
 from ..kernels import fused_ops as FO
 from ..models.decoder import KV_POLICIES, DecoderLM, KVCache
 from .policy import k_for, per_layer
 
 BACKENDS = ("triton", "torch")
+SIDE_PDL_OFF = {"on": (), "off": ("first", "heads", "scores", "select"), "first": ("first",), "scores": ("scores",),
+                "mlp": ("scores", "select")}
+"""FastDecoder.side_pdl -> the parts of a side-stream prediction launched without PDL (the first factors, the head
+scores and top-k, the neuron scores, the neuron top-k)."""
 
 
 @dataclass
@@ -261,6 +267,10 @@ class FastDecoder:
         # up gather, so the neuron half of the chain gets the attention half of the layer as extra slack
         self._heads_ready = [torch.cuda.Event() for _ in range(L)] if overlap else None
         self._mlp_ready = [torch.cuda.Event() for _ in range(L)] if overlap else None
+        # which of the side stream's launches use PDL (SIDE_PDL_OFF): with it a kernel's programs are placed early
+        # and wait for their predecessor on SM slots the main stream's kernels need; without it each launch's latency
+        # lands on the side chain (A/B in bench/profile_step.py, bench/NOTES.md v7)
+        self.side_pdl = "on"
         self._graph, self._graph_out, self._len = None, None, 0
 
     # ---- setup ------------------------------------------------------------------------------------------------------
@@ -482,7 +492,7 @@ class FastDecoder:
                         self._side.wait_stream(main)  # x_l is written
                         with torch.cuda.stream(self._side):
                             self._predict(l + 1, self._x[l], heads=True, mlp=True,
-                                          heads_done=self._heads_ready[l + 1])
+                                          heads_done=self._heads_ready[l + 1], side=True)
                             self._mlp_ready[l + 1].record(self._side)
                         forked.add(l + 1)
                 else:
@@ -498,7 +508,11 @@ class FastDecoder:
         pos.add_(1)
         return logits
 
-    def _predict(self, l: int, x: torch.Tensor, heads: bool, mlp: bool, heads_done=None):
+    def _launch(self, side: bool, part: str):
+        """Launch context of one part of a side-stream prediction: without PDL if ``side_pdl`` says so."""
+        return KC.pdl_suspended() if side and part in SIDE_PDL_OFF[self.side_pdl] else contextlib.nullcontext()
+
+    def _predict(self, l: int, x: torch.Tensor, heads: bool, mlp: bool, heads_done=None, side: bool = False):
         """Score layer l's heads / neurons from x (B, d) and write its fixed-size selections in place.
 
         One GEMV for both predictors' first factors with LowRank's RMS normalization fused (fp32 out), one GEMV per
@@ -512,27 +526,31 @@ class FastDecoder:
                 heads_done.record()
             return
         ops = self.ops
-        xa = ops.factor(x, ent["a_t"], None, True, self._xa[ent["a_t"].shape[0]])  # [B, r_h + r_m] fp32
+        with self._launch(side, "first"):
+            xa = ops.factor(x, ent["a_t"], None, True, self._xa[ent["a_t"].shape[0]])  # [B, r_h + r_m] fp32
         if heads and "head" in ent:
             lo, hi, b, bias = ent["head"]
-            sc = ops.factor(xa[:, lo:hi], b, bias, False, self._scores[self.spec.n_heads], batch_max=True)
             kh, idx = self.k_heads[l], self._qkvidx[l]
-            if self.holes[l] and self.spec.group_size == 1:  # [q; k; v] rows of the same heads
-                ops.select(sc, kh, idx, copies=3, offset=self.spec.n_heads)
-            else:
-                ops.select(sc, kh, idx[:kh])  # == self._hidx[l]
-                if self.holes[l]:
-                    kv = self._select_kv(l, idx[:kh])
-                    torch.add(kv[None, :], self._kv_offs, out=idx[kh:].view(2, -1))
+            with self._launch(side, "heads"):
+                sc = ops.factor(xa[:, lo:hi], b, bias, False, self._scores[self.spec.n_heads], batch_max=True)
+                if self.holes[l] and self.spec.group_size == 1:  # [q; k; v] rows of the same heads
+                    ops.select(sc, kh, idx, copies=3, offset=self.spec.n_heads)
+                else:
+                    ops.select(sc, kh, idx[:kh])  # == self._hidx[l]
+                    if self.holes[l]:
+                        kv = self._select_kv(l, idx[:kh])
+                        torch.add(kv[None, :], self._kv_offs, out=idx[kh:].view(2, -1))
         if heads_done is not None:
             heads_done.record()
         if mlp and "mlp" in ent:
             lo, hi, b, bias = ent["mlp"]
             ws, how = self._radix, self._topk
-            sc = ops.factor(xa[:, lo:hi], b, bias, False, self._scores[self.spec.ffn_dim], batch_max=True,
-                            hist=ws["hist"] if how == "radix-gemv" else None)
-            ops.select(sc, self.k_mlp[l], self._nidx[l], ws=ws, hist_ready=how == "radix-gemv",
-                       radix=how != "torch")
+            with self._launch(side, "scores"):
+                sc = ops.factor(xa[:, lo:hi], b, bias, False, self._scores[self.spec.ffn_dim], batch_max=True,
+                                hist=ws["hist"] if how == "radix-gemv" else None)
+            with self._launch(side, "select"):
+                ops.select(sc, self.k_mlp[l], self._nidx[l], ws=ws, hist_ready=how == "radix-gemv",
+                           radix=how != "torch")
 
     def _select_kv(self, l, heads):
         """GQA: a fixed-size KV set, the needed KV heads first, padded with unneeded ones (-> self._kvidx[l])."""
