@@ -12,8 +12,9 @@ into the gathers), ``torch_topk`` (neuron top-k by torch.topk instead of the rad
 attention splits of at least n positions: ``decode_attention.SPLIT_MIN_POSITIONS``) and ``down_ctas_<n>`` (o_proj's
 split count aiming at n programs per SM: ``gather_mlp.DOWN_PROGRAMS_PER_SM``), ``side_pdl_<off|first|scores|mlp>``
 (the side stream's predictor launches without programmatic dependent launch: all, the first factors' GEMV, the neuron
-scores GEMV, the neuron scores and top-k; ``FastDecoder.side_pdl``) and ``nopdl_<kernel>`` (one main-stream kernel launched without it:
-``kernels._checks.PDL_EXCLUDE``). Per variant: median
+scores GEMV, the neuron scores and top-k; ``FastDecoder.side_pdl``), ``nopdl_<kernel>`` (one main-stream kernel launched without it:
+``kernels._checks.PDL_EXCLUDE``) and ``mlp_maxnreg_128`` (the MLP block capped at 128 registers a thread:
+``mlp_block.MAXNREG``). Per variant: median
 graph-replay time (``--rounds`` interleaved rounds of 60 replays), and a torch.profiler trace of graph replays,
 reduced to the kernel time per step by kernel name and stream, and the gap (span minus busy time) on the main
 stream. With programmatic
@@ -104,7 +105,7 @@ def main():
                     help="comma-separated subset of dense,sparse,unfused,nopred,inline,sparse_high_priority,torch_topk,"
                          "fold_forced,radix_torch_hist,unfused_mlp,unfused_attn,epilogue_2048,"
                          "attn_split_128,attn_split_256,down_ctas_1,down_ctas_4,side_pdl_{off,first,scores,mlp},"
-                         "nopdl_{rows,attn,combine,oproj,mlp}")
+                         "nopdl_{rows,attn,combine,oproj,mlp},mlp_maxnreg_128")
     ap.add_argument("--tag", default="", help="suffix of the output file name (e.g. _pdl0 for an A/B run)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per variant (median)")
     ap.add_argument("--batch", type=int, default=1)
@@ -138,6 +139,7 @@ def main():
     knobs = {  # A/B of launch heuristics, set while the step is captured: (module, name, value)
         "attn_split_128": (DA, "SPLIT_MIN_POSITIONS", 128), "attn_split_256": (DA, "SPLIT_MIN_POSITIONS", 256),
         "down_ctas_1": (GM, "DOWN_PROGRAMS_PER_SM", 1), "down_ctas_4": (GM, "DOWN_PROGRAMS_PER_SM", 4),
+        "mlp_maxnreg_128": (MB, "MAXNREG", 128),
     }
     knobs.update({f"nopdl_{k}": (C, "PDL_EXCLUDE", {v}) for k, v in (
         ("rows", "_gather_rows_kernel"), ("attn", "_decode_attn_kernel"), ("combine", "_decode_attn_combine_kernel"),

@@ -162,6 +162,9 @@ def _sparse_mlp_kernel(
 
 
 EPILOGUE_COLS = 8192  # columns x batch rows per step of the last program's epilogue (B <= 2): one pass to d = 8192
+MAXNREG = None
+"""Register cap per thread for the block's launch (None: the compiler's choice, 144 at B=1: one program per SM).
+A/B knob, read at launch time."""
 
 
 def _mlp_config(batch: int, k: int, d: int, swiglu: bool, device: torch.device) -> dict:
@@ -258,7 +261,7 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
         HAS_B1=bias1 is not None, HAS_B2=b2 is not None, HAS_RES=residual is not None,
         DOT_FP32=x.dtype == torch.float32 or is_interpreted(_sparse_mlp_kernel),
         FENCE=not is_interpreted(_sparse_mlp_kernel), PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
-        num_stages=cfg["NUM_STAGES"], **cfg,
+        num_stages=cfg["NUM_STAGES"], **cfg, **({"maxnreg": MAXNREG} if MAXNREG else {}),
     )  # fmt: skip
     return out
 
