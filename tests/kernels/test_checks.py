@@ -59,6 +59,15 @@ def test_use_pdl_switches(monkeypatch):
     assert not _checks.use_pdl(compiled_kernel, cuda)
 
 
+def test_programs_per_sm():
+    """The occupancy arithmetic of bench/kernel_resources.py (sm_90: 64K registers, 64 warps, 228 KB per SM)."""
+    from dejavu.kernels.offline import programs_per_sm
+
+    assert programs_per_sm(144, 8, 54272) == {"by_regs": 1, "by_warps": 8, "by_smem": 4, "programs": 1}
+    assert programs_per_sm(128, 8, 54272)["programs"] == 2
+    assert programs_per_sm(40, 4, 0) == {"by_regs": 12, "by_warps": 16, "by_smem": 32, "programs": 12}
+
+
 def test_error_messages_name_the_fix():
     x = torch.randn(2, 8, dtype=torch.float16)
     with pytest.raises(ValueError, match=r"cast one side, e\.g\. x\.to\(torch\.float32\)"):
@@ -109,30 +118,13 @@ def test_import_without_triton():
 
 
 _COMPILE_SCRIPT = """
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import torch
 from dejavu.kernels import gather_mlp as G, decode_attention as A, fused_ops as FO, predictor_ops as P, mlp_block as MB
-
-TY = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8"}
+from dejavu.kernels.offline import compile_for
 
 def build(kernel, args, num_warps, num_stages):
     args = dict(args, PDL=True)  # the Hopper launch path: grid-dependency wait/launch_dependents compiled in
-    sig, consts, attrs = {}, {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        v = args[name]
-        if kernel.params[i].is_constexpr:
-            sig[name] = "constexpr"; consts[name] = v
-        elif isinstance(v, torch.dtype):
-            sig[name] = TY[v]; attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(v, float):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-            if v % 16 == 0: attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-    opts = dict(num_warps=num_warps, num_stages=num_stages, launch_pdl=True)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    k = compile_for(kernel, args, num_warps, num_stages, launch_pdl=True)
     assert "griddepcontrol.wait" in k.asm["ptx"], kernel.__name__
     if args.get("FENCE"):  # the per-thread fence of the threadfence-reduction pattern
         assert "fence.acq_rel.gpu" in k.asm["ptx"], kernel.__name__
