@@ -1,24 +1,38 @@
 """Where does one graphed decode step spend its time? (GPU diagnostic for bench/NOTES.md)
 
 For OPT-13B-shaped random fp16 weights at batch 1: ours-dense and ours-sparse (0.1, 0.5), plus sparse variants that
-isolate one design choice each: ``nopred`` (selections fixed, predictor calls skipped), ``inline`` (lookahead
-predictors on the main stream, no side stream), ``unfused`` (the norms as kernels of their own instead of folded
-into the gathers), ``torch_topk`` (neuron top-k by torch.topk instead of the radix select) and
-``sparse_high_priority`` (the side stream created with priority -1), ``fold_forced`` (folded norms at B > 2 too),
-``radix_torch_hist`` (the radix select's histogram built by torch ops instead of the scores GEMV's epilogue),
-``unfused_mlp`` (the sparse MLP as the up and down gathers instead of one ``sparse_mlp`` launch) and
-``unfused_attn`` (``qkv_post`` before the decode attention instead of ``qkv_decode_attention``) and ``epilogue_2048``
-(the MLP block's last program finishing 2048 columns per step instead of one pass), ``attn_split_<n>`` (decode
-attention splits of at least n positions: ``decode_attention.SPLIT_MIN_POSITIONS``) and ``down_ctas_<n>`` (o_proj's
-split count aiming at n programs per SM: ``gather_mlp.DOWN_PROGRAMS_PER_SM``), ``side_pdl_<off|first|scores|mlp>``
-(the side stream's predictor launches without programmatic dependent launch: all, the first factors' GEMV, the neuron
-scores GEMV, the neuron scores and top-k; ``FastDecoder.side_pdl``), ``nopdl_<kernel>`` (one main-stream kernel launched without it:
-``kernels._checks.PDL_EXCLUDE``) and ``mlp_maxnreg_128`` (the MLP block capped at 128 registers a thread:
-``mlp_block.MAXNREG``). Per variant: median
-graph-replay time (``--rounds`` interleaved rounds of 60 replays), and a torch.profiler trace of graph replays,
-reduced to the kernel time per step by kernel name and stream, and the gap (span minus busy time) on the main
-stream. With programmatic
-dependent launch on, a kernel's traced duration includes the time its programs wait for the previous kernel.
+isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+side_pdl_on``):
+
+* ``nopred``: selections fixed, predictor calls skipped; ``inline``: lookahead predictors on the main stream;
+* ``unfused``: the norms as kernels of their own instead of folded into the gathers; ``fold_forced``: folded norms
+  at B > 2 too;
+* ``torch_topk``: neuron top-k by torch.topk instead of the radix select; ``radix_torch_hist``: the radix select's
+  histogram built by torch ops instead of the scores GEMV's epilogue;
+* ``unfused_mlp``: the sparse MLP as the up and down gathers instead of one ``sparse_mlp`` launch;
+  ``unfused_attn``: ``qkv_post`` before the decode attention instead of ``qkv_decode_attention``;
+  ``epilogue_2048``: the MLP block's last program finishing 2048 columns per step instead of one pass;
+* launch heuristics: ``attn_split_<n>`` (attention splits of at least n positions:
+  ``decode_attention.SPLIT_MIN_POSITIONS``), ``down_ctas_<n>`` (o_proj's split count aiming at n programs per SM:
+  ``gather_mlp.DOWN_PROGRAMS_PER_SM``), ``mlp_maxnreg_128`` (the MLP block capped at 128 registers a thread:
+  ``mlp_block.MAXNREG``), ``mlp_cols_<n>`` (the MLP block's down phase in steps of n output columns:
+  ``mlp_block.DOWN_COLS``), ``gemv_cap_<n>`` (the predictors' GEMVs on at most n programs, each looping over its row
+  blocks: ``predictor_ops.GEMV_MAX_PROGRAMS``), ``rows_tile_<k>_<d>`` (the q/k/v gather's FMA tile at B <= 2:
+  ``gather_mlp.ROWS_FMA_TILE``);
+* programmatic dependent launch (PDL): ``nopdl_<kernel>`` (one main-stream kernel without it:
+  ``kernels._checks.PDL_EXCLUDE``), ``side_pdl_<on|off|first|heads|scores|mlp>`` (the side stream's predictor
+  launches with it, or without it for all / the first factors' GEMV / the head scores and top-k / the neuron scores
+  GEMV / the neuron scores and top-k: ``FastDecoder.side_pdl``);
+* the side stream: ``fork_<start|qkv|attn|oproj>`` (the prediction of layer l+1 forked at the start of layer l or
+  after its q/k/v gather / attention / o_proj: ``FastDecoder.fork_at``; the default at B <= 2 is ``attn`` with
+  ``side_pdl_off``, at B > 2 ``start`` with ``side_pdl_on``), ``sparse_high_priority`` (the side stream created with
+  priority -1), ``main_priority`` (the step captured on a stream of priority -1, ahead of the side stream's:
+  ``FastDecoder.capture_priority``).
+
+Per variant: median graph-replay time (``--rounds`` interleaved rounds of 60 replays), and a torch.profiler trace of
+graph replays, reduced to the kernel time per step by kernel name and stream, the gap (span minus busy time) on the
+main stream, and the middle replay's timeline ([kernel, stream, start us, duration us], from its first kernel's
+start). With programmatic dependent launch on, a kernel's traced duration includes the time its programs wait for
+the previous kernel.
 
     PYTHONPATH=src python bench/profile_step.py --out $OUT/profile [--model opt-13b] [--variants dense,sparse]
     DEJAVU_PDL=0 ... --tag _pdl0   # the same without programmatic dependent launch
@@ -42,7 +56,8 @@ from dejavu.kernels import _checks as C
 from dejavu.kernels import decode_attention as DA
 from dejavu.kernels import gather_mlp as GM
 from dejavu.kernels import mlp_block as MB
-from dejavu.runtime.fast_decode import FastDecoder
+from dejavu.kernels import predictor_ops as PO
+from dejavu.runtime.fast_decode import FORK_POINTS, SIDE_PDL_OFF, FastDecoder
 
 
 def replay_ms(dec: FastDecoder, n: int = 60) -> float:
@@ -90,10 +105,37 @@ def trace(dec: FastDecoder, steps: int = 5) -> dict:
     busy = sum(e["dur"] for e in m) / steps
     gaps = [b["ts"] - (a["ts"] + a["dur"]) for a, b in zip(m, m[1:])]
     top = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:25]
+    n = len(ks) // steps  # one replay's kernels (every replay launches the same ones): the middle replay's timeline
+    mid = ks[(steps // 2) * n:(steps // 2 + 1) * n]
+    t0 = mid[0]["ts"] if mid else 0.0
+    timeline = [[e["name"][:40], "main" if e["args"].get("stream") == main else f"s{e['args'].get('stream')}",
+                 round(e["ts"] - t0, 2), round(e["dur"], 2)] for e in mid]
     return {"main_span_us": span, "main_busy_us": busy, "main_kernels": len(m) / steps,
             "side_busy_us": sum(e["dur"] for s, es in by_stream.items() if s != main for e in es) / steps,
             "median_gap_us": statistics.median(gaps) if gaps else 0.0,
-            "kernels": [{"name": k, "us_per_step": round(v[0], 2), "count": round(v[1], 1)} for k, v in top]}
+            "kernels": [{"name": k, "us_per_step": round(v[0], 2), "count": round(v[1], 1)} for k, v in top],
+            "timeline": timeline}
+
+
+def _setup(dec: FastDecoder, name: str) -> None:
+    """The decoder-side part of variant ``name`` (before prefill and capture)."""
+    if name == "nopred":
+        dec._predict = lambda *a, **k: None
+    if name.startswith("fork_"):  # A/B: where in layer l the side stream forks off to predict layer l+1
+        dec.fork_at = name[len("fork_"):]
+    if name.startswith("side_pdl_"):  # A/B: which of the side stream's launches skip PDL
+        dec.side_pdl = name[len("side_pdl_"):]
+    if name == "sparse_high_priority":  # A/B: schedule the predictors' blocks ahead of the main stream's
+        dec._side = torch.cuda.Stream(dec.device, priority=-1)
+    if name == "main_priority":  # A/B: the main stream's blocks ahead of the predictors' (captured at priority -1)
+        dec.capture_priority = -1
+    if name == "torch_topk":  # A/B: the neuron top-k by torch.topk instead of the radix select
+        dec._topk = "torch"
+    if name == "radix_torch_hist":  # A/B: radix select, its histogram built by torch ops instead of the GEMV
+        dec._topk = "radix-torch"
+    if name == "fold_forced":  # A/B: folded norms also at B > 2 (the tensor-core path), which the runtime skips
+        dec.fuse_norm = True
+        dec._fold1, dec._fold2 = dec._fold_norms()
 
 
 def main():
@@ -104,8 +146,10 @@ def main():
     ap.add_argument("--variants", default="dense,sparse,nopred,inline",
                     help="comma-separated subset of dense,sparse,unfused,nopred,inline,sparse_high_priority,torch_topk,"
                          "fold_forced,radix_torch_hist,unfused_mlp,unfused_attn,epilogue_2048,"
-                         "attn_split_128,attn_split_256,down_ctas_1,down_ctas_4,side_pdl_{off,first,scores,mlp},"
-                         "nopdl_{rows,attn,combine,oproj,mlp},mlp_maxnreg_128")
+                         "attn_split_128,attn_split_256,down_ctas_1,down_ctas_4,side_pdl_{on,off,first,heads,scores,mlp},"
+                         "nopdl_{rows,attn,combine,oproj,mlp},mlp_maxnreg_128,gemv_cap_{32,64,132,264},"
+                         "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},"
+                         "fork_{start,qkv,attn,oproj},main_priority; join several with '+'")
     ap.add_argument("--tag", default="", help="suffix of the output file name (e.g. _pdl0 for an A/B run)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per variant (median)")
     ap.add_argument("--batch", type=int, default=1)
@@ -134,51 +178,46 @@ def main():
         "unfused_attn": dict(predictors=preds, mlp_density=md, head_density=hd, fuse_attn=False),
         "epilogue_2048": dict(predictors=preds, mlp_density=md, head_density=hd),
         **{f"side_pdl_{m}": dict(predictors=preds, mlp_density=md, head_density=hd)
-           for m in ("off", "first", "scores", "mlp")},
+           for m in SIDE_PDL_OFF},
+        "main_priority": dict(predictors=preds, mlp_density=md, head_density=hd),
+        **{f"fork_{m}": dict(predictors=preds, mlp_density=md, head_density=hd) for m in FORK_POINTS},
     }
     knobs = {  # A/B of launch heuristics, set while the step is captured: (module, name, value)
         "attn_split_128": (DA, "SPLIT_MIN_POSITIONS", 128), "attn_split_256": (DA, "SPLIT_MIN_POSITIONS", 256),
         "down_ctas_1": (GM, "DOWN_PROGRAMS_PER_SM", 1), "down_ctas_4": (GM, "DOWN_PROGRAMS_PER_SM", 4),
         "mlp_maxnreg_128": (MB, "MAXNREG", 128),
     }
+    knobs.update({f"gemv_cap_{n}": (PO, "GEMV_MAX_PROGRAMS", n) for n in (32, 64, 132, 264)})
+    knobs.update({f"mlp_cols_{n}": (MB, "DOWN_COLS", n) for n in (256, 1024)})
+    knobs.update({f"rows_tile_{k}_{d}": (GM, "ROWS_FMA_TILE", (k, d)) for k, d in ((16, 256), (16, 512), (8, 256))})
     knobs.update({f"nopdl_{k}": (C, "PDL_EXCLUDE", {v}) for k, v in (
         ("rows", "_gather_rows_kernel"), ("attn", "_decode_attn_kernel"), ("combine", "_decode_attn_combine_kernel"),
         ("oproj", "_gather_down_kernel"), ("mlp", "_sparse_mlp_kernel"))})
     variants.update({name: dict(predictors=preds, mlp_density=md, head_density=hd) for name in knobs})
-    unknown = set(args.variants.split(",")) - set(variants)
+    chosen = args.variants.split(",")  # a variant may combine several, joined by "+" (e.g. fork_qkv+side_pdl_off)
+    unknown = {p for name in chosen for p in name.split("+")} - set(variants)
     if unknown:
-        ap.error(f"unknown variants {sorted(unknown)}; choose from {sorted(variants)}")
-    variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
+        ap.error(f"unknown variants {sorted(unknown)}; choose from {sorted(variants)} (or join them with '+')")
     decs = {}
-    for name, kw in variants.items():
-        dec = FastDecoder(model, batch=args.batch, max_len=200, **kw)
-        if name == "nopred":
-            dec._predict = lambda *a, **k: None
-        if name.startswith("side_pdl_"):  # A/B: which of the side stream's launches skip PDL
-            dec.side_pdl = name[len("side_pdl_"):]
-        if name == "sparse_high_priority":  # A/B: schedule the predictors' blocks ahead of the main stream's
-            dec._side = torch.cuda.Stream(dec.device, priority=-1)
-        if name == "torch_topk":  # A/B: the neuron top-k by torch.topk instead of the radix select
-            dec._topk = "torch"
-        if name == "radix_torch_hist":  # A/B: radix select, its histogram built by torch ops instead of the GEMV
-            dec._topk = "radix-torch"
-        if name == "fold_forced":  # A/B: folded norms also at B > 2 (the tensor-core path), which the runtime skips
-            dec.fuse_norm = True
-            dec._fold1, dec._fold2 = dec._fold_norms()
+    for name in chosen:
+        parts = name.split("+")
+        dec = FastDecoder(model, batch=args.batch, max_len=200, **variants[parts[0]])
+        for part in parts:
+            _setup(dec, part)
         dec.prefill(ids)
         epi = MB.EPILOGUE_COLS
-        if name == "epilogue_2048":  # A/B: the MLP block's epilogue in 2048-column steps (read at capture)
+        if "epilogue_2048" in parts:  # A/B: the MLP block's epilogue in 2048-column steps (read at capture)
             MB.EPILOGUE_COLS = 2048
-        mod, attr, value = knobs.get(name, (None, None, None))
-        saved = getattr(mod, attr) if mod is not None else None
-        if mod is not None:
+        set_knobs = [knobs[p] for p in parts if p in knobs]
+        saved = [getattr(mod, attr) for mod, attr, _ in set_knobs]
+        for mod, attr, value in set_knobs:
             setattr(mod, attr, value)
         try:
             dec.capture()
         finally:
             MB.EPILOGUE_COLS = epi
-            if mod is not None:
-                setattr(mod, attr, saved)
+            for (mod, attr, _), value in zip(set_knobs, saved):
+                setattr(mod, attr, value)
         decs[name] = dec
     times = {name: [] for name in decs}
     for _ in range(args.rounds):  # interleaved, so a drift of the card's clocks hits every variant alike
@@ -195,7 +234,8 @@ def main():
               f"{t.get('side_busy_us', 0):.0f} us", flush=True)
         for k in t.get("kernels", [])[:14]:
             print(f"   {k['us_per_step']:9.1f} us  x{k['count']:<6} {k['name']}")
-    with open(os.path.join(args.out, f"profile_{args.model}_b{args.batch}{args.tag}.json"), "w") as f:
+    point = "" if args.point == "0.1,0.5" else "_p" + args.point.replace(",", "_")
+    with open(os.path.join(args.out, f"profile_{args.model}{point}_b{args.batch}{args.tag}.json"), "w") as f:
         json.dump(res, f, indent=1)
 
 

@@ -170,6 +170,25 @@ def test_scores_gemv_histogram_then_select(B):
     assert int(ws["hist"].abs().sum()) == 0
 
 
+@pytest.mark.parametrize("cap", [1, 3, 7])
+@pytest.mark.parametrize("batch_max", [False, True])
+def test_lowrank_gemv_capped_grid(cap, batch_max, monkeypatch):
+    """GEMV_MAX_PROGRAMS: fewer programs than row blocks, each looping over its share, give the same outputs and
+    the same histogram (every row block done exactly once, whatever the cap)."""
+    from dejavu.kernels import predictor_ops as PO
+
+    g = make_gen("gemv-cap", cap, batch_max)
+    x, w, bias = randn(3, 40, gen=g, dtype=torch.float16), randn(4100, 40, gen=g, dtype=torch.float16), None
+    want = lowrank_gemv(x, w, bias, norm=True, batch_max=batch_max, out_dtype=torch.float16)
+    monkeypatch.setattr(PO, "GEMV_MAX_PROGRAMS", cap)
+    ws = radix_workspace(DEVICE)
+    got = lowrank_gemv(x, w, bias, norm=True, batch_max=batch_max, out_dtype=torch.float16,
+                       hist=ws["hist"] if batch_max else None)
+    assert torch.equal(got, want)
+    if batch_max:
+        assert torch.equal(ws["hist"], radix_histogram_ref(got))
+
+
 @pytest.mark.parametrize("B", [1, 2, 4, 16])
 def test_scores_histogram_at_decode_shapes(B):
     """The decode step's tile shapes (N >= 4096: 16 rows per program; r = 320): every stored score is counted once,

@@ -107,7 +107,8 @@ def test_side_stream_pdl_modes(tiny):
 
     model = tiny[1].to(DEV)
     dec = FastDecoder(model, _predictors(model.spec), MLP_D, HEAD_D, batch=1, max_len=12, backend="torch")
-    assert dec.side_pdl == "on"
+    wide = FastDecoder(model, _predictors(model.spec), MLP_D, HEAD_D, batch=4, max_len=12, backend="torch")
+    assert (dec.fork_at, dec.side_pdl) == ("attn", "off") and (wide.fork_at, wide.side_pdl) == ("start", "on")
     for mode, off in SIDE_PDL_OFF.items():
         dec.side_pdl = mode
         for part in ("first", "heads", "scores", "select"):
@@ -308,3 +309,33 @@ def test_dense_graph_batch16_matches_model(tiny):
     dec = FastDecoder(model, None, batch=16, max_len=24)
     errs, _ = _compare(model, dec, None, "all", B=16, steps=4)
     assert max(errs) < 1e-3, errs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fork_at", ["qkv", "attn", "oproj"])
+def test_side_stream_fork_points_equal(tiny, fork_at):
+    """fork_at moves where the side stream's prediction of layer l+1 starts within layer l; the graphed step's
+    tokens and logits are those of the fork at the layer's start (fp32)."""
+    _, model = tiny
+    model = model.to(device="cuda", dtype=torch.float32)
+    p = _predictors(model.spec)
+    ids = torch.randint(0, model.spec.vocab_size, (1, 7), device="cuda")
+    ref = FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=32)
+    dec = FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=32)
+    assert ref._side is not None
+    ref.fork_at, dec.fork_at = "start", fork_at
+    a, b = ref.generate(ids, 10), dec.generate(ids, 10)
+    assert (a.tokens == b.tokens).all()
+    tok = a.tokens[:, -1]
+    torch.testing.assert_close(dec.decode_step(tok), ref.decode_step(tok), rtol=TOL, atol=TOL)
+
+
+def test_fork_point_checked(tiny):
+    model = tiny[1].to(DEV)
+    dec = FastDecoder(model, _predictors(model.spec), MLP_D, HEAD_D, batch=1, max_len=12, backend="torch",
+                      use_graph=False)
+    dec.prefill(torch.zeros(1, 3, dtype=torch.long, device=DEV))
+    dec.fork_at = "mlp"
+    with pytest.raises(ValueError, match="fork_at must be one of"):
+        dec.decode_step(torch.zeros(1, dtype=torch.long, device=DEV))

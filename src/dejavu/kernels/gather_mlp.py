@@ -205,6 +205,11 @@ def _rows_tile(x_ptr, w_ptr, w2_ptr, bias_ptr, g_ptr, rg_ptr, rows, c_mask, B, D
     return acc
 
 
+ROWS_FMA_TILE = None
+"""(BLOCK_K, BLOCK_D) of :func:`_gather_rows_kernel`'s FMA path (B <= 2) instead of the heuristic's (A/B knob, read at
+launch time; ``bench/profile_step.py``'s ``rows_tile_<k>_<d>``)."""
+
+
 def _rows_config(batch: int, n_out: int, d: int, two_mats: bool, device: torch.device) -> dict:
     """Tile sizes for :func:`_gather_rows_kernel` (a heuristic, no autotuning).
 
@@ -219,6 +224,8 @@ def _rows_config(batch: int, n_out: int, d: int, two_mats: bool, device: torch.d
         block_k = 8 if cdiv(n_out, 8) >= sms else 4
         budget = 64 * 128 // (block_b * block_k * (2 if two_mats else 1))
         block_d = max(16, min(512, next_pow2(d), budget))
+        if ROWS_FMA_TILE is not None:
+            block_k, block_d = ROWS_FMA_TILE
         return dict(BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=block_d, USE_DOT=False, NUM_STAGES=3, num_warps=4)
     block_k = 32 if cdiv(n_out, 32) >= 2 * sms else 16
     block_d = max(16, min(128, next_pow2(d)))

@@ -162,6 +162,10 @@ def _sparse_mlp_kernel(
 
 
 EPILOGUE_COLS = 8192  # columns x batch rows per step of the last program's epilogue (B <= 2): one pass to d = 8192
+DOWN_COLS = None
+"""Output columns per down-phase step at B <= 2 (BLOCK_O; None: 512). Each step ends in one vector atomic add per
+thread (512 columns over 8 warps: two fp32 a thread); A/B knob, read at launch time (``bench/profile_step.py``'s
+``mlp_cols_<n>``)."""
 MAXNREG = None
 """Register cap per thread for the block's launch (None: the compiler's choice, 144 at B=1: one program per SM).
 A/B knob, read at launch time."""
@@ -182,7 +186,7 @@ def _mlp_config(batch: int, k: int, d: int, swiglu: bool, device: torch.device) 
     block_b, block_n, warps = next_pow2(batch), 16, 8
     budget = 64 * 32 * warps // (block_b * block_n * (2 if swiglu else 1))
     block_d = max(16, min(512, next_pow2(d), budget))
-    block_o = max(16, min(512, next_pow2(d)))
+    block_o = max(16, min(DOWN_COLS or 512, next_pow2(d)))
     block_f = max(16, min(EPILOGUE_COLS // block_b, next_pow2(d)))
     return dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_O=block_o, BLOCK_F=block_f, USE_DOT=False,
                 NUM_STAGES=4, num_warps=warps)  # fmt: skip

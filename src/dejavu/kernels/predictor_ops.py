@@ -110,17 +110,33 @@ def _lowrank_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    LOOP: tl.constexpr,  # fewer programs than row blocks (GEMV_MAX_PROGRAMS): each loops over its share
     PDL: tl.constexpr,
 ):
     """out[b, n] = (x[b] . w[n]) * (rms^-1 of x[b] if NORM) + bias[n], fp32 accumulation.
 
     One program owns BLOCK_N weight rows and walks all of d; the batch is a tile inside the program, so each
     weight element is loaded once. Every program streams the whole x row anyway, so the RMS statistic costs
-    nothing extra: the normalization commutes with the dot product (a per-row scalar). Grid: (cdiv(N, BLOCK_N),).
+    nothing extra: the normalization commutes with the dot product (a per-row scalar). Grid: (cdiv(N, BLOCK_N),),
+    or fewer programs (GEMV_MAX_PROGRAMS), each then taking row blocks pid, pid + grid, ...
     """
     pdl_sync(PDL)
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    if not LOOP:
+        _lowrank_rows(x_ptr, w_ptr, bias_ptr, out_ptr, hist_ptr, tl.program_id(0), B, N, D, stride_xb, stride_wn,
+                      stride_ob, eps, NORM, HAS_BIAS, BATCH_MAX, HIST, BLOCK_B, BLOCK_N, BLOCK_D, NUM_STAGES)
+    else:
+        for blk in range(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
+            _lowrank_rows(x_ptr, w_ptr, bias_ptr, out_ptr, hist_ptr, blk, B, N, D, stride_xb, stride_wn, stride_ob,
+                          eps, NORM, HAS_BIAS, BATCH_MAX, HIST, BLOCK_B, BLOCK_N, BLOCK_D, NUM_STAGES)  # fmt: skip
+
+
+@jit
+def _lowrank_rows(x_ptr, w_ptr, bias_ptr, out_ptr, hist_ptr, blk, B, N, D, stride_xb, stride_wn, stride_ob, eps,
+                  NORM: tl.constexpr, HAS_BIAS: tl.constexpr, BATCH_MAX: tl.constexpr, HIST: tl.constexpr,
+                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  NUM_STAGES: tl.constexpr):  # fmt: skip
+    """Row block ``blk`` of :func:`_lowrank_gemv_kernel`: BLOCK_N outputs over all of d, epilogue included."""
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_b = tl.arange(0, BLOCK_B)
     b_mask = offs_b < B
@@ -153,6 +169,12 @@ def _lowrank_gemv_kernel(
     else:
         tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=b_mask[:, None] & n_mask[None, :])  # fmt: skip
+
+
+GEMV_MAX_PROGRAMS = None
+"""Cap on :func:`lowrank_gemv`'s grid (None: one program per row block). With a cap, fewer programs each loop over
+several row blocks: the predictors then hold fewer SM slots next to the main stream's kernels, for longer (A/B knob,
+read at launch: ``bench/profile_step.py``'s ``gemv_cap_<n>``, bench/NOTES.md v8)."""
 
 
 def _gemv_config(batch: int, n: int, d: int) -> dict:
@@ -212,10 +234,12 @@ def lowrank_gemv(x, w, bias=None, *, norm=False, eps=1e-6, batch_max=False, out_
     cfg = _gemv_config(B, N, D)
     nw = cfg.pop("num_warps")
     pdl = use_pdl(_lowrank_gemv_kernel, w.device)
-    _lowrank_gemv_kernel[(cdiv(N, cfg["BLOCK_N"]),)](
+    blocks = cdiv(N, cfg["BLOCK_N"])
+    grid = blocks if GEMV_MAX_PROGRAMS is None else max(1, min(blocks, int(GEMV_MAX_PROGRAMS)))
+    _lowrank_gemv_kernel[(grid,)](
         x, w, bias if bias is not None else w, out, hist if hist is not None else out, B, N, D, x.stride(0),
         w.stride(0), out.stride(0), float(eps), NORM=bool(norm), HAS_BIAS=bias is not None,
-        BATCH_MAX=bool(batch_max), HIST=hist is not None, PDL=pdl, launch_pdl=pdl, num_warps=nw,
+        BATCH_MAX=bool(batch_max), HIST=hist is not None, LOOP=grid < blocks, PDL=pdl, launch_pdl=pdl, num_warps=nw,
         num_stages=cfg["NUM_STAGES"], **cfg,
     )  # fmt: skip
     return out

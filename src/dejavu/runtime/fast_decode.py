@@ -24,8 +24,9 @@ for FasterTransformer / gpt-fast.
 
 Predictors (``policy.PredictorPolicy`` semantics): with lookahead, layer l+1's heads and neurons are scored from
 layer l's input; layer 0 from its own. On CUDA that lookahead runs on a side stream (forked and joined inside the
-graph), so it overlaps layer l instead of sitting on the critical path, which is the point of lookahead; the heads
-are joined before layer l+1's q/k/v gather, the neurons before its up gather. The neuron top-k is a radix select
+graph), so it overlaps layer l instead of sitting on the critical path, which is the point of lookahead; it forks
+after layer l's attention at batch <= 2 and at its start above (``fork_at``, measured), and the heads are joined
+before layer l+1's q/k/v gather, the neurons before its up gather. The neuron top-k is a radix select
 fed by the scores GEMV's histogram at batch <= 2, ``torch.topk`` above (measured, see ``_topk``). Without
 lookahead the heads are scored from the layer input and the neurons from the residual after attention, inline.
 
@@ -46,6 +47,7 @@ position), instead of the four elementwise kernels of ``x * cos + rotate_half(x)
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -59,8 +61,12 @@ from ..models.decoder import KV_POLICIES, DecoderLM, KVCache
 from .policy import k_for, per_layer
 
 BACKENDS = ("triton", "torch")
-SIDE_PDL_OFF = {"on": (), "off": ("first", "heads", "scores", "select"), "first": ("first",), "scores": ("scores",),
-                "mlp": ("scores", "select")}
+FORK_POINTS = ("start", "qkv", "attn", "oproj")
+"""FastDecoder.fork_at: the side stream's prediction of layer l+1 forks from x_l at the start of layer l (its first
+kernel then shares the previous MLP block as predecessor with the q/k/v gather), or after layer l's q/k/v gather,
+attention (with its combine) or o_proj."""
+SIDE_PDL_OFF = {"on": (), "off": ("first", "heads", "scores", "select"), "first": ("first",), "heads": ("heads",),
+                "scores": ("scores",), "mlp": ("scores", "select")}
 """FastDecoder.side_pdl -> the parts of a side-stream prediction launched without PDL (the first factors, the head
 scores and top-k, the neuron scores, the neuron top-k)."""
 
@@ -213,7 +219,6 @@ class FastDecoder:
         self._all_heads = torch.arange(H, **dev)
         self._x = [torch.zeros(B, d, dtype=self.dtype, **dev) for _ in range(L + 1)]  # residual stream per layer
         self._mid = torch.zeros(B, d, dtype=self.dtype, **dev)  # residual after attention
-        # selections, written by the predictors (possibly on the side stream), read by the block
         # selections, written by the predictors (possibly on the side stream), read by the block. Per layer one
         # combined q/k/v head index into the fused [q; k; v] weight (rows in units of hd): q heads, H + KV heads,
         # H + H_kv + KV heads; the q part doubles as the selected-head index, the raw KV heads are _kvidx.
@@ -267,10 +272,17 @@ class FastDecoder:
         # up gather, so the neuron half of the chain gets the attention half of the layer as extra slack
         self._heads_ready = [torch.cuda.Event() for _ in range(L)] if overlap else None
         self._mlp_ready = [torch.cuda.Event() for _ in range(L)] if overlap else None
-        # which of the side stream's launches use PDL (SIDE_PDL_OFF): with it a kernel's programs are placed early
-        # and wait for their predecessor on SM slots the main stream's kernels need; without it each launch's latency
-        # lands on the side chain (A/B in bench/profile_step.py, bench/NOTES.md v7)
-        self.side_pdl = "on"
+        # where in layer l the side stream forks off to predict layer l+1 (FORK_POINTS), and which of its launches
+        # use PDL (SIDE_PDL_OFF: with it a kernel's programs are placed early and wait for their predecessor on SM
+        # slots the main stream's kernels need; without it each launch's latency lands on the side chain). Forked
+        # at the layer's start, the chain's first kernel and the q/k/v gather both follow the MLP block, and the
+        # gather then starts ~4 us after the block ends instead of early; forked after the attention, with PDL off
+        # on the side, the B=1 step took 5-13% less on the H200 (OPT-6.7B/13B/30B), while at B=4 any later fork lost
+        # (bench/profile_step.py fork_* variants, bench/NOTES.md v8)
+        self.fork_at, self.side_pdl = ("attn", "off") if B <= 2 else ("start", "on")
+        # priority of the stream the step is captured on (CUDA: lower is more urgent; the side stream has 0), so
+        # that the main stream's programs are placed ahead of the predictors' where both wait for SM slots
+        self.capture_priority = 0
         self._graph, self._graph_out, self._len = None, None, 0
 
     # ---- setup ------------------------------------------------------------------------------------------------------
@@ -394,6 +406,7 @@ class FastDecoder:
     def describe(self) -> dict:
         return {"batch": self.batch, "max_len": self.max_len, "kv_policy": self.kv_policy, "backend": self.backend,
                 "graph": self.use_graph, "overlap": self._side is not None, "lookahead": self.lookahead,
+                "fork_at": self.fork_at, "side_pdl": self.side_pdl,
                 "fuse_norm": self.fuse_norm, "fuse_mlp": any(self._fused_mlp), "fuse_attn": self.fuse_attn,
                 "neuron_topk": self._topk,
                 "k_heads": self.k_heads, "k_mlp": self.k_mlp, "k_kv": self.k_kv,
@@ -462,7 +475,8 @@ class FastDecoder:
         torch.cuda.current_stream(self.device).wait_stream(s)
         torch.cuda.synchronize(self.device)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        stream = torch.cuda.Stream(self.device, priority=self.capture_priority) if self.capture_priority else None
+        with torch.cuda.graph(g, stream=stream):
             out = self._step()
         self._pos.copy_(pos0)  # capture does not execute, but be explicit
         self._graph, self._graph_out = g, out
@@ -483,23 +497,22 @@ class FastDecoder:
         if self.lookahead:
             self._predict(0, x0, heads=True, mlp=True)
         forked = set()  # layers whose selection runs on the side stream in this step (joins only wait on these)
+        if self.fork_at not in FORK_POINTS:
+            raise ValueError(f"fork_at must be one of {FORK_POINTS}, got {self.fork_at!r}")
         for l in range(L):
             if l in forked:
                 main.wait_event(self._heads_ready[l])  # layer l's heads are chosen (they ran during layer l-1)
+            fork = None
             if self.lookahead and l + 1 < L:
                 if main is not None:
                     if self._pred[l + 1]:  # fork only for layers that run a predictor
-                        self._side.wait_stream(main)  # x_l is written
-                        with torch.cuda.stream(self._side):
-                            self._predict(l + 1, self._x[l], heads=True, mlp=True,
-                                          heads_done=self._heads_ready[l + 1], side=True)
-                            self._mlp_ready[l + 1].record(self._side)
+                        fork = functools.partial(self._fork, l + 1)
                         forked.add(l + 1)
                 else:
                     self._predict(l + 1, self._x[l], heads=True, mlp=True)
             elif not self.lookahead:
                 self._predict(l, self._x[l], heads=True, mlp=False)
-            self._block(l, lens, rope, mlp_ready=self._mlp_ready[l] if l in forked else None)
+            self._block(l, lens, rope, mlp_ready=self._mlp_ready[l] if l in forked else None, fork=fork)
         if forked:
             main.wait_stream(self._side)
         nf = m.norm_f
@@ -507,6 +520,14 @@ class FastDecoder:
         logits = F.linear(h, m.lm_head.weight)
         pos.add_(1)
         return logits
+
+    def _fork(self, l: int):
+        """Layer l's lookahead prediction on the side stream, from x_{l-1} (written before this point of the main
+        stream); records when its heads and its neurons are chosen."""
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side):
+            self._predict(l, self._x[l - 1], heads=True, mlp=True, heads_done=self._heads_ready[l], side=True)
+            self._mlp_ready[l].record(self._side)
 
     def _launch(self, side: bool, part: str):
         """Launch context of one part of a side-stream prediction: without PDL if ``side_pdl`` says so."""
@@ -560,7 +581,12 @@ class FastDecoder:
             self._kvidx[l].copy_(torch.sort(torch.topk(need, self.k_kv[l]).indices).values)
         return self._kvidx[l]
 
-    def _block(self, l: int, lens, rope, mlp_ready=None):
+    def _block(self, l: int, lens, rope, mlp_ready=None, fork=None):
+        """Layer l on the main stream; ``fork`` (the side stream's prediction of layer l+1) is called at the point
+        ``fork_at`` names."""
+        point = self.fork_at if fork is not None else None
+        if point == "start":
+            fork()
         s, m, ops = self.spec, self.model, self.ops
         blk = m.layers[l]
         at, mlp, cache = blk.attn, blk.mlp, self.caches[l]
@@ -583,6 +609,8 @@ class FastDecoder:
                 qkv = ops.rows(h, self._wqkv[l], self._qkvidx[l], hd, self._bqkv[l])  # (B, kh + 2 kkv, hd)
             else:
                 qkv = ops.rows(x, self._wqkv[l], self._qkvidx[l], hd, None, norm=fold1)
+        if point == "qkv":
+            fork()
         valid = cache.valid if self.holes[l] else None
         cos, sin = rope if rope is not None else (None, None)
         if self.fuse_attn:
@@ -593,10 +621,14 @@ class FastDecoder:
                      hidx=hidx, group=s.group_size)  # fmt: skip
             q = q_out if q_out is not None else qkv[:, :kh]
             a = ops.attn(q, cache.k, cache.v, lens, hidx, s.group_size, valid)  # (B, kh, hd)
+        if point == "attn":
+            fork()
         if dense_heads:
             mid.addmm_(a.reshape(B, H * hd), at.wo_t)
         else:
             ops.oproj(a, at.wo_t, hidx, hd, at.bo, x, mid)
+        if point == "oproj":
+            fork()
         # norm2 (unless folded into the up gather); a dense fc2 accumulates in place into x_next = mid + b2,
         # written here
         if fold2 is None:
