@@ -146,7 +146,8 @@ def main():
     ap.add_argument("--variants", default="dense,sparse,nopred,inline",
                     help="comma-separated subset of dense,sparse,unfused,nopred,inline,sparse_high_priority,torch_topk,"
                          "fold_forced,radix_torch_hist,unfused_mlp,unfused_attn,epilogue_2048,"
-                         "attn_split_128,attn_split_256,down_ctas_1,down_ctas_4,side_pdl_{on,off,first,heads,scores,mlp},"
+                         "attn_split_128,attn_split_256,down_ctas_1,down_ctas_4,"
+                         "side_pdl_{on,off,first,heads,scores,mlp},"
                          "nopdl_{rows,attn,combine,oproj,mlp},mlp_maxnreg_128,gemv_cap_{32,64,132,264},"
                          "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},"
                          "fork_{start,qkv,attn,oproj},main_priority; join several with '+'")

@@ -331,11 +331,15 @@ def test_side_stream_fork_points_equal(tiny, fork_at):
     torch.testing.assert_close(dec.decode_step(tok), ref.decode_step(tok), rtol=TOL, atol=TOL)
 
 
-def test_fork_point_checked(tiny):
+def test_fork_point_and_side_pdl_checked(tiny):
     model = tiny[1].to(DEV)
     dec = FastDecoder(model, _predictors(model.spec), MLP_D, HEAD_D, batch=1, max_len=12, backend="torch",
                       use_graph=False)
     dec.prefill(torch.zeros(1, 3, dtype=torch.long, device=DEV))
+    tok = torch.zeros(1, dtype=torch.long, device=DEV)
     dec.fork_at = "mlp"
     with pytest.raises(ValueError, match="fork_at must be one of"):
-        dec.decode_step(torch.zeros(1, dtype=torch.long, device=DEV))
+        dec.decode_step(tok)
+    dec.fork_at, dec.side_pdl = "attn", "some"
+    with pytest.raises(ValueError, match="side_pdl must be one of"):
+        dec.decode_step(tok)

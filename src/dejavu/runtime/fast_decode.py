@@ -483,6 +483,10 @@ class FastDecoder:
 
     def _step(self) -> torch.Tensor:
         """One decode step on static buffers: self._tok at self._pos -> logits (B, V); advances self._pos."""
+        if self.fork_at not in FORK_POINTS:
+            raise ValueError(f"fork_at must be one of {FORK_POINTS}, got {self.fork_at!r}")
+        if self.side_pdl not in SIDE_PDL_OFF:
+            raise ValueError(f"side_pdl must be one of {tuple(SIDE_PDL_OFF)}, got {self.side_pdl!r}")
         m, L = self.model, self.spec.n_layers
         pos = self._pos
         x0 = self._x[0]
@@ -497,8 +501,6 @@ class FastDecoder:
         if self.lookahead:
             self._predict(0, x0, heads=True, mlp=True)
         forked = set()  # layers whose selection runs on the side stream in this step (joins only wait on these)
-        if self.fork_at not in FORK_POINTS:
-            raise ValueError(f"fork_at must be one of {FORK_POINTS}, got {self.fork_at!r}")
         for l in range(L):
             if l in forked:
                 main.wait_event(self._heads_ready[l])  # layer l's heads are chosen (they ran during layer l-1)
