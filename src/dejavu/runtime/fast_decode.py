@@ -233,7 +233,7 @@ class FastDecoder:
         # the sparse MLP block in one launch (kernels.sparse_mlp) at B <= 2. Not at density 1: in the OPT-13B step on an
         # H200 (profile_step, same call) ours-dense took 7.84 ms with it against 7.40 with cuBLAS (bench/NOTES.md, v5)
         self._fused_mlp = [bool(fuse_mlp) and B <= 2 and km < N for km in self.k_mlp]
-        self._cublas_mlp = [km == N and not f for km, f in zip(self.k_mlp, self._fused_mlp)]
+        self._cublas_mlp = [km == N for km in self.k_mlp]  # dense MLP parts: cuBLAS GEMVs
         self._mlp_ws = K.mlp_workspace(d, self.device, B) if backend == "triton" and any(self._fused_mlp) else None
         # the q/k/v finish (RoPE, cache write, hole mask) inside the decode attention (kernels.qkv_decode_attention):
         # one launch fewer per layer. Only at B <= 2: OPT-13B (0.1, 0.5) on an H200, same calls, B=1 3.155 / 3.138
