@@ -17,7 +17,8 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   ``mlp_block.MAXNREG``), ``mlp_cols_<n>`` (the MLP block's down phase in steps of n output columns:
   ``mlp_block.DOWN_COLS``), ``gemv_cap_<n>`` (the predictors' GEMVs on at most n programs, each looping over its row
   blocks: ``predictor_ops.GEMV_MAX_PROGRAMS``), ``rows_tile_<k>_<d>`` (the q/k/v gather's FMA tile at B <= 2:
-  ``gather_mlp.ROWS_FMA_TILE``);
+  ``gather_mlp.ROWS_FMA_TILE``), ``rows_narrow`` (no 16-row tiles at B = 1: ``gather_mlp.ROWS_WIDE`` off, the v8
+  rule);
 * programmatic dependent launch (PDL): ``nopdl_<kernel>`` (one main-stream kernel without it:
   ``kernels._checks.PDL_EXCLUDE``), ``side_pdl_<on|off|first|heads|scores|mlp>`` (the side stream's predictor
   launches with it, or without it for all / the first factors' GEMV / the head scores and top-k / the neuron scores
@@ -150,7 +151,7 @@ def main():
                          "side_pdl_{on,off,first,heads,scores,mlp},"
                          "nopdl_{rows,attn,combine,oproj,mlp},mlp_maxnreg_128,gemv_cap_{32,64,132,264},"
                          "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},"
-                         "fork_{start,qkv,attn,oproj},main_priority; join several with '+'")
+                         "rows_narrow,fork_{start,qkv,attn,oproj},main_priority; join several with '+'")
     ap.add_argument("--tag", default="", help="suffix of the output file name (e.g. _pdl0 for an A/B run)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per variant (median)")
     ap.add_argument("--batch", type=int, default=1)
@@ -190,6 +191,7 @@ def main():
     }
     knobs.update({f"gemv_cap_{n}": (PO, "GEMV_MAX_PROGRAMS", n) for n in (32, 64, 132, 264)})
     knobs.update({f"mlp_cols_{n}": (MB, "DOWN_COLS", n) for n in (256, 1024)})
+    knobs["rows_narrow"] = (GM, "ROWS_WIDE", False)
     knobs.update({f"rows_tile_{k}_{d}": (GM, "ROWS_FMA_TILE", (k, d)) for k, d in ((16, 256), (16, 512), (8, 256))})
     knobs.update({f"nopdl_{k}": (C, "PDL_EXCLUDE", {v}) for k, v in (
         ("rows", "_gather_rows_kernel"), ("attn", "_decode_attn_kernel"), ("combine", "_decode_attn_combine_kernel"),

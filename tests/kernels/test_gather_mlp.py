@@ -23,6 +23,7 @@ from dejavu.kernels import (  # noqa: E402
     gather_up_ref,
     norm_ref,
 )
+from dejavu.kernels import gather_mlp as G  # noqa: E402
 
 pytestmark = pytest.mark.needs_kernels
 
@@ -109,6 +110,24 @@ def test_gather_swiglu_folded_rmsnorm(B, dtype):
         return gather_swiglu_ref(norm_ref(x, NormFold("rmsnorm", gain, None, 1e-5, None, None, None)), wg, wu, idx)
 
     check_against(res, ref, (x, wg, wu, idx, gain), dtype=dtype)
+
+
+def test_rows_config_wide_tiles(monkeypatch):
+    """ROWS_WIDE: 16-row programs at B = 1 where they make 2-4 programs per SM, else the 8- / 4-row ones; the fp32
+    accumulator stays within 64 registers a thread."""
+    cpu = torch.device("cpu")
+    sms = G.num_sms(cpu)
+    for wide in (False, True):
+        monkeypatch.setattr(G, "ROWS_WIDE", wide)
+        for B in (1, 2):
+            for n_out in (3 * 20 * 128, 3 * 40 * 64, 3 * 28 * 128, 12 * 128):
+                c = G._rows_config(B, n_out, 5120, False, cpu)
+                want = wide and B == 1 and 2 * sms <= -(-n_out // 16) <= 4 * sms
+                assert (c["BLOCK_K"] == 16) == want, (wide, B, n_out, c)
+                assert c["BLOCK_B"] * c["BLOCK_K"] * c["BLOCK_D"] <= 64 * 32 * c["num_warps"]
+    monkeypatch.setattr(G, "ROWS_WIDE", True)  # OPT-13B at head density 0.5 (132 SMs): 16 x 512; OPT-30B: 8 rows
+    assert (G._rows_config(1, 7680, 5120, False, cpu)["BLOCK_K"], G._rows_config(1, 10752, 7168, False, cpu)[
+        "BLOCK_K"]) == (16, 8)
 
 
 def test_fold_norm_rejects():

@@ -208,20 +208,29 @@ def _rows_tile(x_ptr, w_ptr, w2_ptr, bias_ptr, g_ptr, rg_ptr, rows, c_mask, B, D
 ROWS_FMA_TILE = None
 """(BLOCK_K, BLOCK_D) of :func:`_gather_rows_kernel`'s FMA path (B <= 2) instead of the heuristic's (A/B knob, read at
 launch time; ``bench/profile_step.py``'s ``rows_tile_<k>_<d>``)."""
+ROWS_WIDE = True
+"""At B = 1, 16-row programs (16 x 512 tiles) where that makes 2 to 4 programs per SM (the q/k/v gathers of OPT-13B at
+head density 0.5, OPT-6.7B, LLaMA-2-7B); False: the 8- / 4-row rule of v1-v8 everywhere (A/B knob, read at launch
+time; ``bench/profile_step.py``'s ``rows_narrow``; bench/NOTES.md v9)."""
 
 
 def _rows_config(batch: int, n_out: int, d: int, two_mats: bool, device: torch.device) -> dict:
     """Tile sizes for :func:`_gather_rows_kernel` (a heuristic, no autotuning).
 
     B <= 2: FMA path, 4 or 8 rows per program so that even k ~ 1000 gives about one program
-    per SM or more; d-chunks up to 512 (1 KiB of fp16 per row and stage) with the fp32
-    accumulator held to <= 64 registers/thread. B > 2: tensor-core path, the batch padded to
-    16 (tl.dot's minimum), 16 or 32 rows per program, 128-wide d chunks, 4 pipeline stages.
+    per SM or more, 16 at B = 1 where that still gives 2-4 programs per SM (ROWS_WIDE; at 128 registers
+    a thread 4 fit on an SM, so one wave; H100 and H200: 1-5% off the step where it applies, slower with
+    a second wave, bench/NOTES.md v8-v9);
+    d-chunks up to 512 (1 KiB of fp16 per row and stage) with the fp32 accumulator held to <= 64
+    registers/thread. B > 2: tensor-core path, the batch padded to 16 (tl.dot's minimum), 16 or 32
+    rows per program, 128-wide d chunks, 4 pipeline stages.
     """
     sms = num_sms(device)
     if batch <= 2:
         block_b = next_pow2(batch)
         block_k = 8 if cdiv(n_out, 8) >= sms else 4
+        if ROWS_WIDE and batch == 1 and 2 * sms <= cdiv(n_out, 16) <= 4 * sms:
+            block_k = 16
         budget = 64 * 128 // (block_b * block_k * (2 if two_mats else 1))
         block_d = max(16, min(512, next_pow2(d), budget))
         if ROWS_FMA_TILE is not None:
