@@ -120,7 +120,7 @@ def test_rows_config_wide_tiles(monkeypatch):
     for wide in (False, True):
         monkeypatch.setattr(G, "ROWS_WIDE", wide)
         for B in (1, 2):
-            for n_out in (3 * 20 * 128, 3 * 40 * 64, 3 * 28 * 128, 12 * 128):
+            for n_out in (7680, 6144, 3840, 10752, 12288, 1536):  # q/k/v rows of OPT-13B / LLaMA-2-7B / ... shapes
                 c = G._rows_config(B, n_out, 5120, False, cpu)
                 want = wide and B == 1 and 2 * sms <= -(-n_out // 16) <= 4 * sms
                 assert (c["BLOCK_K"] == 16) == want, (wide, B, n_out, c)
