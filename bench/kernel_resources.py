@@ -32,9 +32,10 @@ def cases():
     cpu = torch.device("cpu")
     rows = G._rows_config(1, 3 * KH * HD, D, False, cpu)
     yield "q/k/v gather", G._gather_rows_kernel, dict(
-        x_ptr=F16, w_ptr=F16, w2_ptr=F16, idx_ptr=I64, bias_ptr=F32, out_ptr=F16, g_ptr=F16, rg_ptr=F32, B=1,
-        n_out=3 * KH * HD, D=D, eps=1e-5, stride_xb=D, stride_xd=1, stride_wn=D, stride_w2n=D, stride_ob=3 * KH * HD,
-        ROWS_PER_IDX=HD, ACT=0, NORM=1, HAS_BIAS=True, DOT_FP32=False, **rows), {}
+        x_ptr=F16, w_ptr=F16, w2_ptr=F16, idx_ptr=I64, bias_ptr=F32, out_ptr=F16, g_ptr=F16, rg_ptr=F32, xs_ptr=F32,
+        xb_ptr=F16, xr_ptr=F16, B=1, n_out=3 * KH * HD, D=D, eps=1e-5, stride_xb=D, stride_xd=1, stride_wn=D,
+        stride_w2n=D, stride_ob=3 * KH * HD, stride_xr=D, ROWS_PER_IDX=HD, ACT=0, NORM=1, HAS_BIAS=True,
+        DOT_FP32=False, X_SUM=False, HAS_XB=False, **rows), {}
     attn = A._attn_config(1, KH, S, HD, 2, cpu, None)
     yield "decode attention (fused q/k/v finish)", A._decode_attn_kernel, dict(
         q_ptr=F16, k_ptr=F16, v_ptr=F16, seq_lens_ptr=I64, head_idx_ptr=I64, out_ptr=F16, part_o_ptr=F32,
@@ -53,9 +54,9 @@ def cases():
     mlp = MB._mlp_config(1, KM, D, False, cpu)
     mlp_args = dict(
         x_ptr=F16, w1_ptr=F16, w3_ptr=F16, w2t_ptr=F16, idx_ptr=I64, b1_ptr=F32, b2_ptr=F16, res_ptr=F16, out_ptr=F16,
-        acc_ptr=F32, cnt_ptr=I32, g_ptr=F16, rg_ptr=F32, B=1, K=KM, D=D, eps=1e-5, stride_xb=D, stride_xd=1,
-        stride_w1n=D, stride_w3n=D, stride_w2n=D, stride_rb=D, stride_ob=D, ACT=1, NORM=1, HAS_B1=True, HAS_B2=True,
-        HAS_RES=True, DOT_FP32=False, FENCE=True, **mlp)
+        acc_ptr=F32, cnt_ptr=I32, g_ptr=F16, rg_ptr=F32, zero_ptr=F32, B=1, K=KM, D=D, eps=1e-5, n_zero=0, stride_xb=D,
+        stride_xd=1, stride_w1n=D, stride_w3n=D, stride_w2n=D, stride_rb=D, stride_ob=D, ACT=1, NORM=1, HAS_B1=True,
+        HAS_B2=True, HAS_RES=True, DOT_FP32=False, FENCE=True, FINISH=True, ZERO=False, BLOCK_Z=1, **mlp)
     yield "MLP block (sparse_mlp)", MB._sparse_mlp_kernel, mlp_args, {}
     yield "MLP block, maxnreg=128", MB._sparse_mlp_kernel, mlp_args, {"maxnreg": 128}
     for name, n, d, first in (("predictor first factors", 2 * R, D, True), ("neuron scores", FFN, R, False)):

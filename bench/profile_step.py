@@ -25,7 +25,9 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   GEMV / the neuron scores and top-k: ``FastDecoder.side_pdl``);
 * the side stream: ``fork_<start|qkv|attn|oproj>`` (the prediction of layer l+1 forked at the start of layer l or
   after its q/k/v gather / attention / o_proj: ``FastDecoder.fork_at``; the default at B <= 2 is ``attn`` with
-  ``side_pdl_off``, at B > 2 ``start`` with ``side_pdl_on``), ``sparse_high_priority`` (the side stream created with
+  ``side_pdl_off``, at B > 2 ``start`` with ``side_pdl_on``), ``defer_finish`` (each MLP block's bias + residual
+  pass done by the next layer's q/k/v gather as it loads x: ``FastDecoder.defer_mlp_finish``),
+  ``sparse_high_priority`` (the side stream created with
   priority -1), ``main_priority`` (the step captured on a stream of priority -1, ahead of the side stream's:
   ``FastDecoder.capture_priority``).
 
@@ -130,6 +132,8 @@ def _setup(dec: FastDecoder, name: str) -> None:
         dec._side = torch.cuda.Stream(dec.device, priority=-1)
     if name == "main_priority":  # A/B: the main stream's blocks ahead of the predictors' (captured at priority -1)
         dec.capture_priority = -1
+    if name == "defer_finish":  # A/B: each MLP block's finish done by the next layer's q/k/v gather
+        dec.defer_mlp_finish = True
     if name == "torch_topk":  # A/B: the neuron top-k by torch.topk instead of the radix select
         dec._topk = "torch"
     if name == "radix_torch_hist":  # A/B: radix select, its histogram built by torch ops instead of the GEMV
@@ -151,7 +155,7 @@ def main():
                          "side_pdl_{on,off,first,heads,scores,mlp},"
                          "nopdl_{rows,attn,combine,oproj,mlp},mlp_maxnreg_128,gemv_cap_{32,64,132,264},"
                          "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},"
-                         "rows_narrow,fork_{start,qkv,attn,oproj},main_priority; join several with '+'")
+                         "rows_narrow,fork_{start,qkv,attn,oproj},main_priority,defer_finish; join several with '+'")
     ap.add_argument("--tag", default="", help="suffix of the output file name (e.g. _pdl0 for an A/B run)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per variant (median)")
     ap.add_argument("--batch", type=int, default=1)
@@ -182,6 +186,7 @@ def main():
         **{f"side_pdl_{m}": dict(predictors=preds, mlp_density=md, head_density=hd)
            for m in SIDE_PDL_OFF},
         "main_priority": dict(predictors=preds, mlp_density=md, head_density=hd),
+        "defer_finish": dict(predictors=preds, mlp_density=md, head_density=hd),
         **{f"fork_{m}": dict(predictors=preds, mlp_density=md, head_density=hd) for m in FORK_POINTS},
     }
     knobs = {  # A/B of launch heuristics, set while the step is captured: (module, name, value)

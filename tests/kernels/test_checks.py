@@ -126,7 +126,7 @@ def build(kernel, args, num_warps, num_stages):
     args = dict(args, PDL=True)  # the Hopper launch path: grid-dependency wait/launch_dependents compiled in
     k = compile_for(kernel, args, num_warps, num_stages, launch_pdl=True)
     assert "griddepcontrol.wait" in k.asm["ptx"], kernel.__name__
-    if args.get("FENCE"):  # the per-thread fence of the threadfence-reduction pattern
+    if args.get("FENCE") and args.get("FINISH", True):  # the per-thread fence of the threadfence-reduction pattern
         assert "fence.acq_rel.gpu" in k.asm["ptx"], kernel.__name__
     return k
 
@@ -136,9 +136,10 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
         cfg = G._rows_config(B, 2048, 5120, act == 2, cpu); nw = cfg.pop("num_warps")
         for norm in (0, act):  # act 1 (OPT) with a folded layernorm, act 2 (SwiGLU) with a folded rmsnorm
             build(G._gather_rows_kernel, dict(x_ptr=dt, w_ptr=dt, w2_ptr=dt, idx_ptr=torch.int32, bias_ptr=dt,
-                  out_ptr=dt, g_ptr=dt, rg_ptr=torch.float32, B=B, n_out=2048, D=5120, eps=1e-5, stride_xb=5120,
-                  stride_xd=1, stride_wn=5120, stride_w2n=5120, stride_ob=2048, ROWS_PER_IDX=1 if act == 2 else 128,
-                  ACT=act, NORM=norm, HAS_BIAS=act == 1, DOT_FP32=dt == torch.float32,
+                  out_ptr=dt, g_ptr=dt, rg_ptr=torch.float32, xs_ptr=torch.float32, xb_ptr=dt, xr_ptr=dt, B=B,
+                  n_out=2048, D=5120, eps=1e-5, stride_xb=5120, stride_xd=1, stride_wn=5120, stride_w2n=5120,
+                  stride_ob=2048, stride_xr=5120, ROWS_PER_IDX=1 if act == 2 else 128, ACT=act, NORM=norm,
+                  HAS_BIAS=act == 1, DOT_FP32=dt == torch.float32, X_SUM=B <= 2 and norm != 0, HAS_XB=True,
                   **cfg), nw, cfg["NUM_STAGES"])
     for B, split, fn in ((1, None, G._down_config), (2, None, G._down_config), (16, 4, G._down_config),
                          (1, None, G._down_config_v1), (16, 4, G._down_config_v1)):
@@ -154,9 +155,10 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
         cfg = MB._mlp_config(B, 2048, 5120, act == 2, cpu); nw = cfg.pop("num_warps")
         build(MB._sparse_mlp_kernel, dict(x_ptr=dt, w1_ptr=dt, w3_ptr=dt, w2t_ptr=dt, idx_ptr=torch.int64,
               b1_ptr=torch.float32, b2_ptr=dt, res_ptr=dt, out_ptr=dt, acc_ptr=torch.float32, cnt_ptr=torch.int32,
-              g_ptr=dt, rg_ptr=torch.float32, B=B, K=2048, D=5120, eps=1e-5, stride_xb=5120, stride_xd=1,
-              stride_w1n=5120, stride_w3n=5120, stride_w2n=5120, stride_rb=5120, stride_ob=5120, ACT=act, NORM=act,
-              HAS_B1=act == 1, HAS_B2=act == 1, HAS_RES=True, DOT_FP32=dt == torch.float32, FENCE=True, **cfg), nw,
+              g_ptr=dt, rg_ptr=torch.float32, zero_ptr=torch.float32, B=B, K=2048, D=5120, eps=1e-5, n_zero=5120,
+              stride_xb=5120, stride_xd=1, stride_w1n=5120, stride_w3n=5120, stride_w2n=5120, stride_rb=5120,
+              stride_ob=5120, ACT=act, NORM=act, HAS_B1=act == 1, HAS_B2=act == 1, HAS_RES=True,
+              DOT_FP32=dt == torch.float32, FENCE=True, FINISH=B != 1, ZERO=B <= 2, BLOCK_Z=64, **cfg), nw,
               cfg["NUM_STAGES"])
     for ln in (True, False):
         build(FO._norm_kernel, dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, y_ptr=dt, rb_ptr=dt, init_ptr=dt, D=5120, eps=1e-5,

@@ -9,6 +9,7 @@ from kernel_helpers import DEVICE, DTYPES, check_against, make_gen, poisoned, ra
 
 from dejavu.kernels import (  # noqa: E402
     NormFold,
+    XSum,
     fold_norm,
     head_gather_down,
     head_gather_down_ref,
@@ -16,6 +17,7 @@ from dejavu.kernels import (  # noqa: E402
     head_gather_gemv_ref,
     kv_heads_for,
     norm_ref,
+    x_sum_ref,
 )
 
 pytestmark = pytest.mark.needs_kernels
@@ -60,6 +62,50 @@ def test_head_gather_gemv_folded_norm(kind, B, dtype):
         return head_gather_gemv_ref(h, w, head_idx, hd, bias)
 
     check_against(res, ref, (x, w, gain, shift, bias), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("kind,has_b2", [("layernorm", True), ("rmsnorm", False)])
+def test_head_gather_gemv_x_sum(kind, has_b2, B, dtype):
+    """x made from an unfinished MLP block (XSum): the projection of norm((sums + b2) + residual), rounded to the
+    dtype as the block would store it, and that x written into the x argument."""
+    d, H, hd, kh = 600, 6, 24, 4  # d over one 512-wide chunk
+    g = make_gen("qkv-xsum", kind, has_b2, B, dtype)
+    sums = randn(B, d, gen=g)
+    b2 = randn(d, dtype=dtype, gen=g) if has_b2 else None
+    res = (randn(B, d, gen=g) + 0.5).to(dtype)
+    w, bias = randn(H * hd, d, dtype=dtype, gen=g, scale=0.2), randn(H * hd, dtype=dtype, gen=g)
+    gain = (1.0 + 0.3 * randn(d, gen=g)).to(dtype)
+    shift = randn(d, dtype=dtype, gen=g, scale=0.5) if kind == "layernorm" else None
+    head_idx = rand_index(H, kh, gen=g)
+    x = poisoned((B, d), dtype)
+    xs = XSum(sums, b2, res)
+    got = head_gather_gemv(x, w, head_idx, hd, norm=fold_norm(w, kind, gain, shift, 1e-5, bias), x_sum=xs,
+                           out=poisoned((B, kh, hd), dtype))  # fmt: skip
+    assert torch.equal(x, x_sum_ref(xs, dtype)), "x must be written exactly as the block would have stored it"
+
+    def ref(sums, res, w, gain, shift, bias, *b2):
+        xx = ((sums + b2[0]) if b2 else sums) + res
+        h = norm_ref(xx.to(w.dtype), NormFold(kind, gain, shift, 1e-5, bias, None, None))
+        return head_gather_gemv_ref(h, w, head_idx, hd, bias)
+
+    check_against(got, ref, (sums, res, w, gain, shift, bias) + ((b2,) if has_b2 else ()), dtype=dtype)
+
+
+def test_head_gather_gemv_x_sum_rejects():
+    d, H, hd = 64, 4, 16
+    w = randn(H * hd, d, dtype=torch.float16)
+    idx = torch.tensor([0, 2], device=DEVICE)
+    ok = XSum(torch.zeros(1, d, device=DEVICE), None, torch.zeros(1, d, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="batch <= 2"):
+        xs3 = XSum(torch.zeros(3, d, device=DEVICE), None, torch.zeros(3, d, dtype=torch.float16, device=DEVICE))
+        head_gather_gemv(torch.zeros(3, d, dtype=torch.float16, device=DEVICE), w, idx, hd, x_sum=xs3)
+    with pytest.raises(ValueError, match="x_sum.sums"):
+        bad = XSum(ok.sums.half(), None, ok.residual)
+        head_gather_gemv(torch.zeros(1, d, dtype=torch.float16, device=DEVICE), w, idx, hd, x_sum=bad)
+    with pytest.raises(ValueError, match="XSum"):
+        head_gather_gemv(torch.zeros(1, d, dtype=torch.float16, device=DEVICE), w, idx, hd, x_sum=(ok.sums,))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 from kernel_helpers import DEVICE, DTYPES, check_against, make_gen, poisoned, rand_index, randn  # noqa: E402
 
-from dejavu.kernels import fold_norm, mlp_workspace, sparse_mlp, sparse_mlp_ref  # noqa: E402
+from dejavu.kernels import XSum, fold_norm, mlp_workspace, sparse_mlp, sparse_mlp_ref, x_sum_ref  # noqa: E402
 from dejavu.kernels import mlp_block as SM  # noqa: E402
 
 pytestmark = pytest.mark.needs_kernels
@@ -78,6 +78,38 @@ def test_sparse_mlp_folded_norm(kind, swiglu, B, dtype):
     idx = rand_index(n, k, gen=g)
     got = sparse_mlp(x, w1, w2t, idx, None, b2, x, w3=w3, norm=fold)
     check_against(got, sparse_mlp_ref, (x, w1, w2t, idx, None, b2, x), {"w3": w3, "norm": fold}, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("swiglu", [False, True], ids=["relu", "swiglu"])
+def test_sparse_mlp_unfinished(swiglu, B, dtype):
+    """finish=False: the fp32 sums stay in the workspace (returned as a [B, d] view), nothing is finished, and
+    ``zero`` is cleared; finishing them as the next gather does (XSum) gives the finished block's output."""
+    d, n, k = 600, 37, 13
+    g = make_gen("sparse_mlp_unfinished", swiglu, B, dtype)
+    x = randn(B, d, dtype=dtype, gen=g)
+    w1, w3, w2t = _weights(d, n, dtype, g, swiglu)
+    b1 = None if swiglu else randn(n, dtype=dtype, gen=g)
+    idx = rand_index(n, k, gen=g)
+    ws, other = mlp_workspace(d, DEVICE, B), torch.full((B * d + 5,), 7.0, device=DEVICE)
+    sums = sparse_mlp(x, w1, w2t, idx, b1, w3=w3, workspace=ws, finish=False, zero=other)
+    assert sums.dtype == torch.float32 and sums.shape == (B, d) and sums.data_ptr() == ws["acc"].data_ptr()
+    assert not other.any() and not ws["cnt"].any()
+    check_against(sums.to(dtype), sparse_mlp_ref, (x, w1, w2t, idx, b1), {"w3": w3}, dtype=dtype)
+    b2, res = randn(d, dtype=dtype, gen=g), randn(B, d, dtype=dtype, gen=g)
+    finished = sparse_mlp(x, w1, w2t, idx, b1, b2, res, w3=w3)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(x_sum_ref(XSum(sums, b2, res), dtype), finished, rtol=tol, atol=tol)
+
+
+def test_sparse_mlp_unfinished_rejects():
+    a, _ = _args()
+    ws = mlp_workspace(64, DEVICE, 2)
+    with pytest.raises(ValueError, match="finish=False"):
+        sparse_mlp(**a, b2=torch.zeros(64, dtype=torch.float16, device=DEVICE), finish=False)
+    with pytest.raises(ValueError, match="own workspace"):
+        sparse_mlp(**a, workspace=ws, zero=ws["acc"])
 
 
 def test_sparse_mlp_config():

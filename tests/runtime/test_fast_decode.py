@@ -127,7 +127,7 @@ def test_fused_mlp_block_equals_two_gathers(tiny):
     assert fused._fused_mlp == [km < model.spec.ffn_dim for km in fused.k_mlp] and not any(plain._fused_mlp)
     fewer = [b["main"] - a["main"] for a, b in zip(fused.kernels_per_layer(), plain.kernels_per_layer())]
     assert fewer == [int(f) for f in fused._fused_mlp]
-    assert not fused._mlp_ws["acc"].any() and not fused._mlp_ws["cnt"].any()
+    assert not any(ws["acc"].any() or ws["cnt"].any() for ws in fused._mlp_ws)
     assert fused.describe()["fuse_mlp"] and not plain.describe()["fuse_mlp"]
     wide = FastDecoder(model, p, MLP_D, HEAD_D, batch=3, max_len=12, backend="torch")  # tensor-core path: two
     assert not any(wide._fused_mlp)
@@ -311,24 +311,66 @@ def test_dense_graph_batch16_matches_model(tiny):
     assert max(errs) < 1e-3, errs
 
 
+def _gpu_pair(tiny, ref_attrs: dict, dec_attrs: dict):
+    """Two graphed fp32 decoders on the GPU over the same model and predictors, attributes set before capture, and a
+    prompt."""
+    _, model = tiny
+    model = model.to(device="cuda", dtype=torch.float32)
+    p = _predictors(model.spec)
+    pair = [FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=32) for _ in range(2)]
+    for dec, attrs in zip(pair, (ref_attrs, dec_attrs)):
+        for name, value in attrs.items():
+            setattr(dec, name, value)
+    return (*pair, torch.randint(0, model.spec.vocab_size, (1, 7), device="cuda"))
+
+
+def _assert_same_generation(ref, dec, ids):
+    """Same greedy tokens over 10 graphed steps, and the next step's logits within TOL."""
+    a, b = ref.generate(ids, 10), dec.generate(ids, 10)
+    assert (a.tokens == b.tokens).all()
+    tok = a.tokens[:, -1]
+    torch.testing.assert_close(dec.decode_step(tok), ref.decode_step(tok), rtol=TOL, atol=TOL)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("fork_at", ["qkv", "attn", "oproj"])
 def test_side_stream_fork_points_equal(tiny, fork_at):
     """fork_at moves where the side stream's prediction of layer l+1 starts within layer l; the graphed step's
     tokens and logits are those of the fork at the layer's start (fp32)."""
-    _, model = tiny
-    model = model.to(device="cuda", dtype=torch.float32)
-    p = _predictors(model.spec)
-    ids = torch.randint(0, model.spec.vocab_size, (1, 7), device="cuda")
-    ref = FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=32)
-    dec = FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=32)
+    ref, dec, ids = _gpu_pair(tiny, {"fork_at": "start"}, {"fork_at": fork_at})
     assert ref._side is not None
-    ref.fork_at, dec.fork_at = "start", fork_at
-    a, b = ref.generate(ids, 10), dec.generate(ids, 10)
-    assert (a.tokens == b.tokens).all()
-    tok = a.tokens[:, -1]
-    torch.testing.assert_close(dec.decode_step(tok), ref.decode_step(tok), rtol=TOL, atol=TOL)
+    _assert_same_generation(ref, dec, ids)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fork_at", ["qkv", "attn"])
+def test_deferred_mlp_finish_equal(tiny, fork_at):
+    """defer_mlp_finish: a layer's MLP block leaves its sums and the next layer's q/k/v gather finishes them (and
+    writes the residual stream); the graphed step's tokens and logits are those of the finished blocks (fp32), and
+    both workspaces are clear after a step."""
+    ref, dec, ids = _gpu_pair(tiny, {"fork_at": fork_at}, {"fork_at": fork_at, "defer_mlp_finish": True})
+    assert any(dec._deferred()) and not any(ref._deferred()) and dec.describe()["defer_mlp_finish"]
+    _assert_same_generation(ref, dec, ids)
+    torch.cuda.synchronize()
+    assert not any(ws["acc"].any() or ws["cnt"].any() for ws in dec._mlp_ws)
+
+
+def test_deferred_mlp_finish_where_it_applies(tiny):
+    """Off by default; never where x_{l+1} is read before layer l+1's gather (the side stream forking at the layer's
+    start), nor without a side stream, nor for the last layer."""
+    model = tiny[1].to(DEV)
+    dec = FastDecoder(model, _predictors(model.spec), MLP_D, HEAD_D, batch=1, max_len=12, use_graph=False)
+    assert not any(dec._deferred())
+    dec.defer_mlp_finish = True
+    got = dec._deferred()
+    assert not got[-1]
+    if dec._side is None:  # CPU: no side stream, nothing deferred
+        assert not any(got)
+    else:
+        dec.fork_at = "start"
+        assert not any(dec._deferred())
 
 
 def test_fork_point_and_side_pdl_checked(tiny):

@@ -31,6 +31,7 @@ from .decode_attention import (
 )
 from .gather_mlp import (
     NormFold,
+    XSum,
     fold_norm,
     gather_down,
     gather_down_ref,
@@ -39,6 +40,7 @@ from .gather_mlp import (
     gather_up,
     gather_up_ref,
     norm_ref,
+    x_sum_ref,
 )
 from .head_sparse import (
     head_gather_down,
@@ -73,6 +75,8 @@ __all__ = [
     "sparse_mlp_ref",
     "mlp_workspace",
     "NormFold",
+    "XSum",
+    "x_sum_ref",
     "fold_norm",
     "norm_ref",
     "head_gather_gemv",

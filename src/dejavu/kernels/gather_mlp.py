@@ -70,6 +70,9 @@ def _gather_rows_kernel(
     out_ptr,  # [B, K * R]
     g_ptr,  # [D] gain of the folded norm, or dummy
     rg_ptr,  # [N * R] fp32 W @ g (folded layernorm), or dummy
+    xs_ptr,  # X_SUM: [B, D] fp32 sums the MLP block left unfinished, else dummy
+    xb_ptr,  # X_SUM: [D] the block's output bias, or dummy
+    xr_ptr,  # X_SUM: [B, D] the block's residual, else dummy
     # sizes
     B,
     n_out,  # K * R, number of output columns
@@ -81,6 +84,7 @@ def _gather_rows_kernel(
     stride_wn,
     stride_w2n,
     stride_ob,
+    stride_xr,
     # meta-parameters
     ROWS_PER_IDX: tl.constexpr,  # R: 1 for neurons, head_dim for heads
     ACT: tl.constexpr,  # 0 none, 1 relu, 2 swiglu
@@ -92,6 +96,8 @@ def _gather_rows_kernel(
     USE_DOT: tl.constexpr,  # tensor-core tl.dot (B > 2) vs. CUDA-core FMA (B <= 2)
     DOT_FP32: tl.constexpr,  # upcast dot operands to fp32 (fp32 inputs, or the interpreter)
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the d loop
+    X_SUM: tl.constexpr,  # x = round(xs + xb + xr), written to x_ptr by program 0 (FMA path; see XSum)
+    HAS_XB: tl.constexpr,
     PDL: tl.constexpr,  # programmatic dependent launch (see _checks.use_pdl)
 ):
     """out[b, c] = act(norm(x[b]) . w[row(c)] + bias[row(c)]), row(c) = idx[c // R] * R + c % R.
@@ -113,7 +119,8 @@ def _gather_rows_kernel(
     rows = sel.to(tl.int64) * ROWS_PER_IDX + offs_c % ROWS_PER_IDX  # [BLOCK_K] weight rows
     acc = _rows_tile(x_ptr, w_ptr, w2_ptr, bias_ptr, g_ptr, rg_ptr, rows, c_mask, B, D, eps, stride_xb, stride_xd,
                      stride_wn, stride_w2n, ACT, NORM, HAS_BIAS, BLOCK_B, BLOCK_K, BLOCK_D, USE_DOT, DOT_FP32,
-                     NUM_STAGES)  # fmt: skip
+                     NUM_STAGES, xs_ptr, xb_ptr, xr_ptr, stride_xr, tl.where(pid == 0, D, 0), X_SUM,
+                     HAS_XB)  # fmt: skip
     offs_b = tl.arange(0, BLOCK_B)
     out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_c[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_b < B)[:, None] & c_mask[None, :])
@@ -123,9 +130,11 @@ def _gather_rows_kernel(
 def _rows_tile(x_ptr, w_ptr, w2_ptr, bias_ptr, g_ptr, rg_ptr, rows, c_mask, B, D, eps, stride_xb, stride_xd,
                stride_wn, stride_w2n, ACT: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr,
-               DOT_FP32: tl.constexpr, NUM_STAGES: tl.constexpr):  # fmt: skip
+               DOT_FP32: tl.constexpr, NUM_STAGES: tl.constexpr, xs_ptr, xb_ptr, xr_ptr, stride_xr, x_write_lim,
+               X_SUM: tl.constexpr, HAS_XB: tl.constexpr):  # fmt: skip
     """act(norm(x[b]) . w[rows] + bias[rows]) -> fp32 [BLOCK_B, BLOCK_K] (masked rows read as zero weights): the
-    body of the row gather, shared with the fused MLP block (mlp_block.py)."""
+    body of the row gather, shared with the fused MLP block (mlp_block.py). X_SUM (FMA path): x is not read but
+    made, x = round(xs + xb + xr) in x's dtype, and its columns below x_write_lim stored into x."""
     w_rows = w_ptr + rows[:, None] * stride_wn  # [BLOCK_K, 1]
     w2_rows = w2_ptr + rows[:, None] * stride_w2n
     offs_b = tl.arange(0, BLOCK_B)
@@ -136,6 +145,7 @@ def _rows_tile(x_ptr, w_ptr, w2_ptr, bias_ptr, g_ptr, rg_ptr, rows, c_mask, B, D
     x_rows = x_ptr + offs_b[:, None] * stride_xb  # [BLOCK_B, 1]
 
     if USE_DOT:
+        tl.static_assert(not X_SUM, "X_SUM is on the FMA path (B <= 2) only")
         # [BLOCK_B, BLOCK_D] @ [BLOCK_D, BLOCK_K] on tensor cores; padding rows of x are zero.
         acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
@@ -169,7 +179,20 @@ def _rows_tile(x_ptr, w_ptr, w2_ptr, bias_ptr, g_ptr, rg_ptr, rows, c_mask, B, D
         for d0 in tl.range(0, D, BLOCK_D, num_stages=NUM_STAGES):
             offs_d = d0 + offs_d0
             d_mask = offs_d < D
-            x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=b_mask[:, None] & d_mask[None, :], other=0.0)
+            if X_SUM:  # the MLP block's finish, done here: (sums + bias) + residual, rounded as the block stores it
+                xm = b_mask[:, None] & d_mask[None, :]
+                xs = tl.load(xs_ptr + offs_b[:, None] * D + offs_d[None, :], mask=xm, other=0.0,
+                             cache_modifier=".cg")  # fmt: skip
+                if HAS_XB:
+                    xs += tl.load(xb_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+                xs += tl.load(xr_ptr + offs_b[:, None] * stride_xr + offs_d[None, :], mask=xm,
+                              other=0.0).to(tl.float32)  # fmt: skip
+                x = xs.to(x_ptr.dtype.element_ty)
+                tl.store(x_rows + offs_d[None, :] * stride_xd, x,
+                         mask=b_mask[:, None] & (offs_d < x_write_lim)[None, :])  # fmt: skip
+            else:
+                x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=b_mask[:, None] & d_mask[None, :],
+                            other=0.0)  # fmt: skip
             w = tl.load(w_rows + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :], other=0.0)
             xf = x.to(tl.float32)
             if NORM != 0:
@@ -241,9 +264,9 @@ def _rows_config(batch: int, n_out: int, d: int, two_mats: bool, device: torch.d
     return dict(BLOCK_B=16, BLOCK_K=block_k, BLOCK_D=block_d, USE_DOT=True, NUM_STAGES=4, num_warps=4)
 
 
-def _launch_gather_rows(x, w, w2, idx, bias, act: int, rows_per_idx: int, out, norm=None):
+def _launch_gather_rows(x, w, w2, idx, bias, act: int, rows_per_idx: int, out, norm=None, x_sum=None):
     """Shared launch for gather_up / gather_swiglu / head_gather_gemv (inputs already checked; with ``norm`` a
-    checked NormFold, whose bias replaces ``bias``)."""
+    checked NormFold, whose bias replaces ``bias``; with ``x_sum`` a checked XSum, x then being written)."""
     B, D = x.shape
     n_out = out.shape[1]
     cfg = _rows_config(B, n_out, D, act == ACT_SWIGLU, x.device)
@@ -255,10 +278,12 @@ def _launch_gather_rows(x, w, w2, idx, bias, act: int, rows_per_idx: int, out, n
     _gather_rows_kernel[grid](
         x, w, w2, idx, bias if bias is not None else w, out,
         norm.weight if norm is not None else w, norm.rowsum if norm is not None and norm.rowsum is not None else w,
+        *((x_sum.sums, x_sum.bias if x_sum.bias is not None else w, x_sum.residual) if x_sum is not None else (w,) * 3),
         B, n_out, D, norm.eps if norm is not None else 0.0,
         x.stride(0), x.stride(1), w.stride(0), w2.stride(0), out.stride(0),
+        x_sum.residual.stride(0) if x_sum is not None else 0,
         ROWS_PER_IDX=rows_per_idx, ACT=act, NORM=0 if norm is None else NORM_CODES[norm.kind],
-        HAS_BIAS=bias is not None,
+        HAS_BIAS=bias is not None, X_SUM=x_sum is not None, HAS_XB=x_sum is not None and x_sum.bias is not None,
         DOT_FP32=x.dtype == torch.float32 or is_interpreted(_gather_rows_kernel), PDL=pdl, launch_pdl=pdl,
         num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg,
     )  # fmt: skip
@@ -266,6 +291,46 @@ def _launch_gather_rows(x, w, w2, idx, bias, act: int, rows_per_idx: int, out, n
 
 
 NORM_CODES = {"layernorm": 1, "rmsnorm": 2}
+
+
+@dataclass(frozen=True, eq=False)  # holds tensors: identity, not elementwise ==
+class XSum:
+    """The row gather's input given as the unfinished output of the MLP block before it (``sparse_mlp(...,
+    finish=False)``): x = (sums + bias) + residual, rounded to x's dtype, which is what the block would have stored.
+    The gather computes x as it streams it and writes it into its x argument (which the rest of the layer then
+    reads), so the block's finishing pass is off the critical path. ``sums``: the block's fp32 workspace viewed as
+    [B, d]; ``bias``: its [d] output bias or None; ``residual``: its [B, d] residual."""
+
+    sums: torch.Tensor
+    bias: torch.Tensor | None
+    residual: torch.Tensor
+
+
+def _check_x_sum(op, x_sum, x):
+    """An XSum for the FMA path (B <= 2): fp32 contiguous sums, bias and residual in x's dtype and shape."""
+    if x_sum is None:
+        return
+    if not isinstance(x_sum, XSum):
+        raise ValueError(f"{op}: x_sum must be an XSum (the unfinished MLP block before this gather), got "
+                         f"{type(x_sum).__name__}.")  # fmt: skip
+    B, D = x.shape
+    if B > 2:
+        raise ValueError(f"{op}: x_sum is supported at batch <= 2 (the FMA path), got batch {B}; finish the MLP "
+                         "block (sparse_mlp(finish=True)) instead.")  # fmt: skip
+    check_tensor(op, "x_sum.sums", x_sum.sums, ndim=2, dtype=torch.float32, device=x.device, shape=(B, D),
+                 contiguous=True)  # fmt: skip
+    if x_sum.bias is not None:
+        check_tensor(op, "x_sum.bias", x_sum.bias, ndim=1, dtype=x.dtype, device=x.device, shape=(D,), contiguous=True)
+    check_tensor(op, "x_sum.residual", x_sum.residual, ndim=2, dtype=x.dtype, device=x.device, shape=(B, D),
+                 last_dim_contiguous=True)  # fmt: skip
+
+
+def x_sum_ref(x_sum: XSum, dtype) -> torch.Tensor:
+    """Reference of the x an XSum stands for: (sums + bias) + residual in fp32, rounded to ``dtype``."""
+    t = x_sum.sums.float()
+    if x_sum.bias is not None:
+        t = t + x_sum.bias.float()
+    return (t + x_sum.residual.float()).to(dtype)
 
 
 @dataclass(frozen=True, eq=False)  # holds tensors: identity, not elementwise ==

@@ -31,6 +31,7 @@ from .gather_mlp import (
     _check_down_epilogue,
     _check_norm,
     _check_rows_inputs,
+    _check_x_sum,
     _gather_down_kernel,
     _launch_gather_down,
     _launch_gather_rows,
@@ -45,7 +46,7 @@ def _check_head_dim(op, head_dim, n_rows):
         )
 
 
-def head_gather_gemv(x, w, head_idx, head_dim, bias=None, *, norm=None, validate=True, out=None):
+def head_gather_gemv(x, w, head_idx, head_dim, bias=None, *, norm=None, validate=True, out=None, x_sum=None):
     """Projection rows of the selected heads: ``x @ w[rows(head_idx)].T (+ bias)``.
 
     Args:
@@ -56,6 +57,8 @@ def head_gather_gemv(x, w, head_idx, head_dim, bias=None, *, norm=None, validate
         bias: optional full ``[H*head_dim]`` bias (OPT has one; LLaMA does not).
         norm: optional :class:`~dejavu.kernels.gather_mlp.NormFold` of the block's input norm, folded for ``w``:
             x is then the raw residual stream (the projection's bias comes from the fold).
+        x_sum: optional :class:`~dejavu.kernels.gather_mlp.XSum` (B <= 2): x is not read but made from the
+            unfinished MLP block before this projection and written into ``x`` (the layer's residual stream).
 
     Returns:
         ``[B, kh, head_dim]``, heads in ``head_idx`` order.
@@ -66,12 +69,13 @@ def head_gather_gemv(x, w, head_idx, head_dim, bias=None, *, norm=None, validate
     B, _ = _check_rows_inputs(op, x, w, head_idx, rows_per_idx=head_dim, validate=validate, what="heads")
     _check_bias(op, "bias", bias, w, w.shape[0])
     _check_norm(op, norm, w, x, bias)
+    _check_x_sum(op, x_sum, x)
     kh = head_idx.shape[0]
     if out is None:
         out = torch.empty((B, kh, head_dim), dtype=x.dtype, device=x.device)
     else:
         check_out(op, out, shape=(B, kh, head_dim), dtype=x.dtype, device=x.device)
-    _launch_gather_rows(x, w, w, head_idx, bias, ACT_NONE, head_dim, out.view(B, kh * head_dim), norm)
+    _launch_gather_rows(x, w, w, head_idx, bias, ACT_NONE, head_dim, out.view(B, kh * head_dim), norm, x_sum)
     return out
 
 

@@ -69,11 +69,13 @@ def _sparse_mlp_kernel(
     cnt_ptr,  # [1] int32 arrival counter, zero between launches
     g_ptr,  # [D] folded norm gain or dummy
     rg_ptr,  # [N] fp32 W g (folded layernorm) or dummy
+    zero_ptr,  # ZERO: [n_zero] fp32 to zero, else dummy
     # sizes
     B,
     K,
     D,
     eps,
+    n_zero,
     # strides
     stride_xb,
     stride_xd,
@@ -97,11 +99,17 @@ def _sparse_mlp_kernel(
     DOT_FP32: tl.constexpr,  # fp32 operands for tl.dot (fp32 inputs, or the interpreter)
     NUM_STAGES: tl.constexpr,
     FENCE: tl.constexpr,  # per-thread GPU fence before the arrival (off in the interpreter)
+    FINISH: tl.constexpr,  # False: leave the fp32 sums in acc (no arrival, no epilogue; the consumer finishes)
+    ZERO: tl.constexpr,  # zero n_zero fp32 at zero_ptr, BLOCK_Z a program (an earlier launch's consumed sums)
+    BLOCK_Z: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """out = act(norm(x) W1[idx]^T + b1[idx]) @ w2t[idx] + b2 + residual. Grid: (cdiv(K, BLOCK_N),)."""
     pdl_sync(PDL)
     pid = tl.program_id(0)
+    if ZERO:  # after the wait: whoever read those sums (an earlier launch's consumer) has completed
+        offs_z = pid * BLOCK_Z + tl.arange(0, BLOCK_Z)
+        tl.store(zero_ptr + offs_z, tl.zeros([BLOCK_Z], dtype=tl.float32), mask=offs_z < n_zero)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < K
     rows = tl.load(idx_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)  # [BLOCK_N]
@@ -109,7 +117,7 @@ def _sparse_mlp_kernel(
     # -- up: h = act(norm(x) . w1[rows] + b1[rows]), [BLOCK_B, BLOCK_N] --------------------------------------------
     h = _rows_tile(x_ptr, w1_ptr, w3_ptr, b1_ptr, g_ptr, rg_ptr, rows, n_mask, B, D, eps, stride_xb, stride_xd,
                    stride_w1n, stride_w3n, ACT, NORM, HAS_B1, BLOCK_B, BLOCK_N, BLOCK_D, USE_DOT, DOT_FP32,
-                   NUM_STAGES)  # fmt: skip
+                   NUM_STAGES, w1_ptr, w1_ptr, w1_ptr, 0, 0, False, False)  # fmt: skip
     h = h.to(out_ptr.dtype.element_ty)  # rounded to the stored dtype, as unfused (masked neurons' rows read as 0)
 
     # -- down: acc[b, :] += h[b] @ w2t[rows], slab by slab from a per-program offset ----------------------------------
@@ -134,6 +142,16 @@ def _sparse_mlp_kernel(
 
     # -- the last program to arrive finishes: + b2 + residual, cast, store; leave the workspace zeroed -------------
     # (threadfence-reduction pattern: every thread fences its atomics, barrier, one acq_rel arrival)
+    if FINISH:
+        _mlp_finish(acc_ptr, cnt_ptr, b2_ptr, res_ptr, out_ptr, offs_b, b_mask, D, stride_rb, stride_ob, HAS_B2,
+                    HAS_RES, BLOCK_B, BLOCK_F, FENCE)  # fmt: skip
+
+
+@jit
+def _mlp_finish(acc_ptr, cnt_ptr, b2_ptr, res_ptr, out_ptr, offs_b, b_mask, D, stride_rb, stride_ob,
+                HAS_B2: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
+                FENCE: tl.constexpr):  # fmt: skip
+    """The block's last-arriving program: + b2 + residual, cast, store; the workspace and counter left zeroed."""
     fence_gpu(FENCE)
     tl.debug_barrier()
     old = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
@@ -202,7 +220,7 @@ def mlp_workspace(d: int, device, batch: int = MAX_BATCH) -> dict:
 
 
 def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, norm=None, workspace=None,
-               validate=True, out=None):
+               validate=True, out=None, finish=True, zero=None):
     """The sparse MLP block ``act(x @ w1[idx].T + b1[idx]) @ w2t[idx] + b2 + residual`` -> ``[B, d]`` in one launch.
 
     ``act`` is ReLU (OPT: ``w1`` = fc1, ``b1`` its bias) or, with ``w3``, SwiGLU ``silu(x w1[idx]^T) * (x w3[idx]^T)``
@@ -210,6 +228,11 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
     ``norm``: a :class:`~dejavu.kernels.gather_mlp.NormFold` of the norm before the block, folded for ``w1``
     (SwiGLU: rmsnorm only); x is then the raw residual stream and ``b1`` comes from the fold.
     ``workspace``: from :func:`mlp_workspace` (default: a fresh one per call, which costs a memset launch).
+    ``finish=False`` (B <= 2): no last-program pass; the fp32 sums ``act(..) @ w2t[idx]`` stay in the workspace and
+    are returned as a [B, d] view (b2 and residual must be None: the consumer adds them, see
+    :class:`~dejavu.kernels.gather_mlp.XSum`); the workspace is then not zero until ``zero`` clears it in a later
+    launch. ``zero``: an fp32 contiguous tensor the launch sets to 0 (after waiting for its predecessor), e.g. the
+    other workspace whose sums the kernel before this one consumed.
     """
     op = "sparse_mlp"
     require_triton(op)
@@ -248,26 +271,37 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
             and acc.is_contiguous() and acc.numel() >= B * D and isinstance(cnt, torch.Tensor)
             and cnt.dtype == torch.int32 and cnt.device == x.device and cnt.numel() >= 1):
         raise ValueError(f"{op}: workspace must come from mlp_workspace(d={D}, device, batch>={B}).")
+    if not finish and (B > 2 or b2 is not None or residual is not None):
+        raise ValueError(f"{op}: finish=False leaves the sums for the next gather to finish (XSum): batch <= 2, and "
+                         "pass b2=None, residual=None (the consumer adds them).")  # fmt: skip
+    if zero is not None:
+        check_tensor(op, "zero", zero, ndim=1, dtype=torch.float32, device=x.device, contiguous=True)
+        if zero.data_ptr() == acc.data_ptr():
+            raise ValueError(f"{op}: zero must not be this launch's own workspace.")
     k = idx.shape[0]
     cfg = _mlp_config(B, k, D, w3 is not None, x.device)
+    grid = cdiv(k, cfg["BLOCK_N"])
+    n_zero = zero.numel() if zero is not None else 0
     num_warps = cfg.pop("num_warps")
     pdl = use_pdl(_sparse_mlp_kernel, x.device)
     bias1 = norm.bias if norm is not None else b1
     res = residual if residual is not None else out
-    _sparse_mlp_kernel[(cdiv(k, cfg["BLOCK_N"]),)](
+    _sparse_mlp_kernel[(grid,)](
         x, w1, w3 if w3 is not None else w1, w2t, idx, bias1 if bias1 is not None else w1,
         b2 if b2 is not None else w1, res, out, acc, cnt,
         norm.weight if norm is not None else w1, norm.rowsum if norm is not None and norm.rowsum is not None else w1,
-        B, k, D, norm.eps if norm is not None else 0.0,
+        zero if zero is not None else acc,
+        B, k, D, norm.eps if norm is not None else 0.0, n_zero,
         x.stride(0), x.stride(1), w1.stride(0), (w3 if w3 is not None else w1).stride(0), w2t.stride(0),
         res.stride(0), out.stride(0),
         ACT=ACT_SWIGLU if w3 is not None else ACT_RELU, NORM=0 if norm is None else NORM_CODES[norm.kind],
         HAS_B1=bias1 is not None, HAS_B2=b2 is not None, HAS_RES=residual is not None,
         DOT_FP32=x.dtype == torch.float32 or is_interpreted(_sparse_mlp_kernel),
-        FENCE=not is_interpreted(_sparse_mlp_kernel), PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
+        FENCE=not is_interpreted(_sparse_mlp_kernel), FINISH=bool(finish), ZERO=n_zero > 0,
+        BLOCK_Z=next_pow2(cdiv(max(n_zero, 1), grid)), PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
         num_stages=cfg["NUM_STAGES"], **cfg, **({"maxnreg": MAXNREG} if MAXNREG else {}),
     )  # fmt: skip
-    return out
+    return out if finish else acc[:B * D].view(B, D)
 
 
 def sparse_mlp_ref(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, norm=None):

@@ -82,8 +82,8 @@ class FastGeneration:
 class _TritonOps:
     """The fused kernels; indices are built by construction (select_topk), so no validation syncs."""
 
-    def rows(self, x, w, idx, hd, bias, norm=None):  # -> [B, k, hd]; norm: a NormFold, x then the raw stream
-        return K.head_gather_gemv(x, w, idx, hd, bias, norm=norm, validate=False)
+    def rows(self, x, w, idx, hd, bias, norm=None, x_sum=None):  # -> [B, k, hd]; norm: x is then the raw stream
+        return K.head_gather_gemv(x, w, idx, hd, bias, norm=norm, validate=False, x_sum=x_sum)
 
     def oproj(self, a, wo_t, idx, hd, bias, res, out):
         return K.head_gather_down(a, wo_t, idx, hd, bias, res, validate=False, out=out)
@@ -96,8 +96,9 @@ class _TritonOps:
     def down(self, h, w2t, idx, bias, res, out):
         return K.gather_down(h, w2t, idx, bias, res, validate=False, out=out)
 
-    def mlp(self, x, w1, w3, w2t, idx, b1, b2, res, out, norm, ws):  # the whole block, one launch
-        return K.sparse_mlp(x, w1, w2t, idx, b1, b2, res, w3=w3, norm=norm, workspace=ws, validate=False, out=out)
+    def mlp(self, x, w1, w3, w2t, idx, b1, b2, res, out, norm, ws, finish=True, zero=None):  # one launch
+        return K.sparse_mlp(x, w1, w2t, idx, b1, b2, res, w3=w3, norm=norm, workspace=ws, validate=False, out=out,
+                            finish=finish, zero=zero)  # fmt: skip
 
     def attn(self, q, kc, vc, lens, idx, group, valid):
         return K.sparse_decode_attention(q, kc, vc, lens, idx, group, kv_valid=valid, validate=False)
@@ -234,7 +235,10 @@ class FastDecoder:
         # H200 (profile_step, same call) ours-dense took 7.84 ms with it against 7.40 with cuBLAS (bench/NOTES.md, v5)
         self._fused_mlp = [bool(fuse_mlp) and B <= 2 and km < N for km in self.k_mlp]
         self._cublas_mlp = [km == N for km in self.k_mlp]  # dense MLP parts: cuBLAS GEMVs
-        self._mlp_ws = K.mlp_workspace(d, self.device, B) if backend == "triton" and any(self._fused_mlp) else None
+        # two workspaces, layer l using l % 2: with defer_mlp_finish one holds layer l's unfinished sums while the
+        # other is cleared
+        self._mlp_ws = ([K.mlp_workspace(d, self.device, B) for _ in range(2)]
+                        if backend == "triton" and any(self._fused_mlp) else None)  # fmt: skip
         # the q/k/v finish (RoPE, cache write, hole mask) inside the decode attention (kernels.qkv_decode_attention):
         # one launch fewer per layer. Only at B <= 2: OPT-13B (0.1, 0.5) on an H200, same calls, B=1 3.155 / 3.138
         # against 3.289 / 3.282 ms per step, but B=4 4.436 against 4.263 (bench/NOTES.md, v6)
@@ -283,6 +287,10 @@ class FastDecoder:
         # priority of the stream the step is captured on (CUDA: lower is more urgent; the side stream has 0), so
         # that the main stream's programs are placed ahead of the predictors' where both wait for SM slots
         self.capture_priority = 0
+        # A/B knob (default off): the fused MLP block of layer l leaves its fp32 sums unfinished and layer l+1's q/k/v
+        # gather adds the bias and residual as it streams x, writing x_{l+1} (kernels.XSum), so the block's
+        # last-program pass is off the critical path (read at capture; see _deferred for where it applies)
+        self.defer_mlp_finish = False
         self._graph, self._graph_out, self._len = None, None, 0
 
     # ---- setup ------------------------------------------------------------------------------------------------------
@@ -406,7 +414,7 @@ class FastDecoder:
     def describe(self) -> dict:
         return {"batch": self.batch, "max_len": self.max_len, "kv_policy": self.kv_policy, "backend": self.backend,
                 "graph": self.use_graph, "overlap": self._side is not None, "lookahead": self.lookahead,
-                "fork_at": self.fork_at, "side_pdl": self.side_pdl,
+                "fork_at": self.fork_at, "side_pdl": self.side_pdl, "defer_mlp_finish": any(self._deferred()),
                 "fuse_norm": self.fuse_norm, "fuse_mlp": any(self._fused_mlp), "fuse_attn": self.fuse_attn,
                 "neuron_topk": self._topk,
                 "k_heads": self.k_heads, "k_mlp": self.k_mlp, "k_kv": self.k_kv,
@@ -501,6 +509,7 @@ class FastDecoder:
         if self.lookahead:
             self._predict(0, x0, heads=True, mlp=True)
         forked = set()  # layers whose selection runs on the side stream in this step (joins only wait on these)
+        defer = self._deferred()
         for l in range(L):
             if l in forked:
                 main.wait_event(self._heads_ready[l])  # layer l's heads are chosen (they ran during layer l-1)
@@ -514,7 +523,8 @@ class FastDecoder:
                     self._predict(l + 1, self._x[l], heads=True, mlp=True)
             elif not self.lookahead:
                 self._predict(l, self._x[l], heads=True, mlp=False)
-            self._block(l, lens, rope, mlp_ready=self._mlp_ready[l] if l in forked else None, fork=fork)
+            self._block(l, lens, rope, mlp_ready=self._mlp_ready[l] if l in forked else None, fork=fork,
+                        finish_in=l > 0 and defer[l - 1], finish_out=not defer[l])
         if forked:
             main.wait_stream(self._side)
         nf = m.norm_f
@@ -522,6 +532,17 @@ class FastDecoder:
         logits = F.linear(h, m.lm_head.weight)
         pos.add_(1)
         return logits
+
+    def _deferred(self) -> list[bool]:
+        """Per layer: does its MLP block leave its sums for the next layer's q/k/v gather (defer_mlp_finish)? Only
+        where both layers run the fused block (the next one clears the consumed workspace), the next q/k/v gather
+        is the sparse one with its norm folded (it reads all of x), and nothing reads x_{l+1} before that gather:
+        a side stream forking after it (not ``start``), lookahead predictors. Never the last layer."""
+        L, H = self.spec.n_layers, self.spec.n_heads
+        ok = (self.defer_mlp_finish and self._mlp_ws is not None and self._side is not None and self.lookahead
+              and self.fork_at != "start" and self.batch <= 2)  # fmt: skip
+        return [ok and l + 1 < L and self._fused_mlp[l] and self._fused_mlp[l + 1] and self._fold1[l + 1] is not None
+                and self.k_heads[l + 1] < H and not self._cublas_mlp[l] for l in range(L)]  # fmt: skip
 
     def _fork(self, l: int):
         """Layer l's lookahead prediction on the side stream, from x_{l-1} (written before this point of the main
@@ -583,9 +604,11 @@ class FastDecoder:
             self._kvidx[l].copy_(torch.sort(torch.topk(need, self.k_kv[l]).indices).values)
         return self._kvidx[l]
 
-    def _block(self, l: int, lens, rope, mlp_ready=None, fork=None):
+    def _block(self, l: int, lens, rope, mlp_ready=None, fork=None, finish_in=False, finish_out=True):
         """Layer l on the main stream; ``fork`` (the side stream's prediction of layer l+1) is called at the point
-        ``fork_at`` names."""
+        ``fork_at`` names. ``finish_in``: layer l-1's MLP block left its sums unfinished, so this layer's q/k/v gather
+        makes x_l (and this layer's MLP block clears that workspace); ``finish_out=False``: this layer's block leaves
+        its own sums for layer l+1 (defer_mlp_finish)."""
         point = self.fork_at if fork is not None else None
         if point == "start":
             fork()
@@ -609,6 +632,10 @@ class FastDecoder:
             hidx, kvidx = self._hidx[l], self._kvidx[l]
             if fold1 is None:
                 qkv = ops.rows(h, self._wqkv[l], self._qkvidx[l], hd, self._bqkv[l])  # (B, kh + 2 kkv, hd)
+            elif finish_in:  # x_l = (sums of layer l-1's MLP block + its b2) + its residual, made and written here
+                x_sum = K.XSum(self._mlp_ws[(l - 1) % 2]["acc"][:B * s.d_model].view(B, -1), m.layers[l - 1].mlp.b2,
+                               mid)  # fmt: skip
+                qkv = ops.rows(x, self._wqkv[l], self._qkvidx[l], hd, None, norm=fold1, x_sum=x_sum)
             else:
                 qkv = ops.rows(x, self._wqkv[l], self._qkvidx[l], hd, None, norm=fold1)
         if point == "qkv":
@@ -649,8 +676,13 @@ class FastDecoder:
                 torch.cuda.current_stream(self.device).wait_event(mlp_ready)
             nidx = self._nidx[l]
             xin, b1 = (h2, mlp.b1) if fold2 is None else (mid, None)
-            if self._fused_mlp[l]:
-                ops.mlp(xin, mlp.w1, mlp.w3, mlp.w2t, nidx, b1, mlp.b2, mid, x_next, fold2, self._mlp_ws)
+            if self._fused_mlp[l] and (finish_in or not finish_out):
+                ops.mlp(xin, mlp.w1, mlp.w3, mlp.w2t, nidx, b1, mlp.b2 if finish_out else None,
+                        mid if finish_out else None, x_next, fold2, self._mlp_ws[l % 2], finish=finish_out,
+                        zero=self._mlp_ws[(l - 1) % 2]["acc"] if finish_in else None)  # fmt: skip
+            elif self._fused_mlp[l]:
+                ops.mlp(xin, mlp.w1, mlp.w3, mlp.w2t, nidx, b1, mlp.b2, mid, x_next, fold2,
+                        self._mlp_ws[l % 2] if self._mlp_ws is not None else None)
             else:
                 act = ops.up(xin, mlp.w1, mlp.w3, nidx, b1, norm=fold2)
                 ops.down(act, mlp.w2t, nidx, mlp.b2, mid, x_next)
