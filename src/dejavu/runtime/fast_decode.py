@@ -542,7 +542,7 @@ class FastDecoder:
         ok = (self.defer_mlp_finish and self._mlp_ws is not None and self._side is not None and self.lookahead
               and self.fork_at != "start" and self.batch <= 2)  # fmt: skip
         return [ok and l + 1 < L and self._fused_mlp[l] and self._fused_mlp[l + 1] and self._fold1[l + 1] is not None
-                and self.k_heads[l + 1] < H and not self._cublas_mlp[l] for l in range(L)]  # fmt: skip
+                and self.k_heads[l + 1] < H for l in range(L)]  # fmt: skip
 
     def _fork(self, l: int):
         """Layer l's lookahead prediction on the side stream, from x_{l-1} (written before this point of the main
