@@ -14,9 +14,10 @@ Here one program owns ``BLOCK_N`` selected neurons end to end:
    launch.
 
 The intermediate ``h`` never leaves the program, the down projection needs no split-k partials, and there is one
-launch instead of two. With ``finish=False`` step 3 is skipped: the fp32 sums stay in the workspace and the next
-layer's q/k/v gather finishes them as it loads x (:class:`~dejavu.kernels.gather_mlp.XSum`), off the critical path. The fp32 sum's order depends on the programs' timing, so low bits may differ between runs
-(fp16/bf16 outputs usually not at all); the unfused pair is deterministic.
+launch instead of two. The fp32 sum's order depends on the programs' timing, so low bits may differ between runs
+(fp16/bf16 outputs usually not at all); the unfused pair is deterministic. With ``finish=False`` step 3 is skipped:
+the fp32 sums stay in the workspace and the next layer's q/k/v gather finishes them as it loads x
+(:class:`~dejavu.kernels.gather_mlp.XSum`), off the critical path.
 """
 
 from __future__ import annotations
