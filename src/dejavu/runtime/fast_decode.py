@@ -126,7 +126,9 @@ class _TritonOps:
 class _TorchOps:
     """The same step on the plain-torch references (CPU tests, debugging)."""
 
-    def rows(self, x, w, idx, hd, bias, norm=None):
+    def rows(self, x, w, idx, hd, bias, norm=None, x_sum=None):
+        if x_sum is not None:  # x made from the unfinished MLP block before, and written
+            x.copy_(K.x_sum_ref(x_sum, x.dtype))
         if norm is not None:
             x, bias = K.norm_ref(x, norm), norm.linear_bias
         return K.head_gather_gemv_ref(x, w, idx, hd, bias)
@@ -632,12 +634,10 @@ class FastDecoder:
             hidx, kvidx = self._hidx[l], self._kvidx[l]
             if fold1 is None:
                 qkv = ops.rows(h, self._wqkv[l], self._qkvidx[l], hd, self._bqkv[l])  # (B, kh + 2 kkv, hd)
-            elif finish_in:  # x_l = (sums of layer l-1's MLP block + its b2) + its residual, made and written here
+            else:  # finish_in: x_l = (sums of layer l-1's MLP block + its b2) + its residual, made and written here
                 x_sum = K.XSum(self._mlp_ws[(l - 1) % 2]["acc"][:B * s.d_model].view(B, -1), m.layers[l - 1].mlp.b2,
-                               mid)  # fmt: skip
+                               mid) if finish_in else None  # fmt: skip
                 qkv = ops.rows(x, self._wqkv[l], self._qkvidx[l], hd, None, norm=fold1, x_sum=x_sum)
-            else:
-                qkv = ops.rows(x, self._wqkv[l], self._qkvidx[l], hd, None, norm=fold1)
         if point == "qkv":
             fork()
         valid = cache.valid if self.holes[l] else None
@@ -676,13 +676,12 @@ class FastDecoder:
                 torch.cuda.current_stream(self.device).wait_event(mlp_ready)
             nidx = self._nidx[l]
             xin, b1 = (h2, mlp.b1) if fold2 is None else (mid, None)
-            if self._fused_mlp[l] and (finish_in or not finish_out):
+            if self._fused_mlp[l]:  # deferring (Triton ops only): leave the sums / clear the consumed workspace
+                defer = ({"finish": finish_out, "zero": self._mlp_ws[(l - 1) % 2]["acc"] if finish_in else None}
+                         if finish_in or not finish_out else {})  # fmt: skip
                 ops.mlp(xin, mlp.w1, mlp.w3, mlp.w2t, nidx, b1, mlp.b2 if finish_out else None,
-                        mid if finish_out else None, x_next, fold2, self._mlp_ws[l % 2], finish=finish_out,
-                        zero=self._mlp_ws[(l - 1) % 2]["acc"] if finish_in else None)  # fmt: skip
-            elif self._fused_mlp[l]:
-                ops.mlp(xin, mlp.w1, mlp.w3, mlp.w2t, nidx, b1, mlp.b2, mid, x_next, fold2,
-                        self._mlp_ws[l % 2] if self._mlp_ws is not None else None)
+                        mid if finish_out else None, x_next, fold2,
+                        self._mlp_ws[l % 2] if self._mlp_ws is not None else None, **defer)  # fmt: skip
             else:
                 act = ops.up(xin, mlp.w1, mlp.w3, nidx, b1, norm=fold2)
                 ops.down(act, mlp.w2t, nidx, mlp.b2, mid, x_next)
