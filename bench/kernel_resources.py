@@ -1,8 +1,9 @@
 """Registers, shared memory and programs per SM of the decode step's kernels (offline sm_90 compile, no GPU needed).
 
 The B=1 launch configurations of one sparse (0.1, 0.5) OPT-13B layer, as the runtime's heuristics pick them, compiled
-with PDL (as launched on Hopper) by this machine's Triton; the MLP block also with the register cap of the
-``mlp_maxnreg_128`` A/B (bench/NOTES.md, v7). Prints a table and writes ``kernel_resources_sm90.json`` to ``--out``.
+with PDL (as launched on Hopper) by this machine's Triton: a middle layer, whose q/k/v gather finishes the MLP block
+before it and whose o_proj and MLP block leave their sums unfinished (``defer_mlp_finish``, ``defer_oproj_finish``,
+v10); the MLP block also with the register cap of the ``mlp_maxnreg_128`` A/B (bench/NOTES.md, v7). Prints a table and writes ``kernel_resources_sm90.json`` to ``--out``.
 
     PYTHONPATH=src python bench/kernel_resources.py --out results/bench/profile
 """
@@ -21,6 +22,7 @@ from dejavu.kernels import decode_attention as A
 from dejavu.kernels import gather_mlp as G
 from dejavu.kernels import mlp_block as MB
 from dejavu.kernels import predictor_ops as P
+from dejavu.kernels._checks import cdiv, next_pow2
 from dejavu.kernels.offline import compile_for, programs_per_sm, resources
 
 F16, F32, I32, I64, U8 = torch.float16, torch.float32, torch.int32, torch.int64, torch.uint8
@@ -35,7 +37,7 @@ def cases():
         x_ptr=F16, w_ptr=F16, w2_ptr=F16, idx_ptr=I64, bias_ptr=F32, out_ptr=F16, g_ptr=F16, rg_ptr=F32, xs_ptr=F32,
         xb_ptr=F16, xr_ptr=F16, B=1, n_out=3 * KH * HD, D=D, eps=1e-5, stride_xb=D, stride_xd=1, stride_wn=D,
         stride_w2n=D, stride_ob=3 * KH * HD, stride_xr=D, ROWS_PER_IDX=HD, ACT=0, NORM=1, HAS_BIAS=True,
-        DOT_FP32=False, X_SUM=False, HAS_XB=False, **rows), {}
+        DOT_FP32=False, X_SUM=True, HAS_XB=True, **rows), {}
     attn = A._attn_config(1, KH, S, HD, 2, cpu, None)
     yield "decode attention (fused q/k/v finish)", A._decode_attn_kernel, dict(
         q_ptr=F16, k_ptr=F16, v_ptr=F16, seq_lens_ptr=I64, head_idx_ptr=I64, out_ptr=F16, part_o_ptr=F32,
@@ -47,16 +49,19 @@ def cases():
     down = G._down_config(1, KH * HD, D, cpu, None)
     splits, rps, _ = down.pop("splits"), down.pop("rows_per_split"), down.pop("fused")
     yield "o_proj (head_gather_down)", G._gather_down_kernel, dict(
-        h_ptr=F16, w_ptr=F16, idx_ptr=I64, bias_ptr=F16, res_ptr=F16, out_ptr=F16, part_ptr=F32, cnt_ptr=I32, B=1,
-        n_in=KH * HD, D=D, rows_per_split=rps, n_splits=splits, stride_hb=KH * HD, stride_hg=HD, stride_hr=1,
-        stride_wn=D, stride_rb=D, stride_ob=D, ROWS_PER_IDX=HD, HAS_BIAS=True, HAS_RES=True, WRITE_PARTIAL=True,
-        FUSED_REDUCE=True, FENCE=True, DOT_FP32=False, **down), {}
+        h_ptr=F16, w_ptr=F16, idx_ptr=I64, bias_ptr=F16, res_ptr=F16, out_ptr=F32, part_ptr=F32, cnt_ptr=I32,
+        zero_ptr=F32, B=1, n_in=KH * HD, D=D, rows_per_split=rps, n_splits=splits, n_zero=D, stride_hb=KH * HD,
+        stride_hg=HD, stride_hr=1, stride_wn=D, stride_rb=D, stride_ob=D, ROWS_PER_IDX=HD, HAS_BIAS=False,
+        HAS_RES=False, WRITE_PARTIAL=False, FUSED_REDUCE=False, FENCE=False, ACCUMULATE=True, ZERO=True,
+        BLOCK_Z=next_pow2(cdiv(D, splits * cdiv(D, down["BLOCK_D"]))), DOT_FP32=False, **down), {}
     mlp = MB._mlp_config(1, KM, D, False, cpu)
     mlp_args = dict(
         x_ptr=F16, w1_ptr=F16, w3_ptr=F16, w2t_ptr=F16, idx_ptr=I64, b1_ptr=F32, b2_ptr=F16, res_ptr=F16, out_ptr=F16,
-        acc_ptr=F32, cnt_ptr=I32, g_ptr=F16, rg_ptr=F32, zero_ptr=F32, B=1, K=KM, D=D, eps=1e-5, n_zero=0, stride_xb=D,
-        stride_xd=1, stride_w1n=D, stride_w3n=D, stride_w2n=D, stride_rb=D, stride_ob=D, ACT=1, NORM=1, HAS_B1=True,
-        HAS_B2=True, HAS_RES=True, DOT_FP32=False, FENCE=True, FINISH=True, ZERO=False, BLOCK_Z=1, **mlp)
+        acc_ptr=F32, cnt_ptr=I32, g_ptr=F16, rg_ptr=F32, zero_ptr=F32, xs_ptr=F32, xb_ptr=F16, xr_ptr=F16, B=1, K=KM,
+        D=D, eps=1e-5, n_zero=D, stride_xb=D, stride_xd=1, stride_w1n=D, stride_w3n=D, stride_w2n=D, stride_rb=D,
+        stride_ob=D, stride_xr=D, ACT=1, NORM=1, HAS_B1=True, HAS_B2=False, HAS_RES=False, DOT_FP32=False,
+        FENCE=False, FINISH=False, ZERO=True, BLOCK_Z=next_pow2(cdiv(D, cdiv(KM, mlp["BLOCK_N"]))), X_SUM=True,
+        HAS_XB=True, **mlp)
     yield "MLP block (sparse_mlp)", MB._sparse_mlp_kernel, mlp_args, {}
     yield "MLP block, maxnreg=128", MB._sparse_mlp_kernel, mlp_args, {"maxnreg": 128}
     for name, n, d, first in (("predictor first factors", 2 * R, D, True), ("neuron scores", FFN, R, False)):

@@ -25,11 +25,12 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   GEMV / the neuron scores and top-k: ``FastDecoder.side_pdl``);
 * the side stream: ``fork_<start|qkv|attn|oproj>`` (the prediction of layer l+1 forked at the start of layer l or
   after its q/k/v gather / attention / o_proj: ``FastDecoder.fork_at``; the default at B <= 2 is ``attn`` with
-  ``side_pdl_off``, at B > 2 ``start`` with ``side_pdl_on``), ``defer_finish`` (each MLP block's bias + residual
-  pass done by the next layer's q/k/v gather as it loads x: ``FastDecoder.defer_mlp_finish``),
-  ``sparse_high_priority`` (the side stream created with
-  priority -1), ``main_priority`` (the step captured on a stream of priority -1, ahead of the side stream's:
-  ``FastDecoder.capture_priority``).
+  ``side_pdl_off``, at B > 2 ``start`` with ``side_pdl_on``);
+* where a producer's finishing pass runs (default: in its consumer, as it loads the producer's output):
+  ``finish_mlp`` (each MLP block adds its bias and residual itself: ``FastDecoder.defer_mlp_finish`` off),
+  ``finish_o`` (each o_proj sums its split-k partials itself: ``FastDecoder.defer_oproj_finish`` off);
+* stream priorities: ``sparse_high_priority`` (the side stream created with priority -1), ``main_priority`` (the step
+  captured on a stream of priority -1, ahead of the side stream's: ``FastDecoder.capture_priority``).
 
 Per variant: median graph-replay time (``--rounds`` interleaved rounds of 60 replays), and a torch.profiler trace of
 graph replays, reduced to the kernel time per step by kernel name and stream, the gap (span minus busy time) on the
@@ -132,8 +133,10 @@ def _setup(dec: FastDecoder, name: str) -> None:
         dec._side = torch.cuda.Stream(dec.device, priority=-1)
     if name == "main_priority":  # A/B: the main stream's blocks ahead of the predictors' (captured at priority -1)
         dec.capture_priority = -1
-    if name == "defer_finish":  # A/B: each MLP block's finish done by the next layer's q/k/v gather
-        dec.defer_mlp_finish = True
+    if name == "finish_mlp":  # A/B: each MLP block finishes its own sums (not the next layer's q/k/v gather)
+        dec.defer_mlp_finish = False
+    if name == "finish_o":  # A/B: each o_proj finishes its own sums (not its layer's MLP block)
+        dec.defer_oproj_finish = False
     if name == "torch_topk":  # A/B: the neuron top-k by torch.topk instead of the radix select
         dec._topk = "torch"
     if name == "radix_torch_hist":  # A/B: radix select, its histogram built by torch ops instead of the GEMV
@@ -155,7 +158,7 @@ def main():
                          "side_pdl_{on,off,first,heads,scores,mlp},"
                          "nopdl_{rows,attn,combine,oproj,mlp},mlp_maxnreg_128,gemv_cap_{32,64,132,264},"
                          "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},"
-                         "rows_narrow,fork_{start,qkv,attn,oproj},main_priority,defer_finish; join several with '+'")
+                         "rows_narrow,fork_{start,qkv,attn,oproj},main_priority,finish_mlp,finish_o; join several with '+'")
     ap.add_argument("--tag", default="", help="suffix of the output file name (e.g. _pdl0 for an A/B run)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per variant (median)")
     ap.add_argument("--batch", type=int, default=1)
@@ -186,7 +189,8 @@ def main():
         **{f"side_pdl_{m}": dict(predictors=preds, mlp_density=md, head_density=hd)
            for m in SIDE_PDL_OFF},
         "main_priority": dict(predictors=preds, mlp_density=md, head_density=hd),
-        "defer_finish": dict(predictors=preds, mlp_density=md, head_density=hd),
+        **{name: dict(predictors=preds, mlp_density=md, head_density=hd)
+           for name in ("finish_mlp", "finish_o")},
         **{f"fork_{m}": dict(predictors=preds, mlp_density=md, head_density=hd) for m in FORK_POINTS},
     }
     knobs = {  # A/B of launch heuristics, set while the step is captured: (module, name, value)

@@ -141,24 +141,28 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
                   stride_ob=2048, stride_xr=5120, ROWS_PER_IDX=1 if act == 2 else 128, ACT=act, NORM=norm,
                   HAS_BIAS=act == 1, DOT_FP32=dt == torch.float32, X_SUM=B <= 2 and norm != 0, HAS_XB=True,
                   **cfg), nw, cfg["NUM_STAGES"])
-    for B, split, fn in ((1, None, G._down_config), (2, None, G._down_config), (16, 4, G._down_config),
-                         (1, None, G._down_config_v1), (16, 4, G._down_config_v1)):
-        cfg = fn(B, 2048, 5120, cpu, split)
+    for B, split, fn, acc in ((1, None, G._down_config, False), (2, None, G._down_config, False),
+                              (16, 4, G._down_config, False), (1, None, G._down_config_v1, False),
+                              (16, 4, G._down_config_v1, False), (1, None, G._down_config, True)):
+        cfg = fn(B, 2048, 5120, cpu, split)  # acc: the unfinished o_proj (atomics into fp32 sums, zeroing another)
         nw, s, rps, fused = cfg.pop("num_warps"), cfg.pop("splits"), cfg.pop("rows_per_split"), cfg.pop("fused")
-        build(G._gather_down_kernel, dict(h_ptr=dt, w_ptr=dt, idx_ptr=torch.int64, bias_ptr=dt, res_ptr=dt, out_ptr=dt,
-              part_ptr=torch.float32, cnt_ptr=torch.int32, B=B, n_in=2048, D=5120, rows_per_split=rps, n_splits=s,
+        part = s > 1 and not acc
+        build(G._gather_down_kernel, dict(h_ptr=dt, w_ptr=dt, idx_ptr=torch.int64, bias_ptr=dt, res_ptr=dt,
+              out_ptr=torch.float32 if acc else dt, part_ptr=torch.float32, cnt_ptr=torch.int32,
+              zero_ptr=torch.float32, B=B, n_in=2048, D=5120, rows_per_split=rps, n_splits=s, n_zero=5120,
               stride_hb=2048, stride_hg=128, stride_hr=1, stride_wn=5120, stride_rb=5120, stride_ob=5120,
-              ROWS_PER_IDX=128, HAS_BIAS=True, HAS_RES=True, WRITE_PARTIAL=s > 1, FUSED_REDUCE=fused and s > 1,
-              FENCE=fused and s > 1,
+              ROWS_PER_IDX=128, HAS_BIAS=not acc, HAS_RES=not acc, WRITE_PARTIAL=part, FUSED_REDUCE=fused and part,
+              FENCE=fused and part, ACCUMULATE=acc, ZERO=acc, BLOCK_Z=64,
               DOT_FP32=dt == torch.float32, **cfg), nw, cfg["NUM_STAGES"])
     for B, act in ((1, 1), (2, 2), (16, 1)):  # the whole MLP block; OPT with a folded layernorm, SwiGLU rmsnorm
         cfg = MB._mlp_config(B, 2048, 5120, act == 2, cpu); nw = cfg.pop("num_warps")
         build(MB._sparse_mlp_kernel, dict(x_ptr=dt, w1_ptr=dt, w3_ptr=dt, w2t_ptr=dt, idx_ptr=torch.int64,
               b1_ptr=torch.float32, b2_ptr=dt, res_ptr=dt, out_ptr=dt, acc_ptr=torch.float32, cnt_ptr=torch.int32,
-              g_ptr=dt, rg_ptr=torch.float32, zero_ptr=torch.float32, B=B, K=2048, D=5120, eps=1e-5, n_zero=5120,
-              stride_xb=5120, stride_xd=1, stride_w1n=5120, stride_w3n=5120, stride_w2n=5120, stride_rb=5120,
-              stride_ob=5120, ACT=act, NORM=act, HAS_B1=act == 1, HAS_B2=act == 1, HAS_RES=True,
-              DOT_FP32=dt == torch.float32, FENCE=True, FINISH=B != 1, ZERO=B <= 2, BLOCK_Z=64, **cfg), nw,
+              g_ptr=dt, rg_ptr=torch.float32, zero_ptr=torch.float32, xs_ptr=torch.float32, xb_ptr=dt, xr_ptr=dt,
+              B=B, K=2048, D=5120, eps=1e-5, n_zero=5120, stride_xb=5120, stride_xd=1, stride_w1n=5120,
+              stride_w3n=5120, stride_w2n=5120, stride_rb=5120, stride_ob=5120, stride_xr=5120, ACT=act, NORM=act,
+              HAS_B1=act == 1, HAS_B2=act == 1, HAS_RES=True, DOT_FP32=dt == torch.float32, FENCE=True,
+              FINISH=B != 1, ZERO=B <= 2, BLOCK_Z=64, X_SUM=B <= 2, HAS_XB=act == 1, **cfg), nw,
               cfg["NUM_STAGES"])
     for ln in (True, False):
         build(FO._norm_kernel, dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, y_ptr=dt, rb_ptr=dt, init_ptr=dt, D=5120, eps=1e-5,

@@ -132,6 +132,44 @@ def test_head_gather_down_strided_and_split():
         check_against(res, head_gather_down_ref, (a, wo_t, idx, hd), dtype=torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [1, 2, 3])
+@pytest.mark.parametrize("split_k", [None, 1, 3])
+def test_head_gather_down_unfinished(split_k, B, dtype):
+    """finish=False: the product added into fp32 sums with atomics (whatever the split count), ``zero`` cleared;
+    finishing the sums as the MLP block does (XSum) gives the finished projection with bias and residual."""
+    d, H, hd, kh = 600, 6, 24, 4  # d over two column slabs
+    g = make_gen("o-unfinished", split_k, B, dtype)
+    a, wo_t = randn(B, kh, hd, dtype=dtype, gen=g), randn(H * hd, d, dtype=dtype, gen=g, scale=0.2)
+    idx = rand_index(H, kh, gen=g)
+    sums, other = torch.zeros(B, d, device=DEVICE), torch.full((B * d + 3,), 7.0, device=DEVICE)
+    got = head_gather_down(a, wo_t, idx, hd, out=sums, split_k=split_k, finish=False, zero=other)
+    assert got is sums and not other.any()
+    check_against(sums.to(dtype), head_gather_down_ref, (a, wo_t, idx, hd), dtype=dtype)
+    bias, res = randn(d, dtype=dtype, gen=g), randn(B, d, dtype=dtype, gen=g)
+    finished = head_gather_down(a, wo_t, idx, hd, bias, res, split_k=split_k)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(x_sum_ref(XSum(sums, bias, res), dtype), finished, rtol=tol, atol=tol)
+
+
+def test_head_gather_down_unfinished_rejects():
+    d, H, hd, B = 64, 4, 16, 2
+    a, wo_t = randn(B, 2, hd, dtype=torch.float16), randn(H * hd, d, dtype=torch.float16)
+    idx = torch.tensor([0, 2], device=DEVICE)
+    sums = torch.zeros(B, d, device=DEVICE)
+    with pytest.raises(ValueError, match="finish=False"):
+        head_gather_down(a, wo_t, idx, hd, finish=False)
+    with pytest.raises(ValueError, match="finish=False"):
+        head_gather_down(a, wo_t, idx, hd, torch.zeros(d, dtype=torch.float16, device=DEVICE), out=sums,
+                         finish=False)  # fmt: skip
+    with pytest.raises(ValueError, match="out"):
+        head_gather_down(a, wo_t, idx, hd, out=sums.half(), finish=False)
+    with pytest.raises(ValueError, match="own output"):
+        head_gather_down(a, wo_t, idx, hd, out=sums, finish=False, zero=sums.view(-1))
+    with pytest.raises(ValueError, match="zero"):
+        head_gather_down(a, wo_t, idx, hd, out=sums, finish=False, zero=torch.zeros(4, 4, device=DEVICE))
+
+
 def test_default_alloc_and_views():
     d, H, hd, kh, B = 40, 5, 24, 2, 2
     g = make_gen("alloc")

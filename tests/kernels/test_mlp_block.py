@@ -112,6 +112,50 @@ def test_sparse_mlp_unfinished_rejects():
         sparse_mlp(**a, workspace=ws, zero=ws["acc"])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("finish", [True, False], ids=["finished", "unfinished"])
+@pytest.mark.parametrize("kind,swiglu", [("layernorm", False), ("rmsnorm", True)])
+def test_sparse_mlp_x_sum(kind, swiglu, finish, B, dtype):
+    """x made from the unfinished o_proj before the block (XSum): every program makes it, program 0 writes it
+    into x exactly as the o_proj would have stored it, and the block's residual may be that x (OPT: layernorm
+    folded, biases; LLaMA: rmsnorm folded, SwiGLU)."""
+    d, n, k = 600, 37, 13
+    g = make_gen("sparse_mlp_xsum", kind, swiglu, finish, B, dtype)
+    w1, w3, w2t = _weights(d, n, dtype, g, swiglu)
+    b1 = None if swiglu else randn(n, dtype=dtype, gen=g)
+    gain = (1.0 + 0.3 * randn(d, gen=g)).to(dtype)
+    shift = randn(d, dtype=dtype, gen=g, scale=0.5) if kind == "layernorm" else None
+    fold = fold_norm(w1, kind, gain, shift, 1e-5, b1)
+    xs = XSum(randn(B, d, gen=g), None if swiglu else randn(d, dtype=dtype, gen=g), (randn(B, d, gen=g) + 0.5).to(dtype))
+    b2 = None if swiglu else randn(d, dtype=dtype, gen=g)
+    idx = rand_index(n, k, gen=g)
+    x = poisoned((B, d), dtype)
+    got = sparse_mlp(x, w1, w2t, idx, None, b2 if finish else None, x if finish else None, w3=w3, norm=fold,
+                     x_sum=xs, finish=finish, out=poisoned((B, d), dtype))  # fmt: skip
+    made = x_sum_ref(xs, dtype)
+    assert torch.equal(x, made), "x must be written exactly as the o_proj would have stored it"
+    if finish:
+        check_against(got, sparse_mlp_ref, (made, w1, w2t, idx, None, b2, made), {"w3": w3, "norm": fold},
+                      dtype=dtype)  # fmt: skip
+    else:
+        check_against(got.to(dtype), sparse_mlp_ref, (made, w1, w2t, idx), {"w3": w3, "norm": fold}, dtype=dtype)
+
+
+def test_sparse_mlp_x_sum_rejects():
+    a, _ = _args()
+    x = a["x"]
+    xs = XSum(torch.zeros(2, 64, device=DEVICE), None, x)
+    with pytest.raises(ValueError, match="residual is read"):
+        sparse_mlp(**a, x_sum=xs)
+    ok = XSum(xs.sums, None, x.clone())
+    with pytest.raises(ValueError, match="another buffer"):
+        sparse_mlp(**a, x_sum=ok, out=x)
+    with pytest.raises(ValueError, match="batch <= 2"):
+        x3 = randn(3, 64, dtype=torch.float16)
+        sparse_mlp(**dict(a, x=x3), x_sum=XSum(torch.zeros(3, 64, device=DEVICE), None, x3.clone()))
+
+
 def test_sparse_mlp_config():
     """B <= 2: CUDA-core FMA, the accumulators [B, BLOCK_N, BLOCK_D] (twice for SwiGLU) and [B, BLOCK_N, BLOCK_O]
     within 64 fp32 registers a thread; B > 2: tensor cores (tl.dot needs 16 rows and 16 neurons)."""

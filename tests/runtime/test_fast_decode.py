@@ -311,13 +311,13 @@ def test_dense_graph_batch16_matches_model(tiny):
     assert max(errs) < 1e-3, errs
 
 
-def _gpu_pair(tiny, ref_attrs: dict, dec_attrs: dict):
+def _gpu_pair(tiny, ref_attrs: dict, dec_attrs: dict, md=MLP_D, hd=HEAD_D):
     """Two graphed fp32 decoders on the GPU over the same model and predictors, attributes set before capture, and a
     prompt."""
     _, model = tiny
     model = model.to(device="cuda", dtype=torch.float32)
     p = _predictors(model.spec)
-    pair = [FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=32) for _ in range(2)]
+    pair = [FastDecoder(model, p, md, hd, batch=1, max_len=32) for _ in range(2)]
     for dec, attrs in zip(pair, (ref_attrs, dec_attrs)):
         for name, value in attrs.items():
             setattr(dec, name, value)
@@ -350,7 +350,8 @@ def test_deferred_mlp_finish_equal(tiny, fork_at):
     """defer_mlp_finish: a layer's MLP block leaves its sums and the next layer's q/k/v gather finishes them (and
     writes the residual stream); the graphed step's tokens and logits are those of the finished blocks (fp32), and
     both workspaces are clear after a step."""
-    ref, dec, ids = _gpu_pair(tiny, {"fork_at": fork_at}, {"fork_at": fork_at, "defer_mlp_finish": True})
+    ref, dec, ids = _gpu_pair(tiny, {"fork_at": fork_at, "defer_mlp_finish": False},
+                              {"fork_at": fork_at, "defer_mlp_finish": True})  # fmt: skip
     assert any(dec._deferred()) and not any(ref._deferred()) and dec.describe()["defer_mlp_finish"]
     _assert_same_generation(ref, dec, ids)
     torch.cuda.synchronize()
@@ -358,12 +359,11 @@ def test_deferred_mlp_finish_equal(tiny, fork_at):
 
 
 def test_deferred_mlp_finish_where_it_applies(tiny):
-    """Off by default; never where x_{l+1} is read before layer l+1's gather (the side stream forking at the layer's
-    start), nor without a side stream, nor for the last layer."""
+    """On by default where it applies; never where x_{l+1} is read before layer l+1's gather (the side stream
+    forking at the layer's start), nor without a side stream, nor for the last layer; off when switched off."""
     model = tiny[1].to(DEV)
     dec = FastDecoder(model, _predictors(model.spec), MLP_D, HEAD_D, batch=1, max_len=12, use_graph=False)
-    assert not any(dec._deferred())
-    dec.defer_mlp_finish = True
+    assert dec.defer_mlp_finish
     got = dec._deferred()
     assert not got[-1]
     if dec._side is None:  # CPU: no side stream, nothing deferred
@@ -371,6 +371,70 @@ def test_deferred_mlp_finish_where_it_applies(tiny):
     else:
         dec.fork_at = "start"
         assert not any(dec._deferred())
+    dec.fork_at, dec.defer_mlp_finish = "attn", False
+    assert not any(dec._deferred())
+
+
+O_MLP_D, O_HEAD_D = [0.5, 0.25, 0.5], [0.5, 0.5, 1.0]  # o_proj deferred in layers 0 and 1, not in 2 (dense heads)
+
+
+def _attr_on_and_off(model, p, md, hd, attr, B, max_len=12, steps=3, seed=11):
+    """Two Triton decoders differing only in attribute ``attr`` (set before the first step: on, off), ``steps``
+    decode steps each from the same prompt: the logits agree (fp32); returns (on, off)."""
+    ids = torch.randint(0, model.spec.vocab_size, (B, 5), generator=torch.Generator().manual_seed(seed)).to(DEV)
+    outs, decs = [], []
+    for on in (True, False):
+        dec = FastDecoder(model, p, md, hd, batch=B, max_len=max_len, backend="triton")
+        setattr(dec, attr, on)
+        tok = dec.prefill(ids).argmax(-1)
+        outs.append([dec.decode_step(tok).clone() for _ in range(steps)])
+        decs.append(dec)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=TOL, atol=TOL)
+    return decs
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_deferred_oproj_finish_equal(tiny, B):
+    """defer_oproj_finish: o_proj adds its part into fp32 sums and the fused MLP block makes the residual after
+    attention from them (and writes it); same logits as the finished o_projs over three steps (fp32), and each
+    unfinished o_proj clears the sums of the one before it (so only the last one's are left after a step)."""
+    model = tiny[1].to(DEV)
+    dec, ref = _attr_on_and_off(model, _predictors(model.spec), O_MLP_D, O_HEAD_D, "defer_oproj_finish", B)
+    assert dec._deferred_o() == [True, True, False] and not any(ref._deferred_o())
+    assert dec.describe()["defer_oproj_finish"] and not ref.describe()["defer_oproj_finish"]
+    assert not dec._o_ws[0].any() and dec._o_ws[1].any() and not dec._o_ws[2].any()
+
+
+def test_deferred_oproj_finish_where_it_applies(tiny):
+    """On by default where it applies: the o_proj sparse and the MLP block fused with its norm folded, at B <= 2,
+    with lookahead predictors (the inline neuron predictor reads the residual after attention), and at least two
+    such layers (each clears the one before it)."""
+    model = tiny[1].to(DEV)
+    p = _predictors(model.spec)
+
+    def deferred(md, hd, preds=p, B=1):
+        dec = FastDecoder(model, preds, md, hd, batch=B, max_len=12, use_graph=False)
+        on = dec._deferred_o()
+        dec.defer_oproj_finish = False
+        assert not any(dec._deferred_o())
+        return on
+
+    assert deferred(O_MLP_D, O_HEAD_D) == [True, True, False]
+    assert deferred(MLP_D, HEAD_D) == [False] * 3  # only layer 2 qualifies: one is not enough
+    assert deferred(O_MLP_D, O_HEAD_D, preds=_predictors(model.spec, lookahead=False)) == [False] * 3
+    assert deferred(O_MLP_D, O_HEAD_D, B=3) == [False] * 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_deferred_finishes_together_equal(tiny):
+    """Both deferrals at once (the MLP block making mid from the o_proj's sums and leaving its own for the next
+    q/k/v gather): the graphed step's tokens and logits are those of the finished kernels (fp32)."""
+    knobs = {"defer_mlp_finish": True, "defer_oproj_finish": True}
+    ref, dec, ids = _gpu_pair(tiny, {k: False for k in knobs}, knobs, md=O_MLP_D, hd=[0.5, 0.5, 0.5])
+    assert dec._deferred() == [True, True, False] and all(dec._deferred_o())
+    _assert_same_generation(ref, dec, ids)
 
 
 def test_fork_point_and_side_pdl_checked(tiny):

@@ -295,11 +295,12 @@ NORM_CODES = {"layernorm": 1, "rmsnorm": 2}
 
 @dataclass(frozen=True, eq=False)  # holds tensors: identity, not elementwise ==
 class XSum:
-    """The row gather's input given as the unfinished output of the MLP block before it (``sparse_mlp(...,
-    finish=False)``): x = (sums + bias) + residual, rounded to x's dtype, which is what the block would have stored.
-    The gather computes x as it streams it and writes it into its x argument (which the rest of the layer then
-    reads), so the block's finishing pass is off the critical path. ``sums``: the block's fp32 workspace viewed as
-    [B, d]; ``bias``: its [d] output bias or None; ``residual``: its [B, d] residual."""
+    """A row gather's input given as the unfinished output of the projection before it: the MLP block
+    (``sparse_mlp(..., finish=False)``) before a q/k/v gather, or the o_proj (``head_gather_down(...,
+    finish=False)``) before the MLP block. x = (sums + bias) + residual, rounded to x's dtype, which is what the
+    producer would have stored. The consumer computes x as it streams it and writes it into its x argument (which
+    the rest of the layer then reads), so the producer's finishing pass is off the critical path. ``sums``: the
+    producer's fp32 sums as [B, d]; ``bias``: its [d] output bias or None; ``residual``: its [B, d] residual."""
 
     sums: torch.Tensor
     bias: torch.Tensor | None
@@ -311,18 +312,20 @@ def _check_x_sum(op, x_sum, x):
     if x_sum is None:
         return
     if not isinstance(x_sum, XSum):
-        raise ValueError(f"{op}: x_sum must be an XSum (the unfinished MLP block before this gather), got "
+        raise ValueError(f"{op}: x_sum must be an XSum (the unfinished projection before this one), got "
                          f"{type(x_sum).__name__}.")  # fmt: skip
     B, D = x.shape
     if B > 2:
-        raise ValueError(f"{op}: x_sum is supported at batch <= 2 (the FMA path), got batch {B}; finish the MLP "
-                         "block (sparse_mlp(finish=True)) instead.")  # fmt: skip
+        raise ValueError(f"{op}: x_sum is supported at batch <= 2 (the FMA path), got batch {B}; finish the "
+                         "projection before (finish=True) instead.")  # fmt: skip
     check_tensor(op, "x_sum.sums", x_sum.sums, ndim=2, dtype=torch.float32, device=x.device, shape=(B, D),
                  contiguous=True)  # fmt: skip
     if x_sum.bias is not None:
         check_tensor(op, "x_sum.bias", x_sum.bias, ndim=1, dtype=x.dtype, device=x.device, shape=(D,), contiguous=True)
     check_tensor(op, "x_sum.residual", x_sum.residual, ndim=2, dtype=x.dtype, device=x.device, shape=(B, D),
                  last_dim_contiguous=True)  # fmt: skip
+    if x.data_ptr() == x_sum.residual.data_ptr():
+        raise ValueError(f"{op}: x is written from x_sum while its residual is read: pass another buffer as x.")
 
 
 def x_sum_ref(x_sum: XSum, dtype) -> torch.Tensor:
@@ -521,12 +524,14 @@ def _gather_down_kernel(
     out_ptr,  # [B, D]
     part_ptr,  # [SPLITS, B, D] fp32 partial sums (only when WRITE_PARTIAL)
     cnt_ptr,  # [cdiv(D, BLOCK_D)] int32 arrival counters, zero between launches (FUSED_REDUCE)
+    zero_ptr,  # ZERO: [n_zero] fp32 to zero, else dummy
     # sizes
     B,
     n_in,  # K * R, the reduction length
     D,
     rows_per_split,
     n_splits,
+    n_zero,
     # strides
     stride_hb,
     stride_hg,  # between index groups (h.stride(1) for [B, K], a.stride(1) for [B, K, R])
@@ -541,6 +546,9 @@ def _gather_down_kernel(
     WRITE_PARTIAL: tl.constexpr,  # split-k: store fp32 partials, a second kernel finishes
     FUSED_REDUCE: tl.constexpr,  # split-k in one launch: the last program of a column slab sums the partials
     FENCE: tl.constexpr,  # per-thread GPU fence before the arrival (FUSED_REDUCE; off in the interpreter)
+    ACCUMULATE: tl.constexpr,  # unfinished: out is fp32 sums, every program adds its part with atomics (no epilogue)
+    ZERO: tl.constexpr,  # zero n_zero fp32 at zero_ptr, BLOCK_Z a program (an earlier launch's consumed sums)
+    BLOCK_Z: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_J: tl.constexpr,  # gathered rows per loop step
     BLOCK_D: tl.constexpr,  # output columns per program
@@ -554,11 +562,15 @@ def _gather_down_kernel(
     Grid: (cdiv(D, BLOCK_D), SPLITS). Program (i, s) owns output columns
     [i*BLOCK_D, (i+1)*BLOCK_D) and reduction rows [s*rows_per_split, (s+1)*rows_per_split).
     With one split (the default for d >= 32 * #SMs) it owns the whole sum and writes the
-    final result, epilogue fused; no atomics, no workspace, deterministic.
+    final result, epilogue fused; no atomics, no workspace, deterministic. ACCUMULATE: every program adds its
+    fp32 part into out with atomics and the consumer finishes the sums (head_gather_down(finish=False)).
     """
     pdl_sync(PDL)
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
+    if ZERO:  # after the wait: whoever read those sums (an earlier launch's consumer) has completed
+        offs_z = (pid_s * tl.num_programs(0) + pid_d) * BLOCK_Z + tl.arange(0, BLOCK_Z)
+        tl.store(zero_ptr + offs_z, tl.zeros([BLOCK_Z], dtype=tl.float32), mask=offs_z < n_zero)
 
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
     d_mask = offs_d < D
@@ -593,7 +605,10 @@ def _gather_down_kernel(
         acc = tl.sum(acc3, axis=1)
 
     bd_mask = b_mask[:, None] & d_mask[None, :]
-    if WRITE_PARTIAL:
+    if ACCUMULATE:
+        tl.atomic_add(out_ptr + offs_b[:, None] * stride_ob + offs_d[None, :], acc, mask=bd_mask, sem="relaxed",
+                      scope="gpu")  # fmt: skip
+    elif WRITE_PARTIAL:
         part_ptrs = part_ptr + (pid_s * B + offs_b[:, None]) * D + offs_d[None, :]
         tl.store(part_ptrs, acc, mask=bd_mask)
         if FUSED_REDUCE:
@@ -740,29 +755,34 @@ def _counters(device, n: int) -> torch.Tensor:
     return buf[off:off + n]
 
 
-def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out, split_k):
-    """Shared launch for gather_down / head_gather_down (inputs already checked)."""
+def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out, split_k, finish=True, zero=None):
+    """Shared launch for gather_down / head_gather_down (inputs already checked). ``finish=False``: out holds fp32
+    sums the programs add into (the split-k partials summed by atomics instead, no bias or residual); ``zero``: a
+    checked fp32 tensor set to 0 after the PDL wait."""
     B, D = out.shape
     n_in = idx.shape[0] * rows_per_idx
     cfg = _down_config(B, n_in, D, w.device, split_k)
     num_warps, splits, rows_per_split = cfg.pop("num_warps"), cfg.pop("splits"), cfg.pop("rows_per_split")
-    fused = cfg.pop("fused") and splits > 1
-    part = torch.empty((splits, B, D), dtype=torch.float32, device=w.device) if splits > 1 else out
+    partial = finish and splits > 1
+    fused = cfg.pop("fused") and partial
+    part = torch.empty((splits, B, D), dtype=torch.float32, device=w.device) if partial else out
     n_d = cdiv(D, cfg["BLOCK_D"])
     cnt = _counters(w.device, n_d) if fused else part
     res = residual if residual is not None else out
     grid = (n_d, splits)
+    n_zero = zero.numel() if zero is not None else 0
     pdl = use_pdl(_gather_down_kernel, w.device)
     _gather_down_kernel[grid](
-        h, w, idx, bias if bias is not None else w, res, out, part, cnt,
-        B, n_in, D, rows_per_split, splits,
+        h, w, idx, bias if bias is not None else w, res, out, part, cnt, zero if zero is not None else part,
+        B, n_in, D, rows_per_split, splits, n_zero,
         *h_strides, w.stride(0), res.stride(0), out.stride(0),
         ROWS_PER_IDX=rows_per_idx, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        WRITE_PARTIAL=splits > 1, FUSED_REDUCE=fused, FENCE=fused and not is_interpreted(_gather_down_kernel),
+        WRITE_PARTIAL=partial, FUSED_REDUCE=fused, FENCE=fused and not is_interpreted(_gather_down_kernel),
+        ACCUMULATE=not finish, ZERO=n_zero > 0, BLOCK_Z=next_pow2(cdiv(max(n_zero, 1), n_d * splits)),
         DOT_FP32=w.dtype == torch.float32 or is_interpreted(_gather_down_kernel), PDL=pdl, launch_pdl=pdl,
         num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg,
     )  # fmt: skip
-    if splits > 1 and not fused:
+    if partial and not fused:
         block = 256
         _reduce_splits_kernel[(B, cdiv(D, block))](
             part, bias if bias is not None else w, res, out, B, D, splits, res.stride(0), out.stride(0),

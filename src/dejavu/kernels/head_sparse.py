@@ -89,7 +89,7 @@ def head_gather_gemv_ref(x, w, head_idx, head_dim, bias=None):
 
 
 def head_gather_down(a, wo_t, head_idx, head_dim, bias=None, residual=None, *, validate=True, out=None,
-                     split_k=None):  # fmt: skip
+                     split_k=None, finish=True, zero=None):  # fmt: skip
     """Output projection restricted to the selected heads -> ``[B, d]``.
 
     ``out[b] = sum_j a[b, j] . wo_t[head_idx[j]*hd : (head_idx[j]+1)*hd] (+ bias) (+ residual)``
@@ -99,6 +99,12 @@ def head_gather_down(a, wo_t, head_idx, head_dim, bias=None, residual=None, *, v
         wo_t: ``[H*head_dim, d]`` contiguous, ``o_proj.weight.T`` (stored once at load).
         head_idx: ``[kh]`` selected query heads, same order as ``a``'s second axis.
         bias: optional ``[d]``; residual: optional ``[B, d]``; split_k: see ``gather_down``.
+        finish: False leaves the product unfinished: ``out`` (required) is an fp32 contiguous ``[B, d]`` holding
+            zeros, to which every program adds its part with atomics (no split-k pass, no last program); bias and
+            residual must be None (the consumer adds them: ``sparse_mlp(x_sum=XSum(out, bias, residual))``). The
+            sum's order then depends on the programs' timing.
+        zero: an fp32 contiguous tensor the launch sets to 0 after waiting for its predecessor (e.g. sums an
+            earlier launch left and whose consumer has run); not ``out``.
     """
     op = "head_gather_down"
     require_triton(op)
@@ -114,12 +120,21 @@ def head_gather_down(a, wo_t, head_idx, head_dim, bias=None, residual=None, *, v
                          f"exactly the selected heads, in head_idx order.")  # fmt: skip
     B, D = a.shape[0], wo_t.shape[1]
     _check_down_epilogue(op, bias, residual, wo_t, B, D)
-    if out is None:
-        out = torch.empty((B, D), dtype=a.dtype, device=a.device)
+    if not finish:
+        if bias is not None or residual is not None or out is None:
+            raise ValueError(f"{op}: finish=False adds the unfinished product into out: pass out (fp32 [B, d], "
+                             "zeroed) and bias=None, residual=None (the consumer adds them, XSum).")  # fmt: skip
+        check_tensor(op, "out", out, ndim=2, dtype=torch.float32, device=wo_t.device, shape=(B, D), contiguous=True)
+    elif out is None:
+        out = torch.empty((B, D), dtype=wo_t.dtype, device=wo_t.device)
     else:
-        check_out(op, out, shape=(B, D), dtype=a.dtype, device=a.device)
+        check_out(op, out, shape=(B, D), dtype=wo_t.dtype, device=wo_t.device)
+    if zero is not None:
+        check_tensor(op, "zero", zero, ndim=1, dtype=torch.float32, device=wo_t.device, contiguous=True)
+        if zero.data_ptr() == out.data_ptr():
+            raise ValueError(f"{op}: zero must not be this launch's own output.")
     strides = (a.stride(0), a.stride(1), a.stride(2))
-    return _launch_gather_down(a, strides, wo_t, head_idx, bias, residual, head_dim, out, split_k)
+    return _launch_gather_down(a, strides, wo_t, head_idx, bias, residual, head_dim, out, split_k, finish, zero)
 
 
 def head_gather_down_ref(a, wo_t, head_idx, head_dim, bias=None, residual=None):

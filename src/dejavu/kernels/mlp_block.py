@@ -17,7 +17,9 @@ The intermediate ``h`` never leaves the program, the down projection needs no sp
 launch instead of two. The fp32 sum's order depends on the programs' timing, so low bits may differ between runs
 (fp16/bf16 outputs usually not at all); the unfused pair is deterministic. With ``finish=False`` step 3 is skipped:
 the fp32 sums stay in the workspace and the next layer's q/k/v gather finishes them as it loads x
-(:class:`~dejavu.kernels.gather_mlp.XSum`), off the critical path.
+(:class:`~dejavu.kernels.gather_mlp.XSum`), off the critical path. Likewise the block can take its x as the
+unfinished sums of the o_proj before it (``x_sum``, ``head_gather_down(finish=False)``): every program makes x from
+them as it streams it, and program 0 writes it.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from .gather_mlp import (
     NORM_CODES,
     _check_down_epilogue,
     _check_norm,
+    _check_x_sum,
     _rows_tile,
     gather_down_ref,
     gather_swiglu_ref,
@@ -72,6 +75,9 @@ def _sparse_mlp_kernel(
     g_ptr,  # [D] folded norm gain or dummy
     rg_ptr,  # [N] fp32 W g (folded layernorm) or dummy
     zero_ptr,  # ZERO: [n_zero] fp32 to zero, else dummy
+    xs_ptr,  # X_SUM: [B, D] fp32 sums the o_proj before left unfinished, else dummy
+    xb_ptr,  # X_SUM: [D] its output bias, or dummy
+    xr_ptr,  # X_SUM: [B, D] its residual, else dummy
     # sizes
     B,
     K,
@@ -86,6 +92,7 @@ def _sparse_mlp_kernel(
     stride_w2n,
     stride_rb,
     stride_ob,
+    stride_xr,
     # meta-parameters
     ACT: tl.constexpr,  # 1 relu, 2 swiglu
     NORM: tl.constexpr,  # 0 none, 1 layernorm, 2 rmsnorm (see gather_mlp.NormFold)
@@ -104,6 +111,8 @@ def _sparse_mlp_kernel(
     FINISH: tl.constexpr,  # False: leave the fp32 sums in acc (no arrival, no epilogue; the consumer finishes)
     ZERO: tl.constexpr,  # zero n_zero fp32 at zero_ptr, BLOCK_Z a program (an earlier launch's consumed sums)
     BLOCK_Z: tl.constexpr,
+    X_SUM: tl.constexpr,  # x = round(xs + xb + xr), written to x_ptr by program 0 (FMA path; see XSum)
+    HAS_XB: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """out = act(norm(x) W1[idx]^T + b1[idx]) @ w2t[idx] + b2 + residual. Grid: (cdiv(K, BLOCK_N),)."""
@@ -119,7 +128,8 @@ def _sparse_mlp_kernel(
     # -- up: h = act(norm(x) . w1[rows] + b1[rows]), [BLOCK_B, BLOCK_N] --------------------------------------------
     h = _rows_tile(x_ptr, w1_ptr, w3_ptr, b1_ptr, g_ptr, rg_ptr, rows, n_mask, B, D, eps, stride_xb, stride_xd,
                    stride_w1n, stride_w3n, ACT, NORM, HAS_B1, BLOCK_B, BLOCK_N, BLOCK_D, USE_DOT, DOT_FP32,
-                   NUM_STAGES, w1_ptr, w1_ptr, w1_ptr, 0, 0, False, False)  # fmt: skip
+                   NUM_STAGES, xs_ptr, xb_ptr, xr_ptr, stride_xr, tl.where(pid == 0, D, 0), X_SUM,
+                   HAS_XB)  # fmt: skip
     h = h.to(out_ptr.dtype.element_ty)  # rounded to the stored dtype, as unfused (masked neurons' rows read as 0)
 
     # -- down: acc[b, :] += h[b] @ w2t[rows], slab by slab from a per-program offset ----------------------------------
@@ -222,7 +232,7 @@ def mlp_workspace(d: int, device, batch: int = MAX_BATCH) -> dict:
 
 
 def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, norm=None, workspace=None,
-               validate=True, out=None, finish=True, zero=None):
+               validate=True, out=None, finish=True, zero=None, x_sum=None):
     """The sparse MLP block ``act(x @ w1[idx].T + b1[idx]) @ w2t[idx] + b2 + residual`` -> ``[B, d]`` in one launch.
 
     ``act`` is ReLU (OPT: ``w1`` = fc1, ``b1`` its bias) or, with ``w3``, SwiGLU ``silu(x w1[idx]^T) * (x w3[idx]^T)``
@@ -235,6 +245,9 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
     :class:`~dejavu.kernels.gather_mlp.XSum`); the workspace is then not zero until ``zero`` clears it in a later
     launch. ``zero``: an fp32 contiguous tensor the launch sets to 0 (after waiting for its predecessor), e.g. the
     other workspace whose sums the kernel before this one consumed.
+    ``x_sum``: a :class:`~dejavu.kernels.gather_mlp.XSum` (B <= 2): x is not read but made from the unfinished
+    o_proj before the block (``head_gather_down(finish=False)``) and written into ``x``; ``residual`` may be that
+    same ``x`` (the last program reads it after every program has arrived).
     """
     op = "sparse_mlp"
     require_triton(op)
@@ -262,6 +275,9 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
         raise ValueError(f"{op}: only an rmsnorm can be folded into the SwiGLU block (got {norm.kind}); run the norm "
                          "first and pass norm=None.")  # fmt: skip
     _check_down_epilogue(op, b2, residual, w1, B, D)
+    _check_x_sum(op, x_sum, x)
+    if x_sum is not None and out is not None and x.data_ptr() == out.data_ptr():
+        raise ValueError(f"{op}: with x_sum the block writes x; out must be another buffer.")
     if out is None:
         out = torch.empty((B, D), dtype=x.dtype, device=x.device)
     else:
@@ -293,14 +309,17 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
         b2 if b2 is not None else w1, res, out, acc, cnt,
         norm.weight if norm is not None else w1, norm.rowsum if norm is not None and norm.rowsum is not None else w1,
         zero if zero is not None else acc,
+        *((x_sum.sums, x_sum.bias if x_sum.bias is not None else w1, x_sum.residual) if x_sum is not None
+          else (w1,) * 3),
         B, k, D, norm.eps if norm is not None else 0.0, n_zero,
         x.stride(0), x.stride(1), w1.stride(0), (w3 if w3 is not None else w1).stride(0), w2t.stride(0),
-        res.stride(0), out.stride(0),
+        res.stride(0), out.stride(0), x_sum.residual.stride(0) if x_sum is not None else 0,
         ACT=ACT_SWIGLU if w3 is not None else ACT_RELU, NORM=0 if norm is None else NORM_CODES[norm.kind],
         HAS_B1=bias1 is not None, HAS_B2=b2 is not None, HAS_RES=residual is not None,
         DOT_FP32=x.dtype == torch.float32 or is_interpreted(_sparse_mlp_kernel),
         FENCE=not is_interpreted(_sparse_mlp_kernel), FINISH=bool(finish), ZERO=n_zero > 0,
-        BLOCK_Z=next_pow2(cdiv(max(n_zero, 1), grid)), PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
+        BLOCK_Z=next_pow2(cdiv(max(n_zero, 1), grid)), X_SUM=x_sum is not None,
+        HAS_XB=x_sum is not None and x_sum.bias is not None, PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
         num_stages=cfg["NUM_STAGES"], **cfg, **({"maxnreg": MAXNREG} if MAXNREG else {}),
     )  # fmt: skip
     return out if finish else acc[:B * D].view(B, D)

@@ -17,7 +17,9 @@ Per layer l (``_block``), with ``x`` the residual stream entering the block:
   then ``gather_down`` with bias and residual fused. At batch <= 2 each norm before a gather is also folded into it
   (``fuse_norm``, ``kernels.fold_norm``): a sparse layer is then five kernels (q/k/v gather, attention, split
   combine, o_proj, MLP block). On Hopper every Triton kernel is launched with programmatic dependent launch
-  (``kernels._checks.use_pdl``).
+  (``kernels._checks.use_pdl``). Two A/B knobs move a producer's finishing pass (bias, residual, cast) into its
+  consumer, which streams all of that activation anyway (``kernels.XSum``): ``defer_mlp_finish`` (the MLP block's,
+  into the next q/k/v gather) and ``defer_oproj_finish`` (o_proj's split-k reduction, into the MLP block).
 A part at density 1 uses dense cuBLAS GEMVs, and a layer at density 1 runs no predictor. ``predictors=None`` is the
 all-dense runtime ("ours-dense": same graph, cuBLAS GEMVs, the decode-attention kernel over all heads), our stand-in
 for FasterTransformer / gpt-fast.
@@ -85,8 +87,8 @@ class _TritonOps:
     def rows(self, x, w, idx, hd, bias, norm=None, x_sum=None):  # -> [B, k, hd]; norm: x is then the raw stream
         return K.head_gather_gemv(x, w, idx, hd, bias, norm=norm, validate=False, x_sum=x_sum)
 
-    def oproj(self, a, wo_t, idx, hd, bias, res, out):
-        return K.head_gather_down(a, wo_t, idx, hd, bias, res, validate=False, out=out)
+    def oproj(self, a, wo_t, idx, hd, bias, res, out, finish=True, zero=None):
+        return K.head_gather_down(a, wo_t, idx, hd, bias, res, validate=False, out=out, finish=finish, zero=zero)
 
     def up(self, x, w1, w3, idx, bias, norm=None):  # -> [B, k]
         if w3 is None:
@@ -96,9 +98,9 @@ class _TritonOps:
     def down(self, h, w2t, idx, bias, res, out):
         return K.gather_down(h, w2t, idx, bias, res, validate=False, out=out)
 
-    def mlp(self, x, w1, w3, w2t, idx, b1, b2, res, out, norm, ws, finish=True, zero=None):  # one launch
+    def mlp(self, x, w1, w3, w2t, idx, b1, b2, res, out, norm, ws, finish=True, zero=None, x_sum=None):  # one launch
         return K.sparse_mlp(x, w1, w2t, idx, b1, b2, res, w3=w3, norm=norm, workspace=ws, validate=False, out=out,
-                            finish=finish, zero=zero)  # fmt: skip
+                            finish=finish, zero=zero, x_sum=x_sum)  # fmt: skip
 
     def attn(self, q, kc, vc, lens, idx, group, valid):
         return K.sparse_decode_attention(q, kc, vc, lens, idx, group, kv_valid=valid, validate=False)
@@ -241,6 +243,9 @@ class FastDecoder:
         # other is cleared
         self._mlp_ws = ([K.mlp_workspace(d, self.device, B) for _ in range(2)]
                         if backend == "triton" and any(self._fused_mlp) else None)  # fmt: skip
+        # per layer, fp32 sums of an unfinished o_proj (defer_oproj_finish): [L, B * d], zero between uses
+        self._o_ws = (torch.zeros(L, B * d, dtype=torch.float32, **dev)
+                      if backend == "triton" and any(self._fused_mlp) else None)  # fmt: skip
         # the q/k/v finish (RoPE, cache write, hole mask) inside the decode attention (kernels.qkv_decode_attention):
         # one launch fewer per layer. Only at B <= 2: OPT-13B (0.1, 0.5) on an H200, same calls, B=1 3.155 / 3.138
         # against 3.289 / 3.282 ms per step, but B=4 4.436 against 4.263 (bench/NOTES.md, v6)
@@ -289,10 +294,14 @@ class FastDecoder:
         # priority of the stream the step is captured on (CUDA: lower is more urgent; the side stream has 0), so
         # that the main stream's programs are placed ahead of the predictors' where both wait for SM slots
         self.capture_priority = 0
-        # A/B knob (default off): the fused MLP block of layer l leaves its fp32 sums unfinished and layer l+1's q/k/v
-        # gather adds the bias and residual as it streams x, writing x_{l+1} (kernels.XSum), so the block's
-        # last-program pass is off the critical path (read at capture; see _deferred for where it applies)
-        self.defer_mlp_finish = False
+        # the fused MLP block of layer l leaves its fp32 sums unfinished and layer l+1's q/k/v gather adds the bias
+        # and residual as it streams x, writing x_{l+1} (kernels.XSum), so the block's last-program pass is off the
+        # critical path (read at capture; see _deferred for where it applies). o_proj likewise leaves its fp32 sums
+        # (atomics, no split-k pass) and the fused MLP block makes the residual after attention from them as it
+        # streams it (_deferred_o). H100, OPT-13B (0.1, 0.5): 3.420 ms, 3.324 with the first, 3.357 with the
+        # second, 3.258 with both (bench/NOTES.md v10)
+        self.defer_mlp_finish = True
+        self.defer_oproj_finish = True
         self._graph, self._graph_out, self._len = None, None, 0
 
     # ---- setup ------------------------------------------------------------------------------------------------------
@@ -417,6 +426,7 @@ class FastDecoder:
         return {"batch": self.batch, "max_len": self.max_len, "kv_policy": self.kv_policy, "backend": self.backend,
                 "graph": self.use_graph, "overlap": self._side is not None, "lookahead": self.lookahead,
                 "fork_at": self.fork_at, "side_pdl": self.side_pdl, "defer_mlp_finish": any(self._deferred()),
+                "defer_oproj_finish": any(self._deferred_o()),
                 "fuse_norm": self.fuse_norm, "fuse_mlp": any(self._fused_mlp), "fuse_attn": self.fuse_attn,
                 "neuron_topk": self._topk,
                 "k_heads": self.k_heads, "k_mlp": self.k_mlp, "k_kv": self.k_kv,
@@ -512,6 +522,11 @@ class FastDecoder:
             self._predict(0, x0, heads=True, mlp=True)
         forked = set()  # layers whose selection runs on the side stream in this step (joins only wait on these)
         defer = self._deferred()
+        # unfinished o_projs: each adds into its layer's sums and clears those of the one before it (cyclic: the last
+        # one's, consumed in the previous step), whose MLP block has run by then
+        o_layers = [l for l, on in enumerate(self._deferred_o()) if on]
+        o_defer = {l: (self._o_ws[l].view(self.batch, -1), self._o_ws[o_layers[i - 1]])
+                   for i, l in enumerate(o_layers)}  # fmt: skip
         for l in range(L):
             if l in forked:
                 main.wait_event(self._heads_ready[l])  # layer l's heads are chosen (they ran during layer l-1)
@@ -526,7 +541,7 @@ class FastDecoder:
             elif not self.lookahead:
                 self._predict(l, self._x[l], heads=True, mlp=False)
             self._block(l, lens, rope, mlp_ready=self._mlp_ready[l] if l in forked else None, fork=fork,
-                        finish_in=l > 0 and defer[l - 1], finish_out=not defer[l])
+                        finish_in=l > 0 and defer[l - 1], finish_out=not defer[l], o_defer=o_defer.get(l))
         if forked:
             main.wait_stream(self._side)
         nf = m.norm_f
@@ -545,6 +560,17 @@ class FastDecoder:
               and self.fork_at != "start" and self.batch <= 2)  # fmt: skip
         return [ok and l + 1 < L and self._fused_mlp[l] and self._fused_mlp[l + 1] and self._fold1[l + 1] is not None
                 and self.k_heads[l + 1] < H for l in range(L)]  # fmt: skip
+
+    def _deferred_o(self) -> list[bool]:
+        """Per layer: does its o_proj leave its sums for its MLP block (defer_oproj_finish)? Where the o_proj is the
+        sparse one, the MLP block the fused one with its norm folded (it reads all of the residual after attention,
+        and nothing else does: lookahead predictors, B <= 2). Each unfinished o_proj clears the previous one's sums,
+        so it takes at least two such layers (else none)."""
+        H = self.spec.n_heads
+        ok = self.defer_oproj_finish and self._o_ws is not None and self.lookahead and self.batch <= 2
+        on = [ok and self.k_heads[l] < H and self._fused_mlp[l] and self._fold2[l] is not None
+              for l in range(self.spec.n_layers)]  # fmt: skip
+        return on if sum(on) >= 2 else [False] * len(on)
 
     def _fork(self, l: int):
         """Layer l's lookahead prediction on the side stream, from x_{l-1} (written before this point of the main
@@ -606,11 +632,13 @@ class FastDecoder:
             self._kvidx[l].copy_(torch.sort(torch.topk(need, self.k_kv[l]).indices).values)
         return self._kvidx[l]
 
-    def _block(self, l: int, lens, rope, mlp_ready=None, fork=None, finish_in=False, finish_out=True):
+    def _block(self, l: int, lens, rope, mlp_ready=None, fork=None, finish_in=False, finish_out=True, o_defer=None):
         """Layer l on the main stream; ``fork`` (the side stream's prediction of layer l+1) is called at the point
         ``fork_at`` names. ``finish_in``: layer l-1's MLP block left its sums unfinished, so this layer's q/k/v gather
         makes x_l (and this layer's MLP block clears that workspace); ``finish_out=False``: this layer's block leaves
-        its own sums for layer l+1 (defer_mlp_finish)."""
+        its own sums for layer l+1 (defer_mlp_finish). ``o_defer``: (sums, other) when the o_proj leaves its sums
+        (zeroed ``[B, d]`` fp32) for the MLP block, which makes and writes the residual after attention from them;
+        the o_proj clears ``other`` (defer_oproj_finish)."""
         point = self.fork_at if fork is not None else None
         if point == "start":
             fork()
@@ -654,6 +682,8 @@ class FastDecoder:
             fork()
         if dense_heads:
             mid.addmm_(a.reshape(B, H * hd), at.wo_t)
+        elif o_defer is not None:  # mid = (sums + bo) + x, made by the MLP block
+            ops.oproj(a, at.wo_t, hidx, hd, None, None, o_defer[0], finish=False, zero=o_defer[1])
         else:
             ops.oproj(a, at.wo_t, hidx, hd, at.bo, x, mid)
         if point == "oproj":
@@ -679,6 +709,8 @@ class FastDecoder:
             if self._fused_mlp[l]:  # deferring (Triton ops only): leave the sums / clear the consumed workspace
                 defer = ({"finish": finish_out, "zero": self._mlp_ws[(l - 1) % 2]["acc"] if finish_in else None}
                          if finish_in or not finish_out else {})  # fmt: skip
+                if o_defer is not None:  # and make mid from the o_proj's sums
+                    defer["x_sum"] = K.XSum(o_defer[0], at.bo, x)
                 ops.mlp(xin, mlp.w1, mlp.w3, mlp.w2t, nidx, b1, mlp.b2 if finish_out else None,
                         mid if finish_out else None, x_next, fold2,
                         self._mlp_ws[l % 2] if self._mlp_ws is not None else None, **defer)  # fmt: skip
