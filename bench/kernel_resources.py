@@ -3,7 +3,8 @@
 The B=1 launch configurations of one sparse (0.1, 0.5) OPT-13B layer, as the runtime's heuristics pick them, compiled
 with PDL (as launched on Hopper) by this machine's Triton: a middle layer, whose q/k/v gather finishes the MLP block
 before it and whose o_proj and MLP block leave their sums unfinished (``defer_mlp_finish``, ``defer_oproj_finish``,
-v10); the MLP block also with the register cap of the ``mlp_maxnreg_128`` A/B (bench/NOTES.md, v7). Prints a table and writes ``kernel_resources_sm90.json`` to ``--out``.
+v10); the MLP block also with the register cap of the ``mlp_maxnreg_128`` A/B (bench/NOTES.md, v7). Prints a table
+and writes ``kernel_resources_sm90.json`` to ``--out``.
 
     PYTHONPATH=src python bench/kernel_resources.py --out results/bench/profile
 """

@@ -158,7 +158,8 @@ def main():
                          "side_pdl_{on,off,first,heads,scores,mlp},"
                          "nopdl_{rows,attn,combine,oproj,mlp},mlp_maxnreg_128,gemv_cap_{32,64,132,264},"
                          "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},"
-                         "rows_narrow,fork_{start,qkv,attn,oproj},main_priority,finish_mlp,finish_o; join several with '+'")
+                         "rows_narrow,fork_{start,qkv,attn,oproj},main_priority,finish_mlp,finish_o; "
+                         "join several with '+'")
     ap.add_argument("--tag", default="", help="suffix of the output file name (e.g. _pdl0 for an A/B run)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per variant (median)")
     ap.add_argument("--batch", type=int, default=1)

@@ -127,7 +127,8 @@ def test_sparse_mlp_x_sum(kind, swiglu, finish, B, dtype):
     gain = (1.0 + 0.3 * randn(d, gen=g)).to(dtype)
     shift = randn(d, dtype=dtype, gen=g, scale=0.5) if kind == "layernorm" else None
     fold = fold_norm(w1, kind, gain, shift, 1e-5, b1)
-    xs = XSum(randn(B, d, gen=g), None if swiglu else randn(d, dtype=dtype, gen=g), (randn(B, d, gen=g) + 0.5).to(dtype))
+    bo = None if swiglu else randn(d, dtype=dtype, gen=g)
+    xs = XSum(randn(B, d, gen=g), bo, (randn(B, d, gen=g) + 0.5).to(dtype))
     b2 = None if swiglu else randn(d, dtype=dtype, gen=g)
     idx = rand_index(n, k, gen=g)
     x = poisoned((B, d), dtype)
