@@ -197,8 +197,8 @@ DOWN_COLS = None
 thread (512 columns over 8 warps: two fp32 a thread); A/B knob, read at launch time (``bench/profile_step.py``'s
 ``mlp_cols_<n>``)."""
 MAXNREG = None
-"""Register cap per thread for the block's launch (None: the compiler's choice, 144 at B=1: one program per SM).
-A/B knob, read at launch time."""
+"""Register cap per thread for the block's launch (None: the compiler's choice; offline sm_90 compile at B=1: 144
+with the finish, 128 without). A/B knob, read at launch time."""
 
 
 def _mlp_config(batch: int, k: int, d: int, swiglu: bool, device: torch.device) -> dict:
