@@ -15,7 +15,8 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   ``decode_attention.SPLIT_MIN_POSITIONS``), ``down_ctas_<n>`` (o_proj's split count aiming at n programs per SM:
   ``gather_mlp.DOWN_PROGRAMS_PER_SM``), ``mlp_maxnreg_128`` (the MLP block capped at 128 registers a thread:
   ``mlp_block.MAXNREG``), ``mlp_cols_<n>`` (the MLP block's down phase in steps of n output columns:
-  ``mlp_block.DOWN_COLS``), ``gemv_cap_<n>`` (the predictors' GEMVs on at most n programs, each looping over its row
+  ``mlp_block.DOWN_COLS``), ``mlp_rows_<n>`` (the MLP block's neurons a program at B <= 2: ``mlp_block.ROWS``),
+  ``gemv_cap_<n>`` (the predictors' GEMVs on at most n programs, each looping over its row
   blocks: ``predictor_ops.GEMV_MAX_PROGRAMS``), ``rows_tile_<k>_<d>`` (the q/k/v gather's FMA tile at B <= 2:
   ``gather_mlp.ROWS_FMA_TILE``), ``rows_narrow`` (no 16-row tiles at B = 1: ``gather_mlp.ROWS_WIDE`` off, the v8
   rule);
@@ -157,7 +158,7 @@ def main():
                          "attn_split_128,attn_split_256,down_ctas_1,down_ctas_4,"
                          "side_pdl_{on,off,first,heads,scores,mlp},"
                          "nopdl_{rows,attn,combine,oproj,mlp},mlp_maxnreg_128,gemv_cap_{32,64,132,264},"
-                         "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},"
+                         "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},mlp_rows_{8,32},"
                          "rows_narrow,fork_{start,qkv,attn,oproj},main_priority,finish_mlp,finish_o; "
                          "join several with '+'")
     ap.add_argument("--tag", default="", help="suffix of the output file name (e.g. _pdl0 for an A/B run)")
@@ -201,6 +202,7 @@ def main():
     }
     knobs.update({f"gemv_cap_{n}": (PO, "GEMV_MAX_PROGRAMS", n) for n in (32, 64, 132, 264)})
     knobs.update({f"mlp_cols_{n}": (MB, "DOWN_COLS", n) for n in (256, 1024)})
+    knobs.update({f"mlp_rows_{n}": (MB, "ROWS", n) for n in (8, 32)})
     knobs["rows_narrow"] = (GM, "ROWS_WIDE", False)
     knobs.update({f"rows_tile_{k}_{d}": (GM, "ROWS_FMA_TILE", (k, d)) for k, d in ((16, 256), (16, 512), (8, 256))})
     knobs.update({f"nopdl_{k}": (C, "PDL_EXCLUDE", {v}) for k, v in (

@@ -157,6 +157,22 @@ def test_sparse_mlp_x_sum_rejects():
         sparse_mlp(**dict(a, x=x3), x_sum=XSum(torch.zeros(3, 64, device=DEVICE), None, x3.clone()))
 
 
+@pytest.mark.parametrize("rows", [8, 32])
+@pytest.mark.parametrize("swiglu", [False, True], ids=["relu", "swiglu"])
+def test_sparse_mlp_rows_knob(rows, swiglu, monkeypatch):
+    """The A/B knob mlp_block.ROWS (neurons a program at B <= 2) changes the tiling, not the result."""
+    monkeypatch.setattr(SM, "ROWS", rows)
+    assert SM._mlp_config(1, 64, 600, swiglu, torch.device("cpu"))["BLOCK_N"] == rows
+    d, n, k = 600, 70, 45
+    g = make_gen("sparse_mlp_rows", rows, swiglu)
+    x = randn(1, d, gen=g)
+    w1, w3, w2t = _weights(d, n, torch.float32, g, swiglu)
+    b1 = None if swiglu else randn(n, gen=g)
+    idx = rand_index(n, k, gen=g)
+    got = sparse_mlp(x, w1, w2t, idx, b1, w3=w3)
+    check_against(got, sparse_mlp_ref, (x, w1, w2t, idx, b1), {"w3": w3}, dtype=torch.float32)
+
+
 def test_sparse_mlp_config():
     """B <= 2: CUDA-core FMA, the accumulators [B, BLOCK_N, BLOCK_D] (twice for SwiGLU) and [B, BLOCK_N, BLOCK_O]
     within 64 fp32 registers a thread; B > 2: tensor cores (tl.dot needs 16 rows and 16 neurons)."""

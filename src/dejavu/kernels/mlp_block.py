@@ -196,6 +196,9 @@ DOWN_COLS = None
 """Output columns per down-phase step at B <= 2 (BLOCK_O; None: 512). Each step ends in one vector atomic add per
 thread (512 columns over 8 warps: two fp32 a thread); A/B knob, read at launch time (``bench/profile_step.py``'s
 ``mlp_cols_<n>``)."""
+ROWS = None
+"""Neurons per program at B <= 2 (BLOCK_N; None: 16). A/B knob, read at launch time (``bench/profile_step.py``'s
+``mlp_rows_<n>``)."""
 MAXNREG = None
 """Register cap per thread for the block's launch (None: the compiler's choice; offline sm_90 compile at B=1: 144
 with the finish, 128 without). A/B knob, read at launch time."""
@@ -213,7 +216,7 @@ def _mlp_config(batch: int, k: int, d: int, swiglu: bool, device: torch.device) 
         return dict(BLOCK_B=16, BLOCK_N=16, BLOCK_D=max(16, min(128, next_pow2(d))),
                     BLOCK_O=max(16, min(128, next_pow2(d))),
                     BLOCK_F=max(16, min(512, next_pow2(d))), USE_DOT=True, NUM_STAGES=3, num_warps=4)  # fmt: skip
-    block_b, block_n, warps = next_pow2(batch), 16, 8
+    block_b, block_n, warps = next_pow2(batch), ROWS or 16, 8
     budget = 64 * 32 * warps // (block_b * block_n * (2 if swiglu else 1))
     block_d = max(16, min(512, next_pow2(d), budget))
     block_o = max(16, min(DOWN_COLS or 512, next_pow2(d)))
