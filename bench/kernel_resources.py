@@ -46,7 +46,7 @@ def cases():
         group_size=1, qk_scale=0.1, stride_qb=3 * KH * HD, stride_qh=HD, stride_kb=H * S * HD, stride_kh=S * HD,
         stride_ks=HD, stride_vb=H * S * HD, stride_vh=S * HD, stride_vs=HD, stride_ob=KH * HD, stride_oh=HD,
         stride_mb=H * S, stride_mh=S, stride_cb=HD, BLOCK_KV=64, BLOCK_KQ=32, HAS_VALID=True, FROM_QKV=True,
-        HAS_ROPE=False, **attn), {}
+        HAS_ROPE=False, EARLY=A.EARLY_LOADS, **attn), {}
     down = G._down_config(1, KH * HD, D, cpu, None)
     splits, rps, _ = down.pop("splits"), down.pop("rows_per_split"), down.pop("fused")
     yield "o_proj (head_gather_down)", G._gather_down_kernel, dict(

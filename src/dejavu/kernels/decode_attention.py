@@ -106,6 +106,7 @@ def _decode_attn_kernel(
     HAS_VALID: tl.constexpr,
     FROM_QKV: tl.constexpr,
     HAS_ROPE: tl.constexpr,
+    EARLY: tl.constexpr,  # FROM_QKV: every independent load issued up front, the cache writes last (EARLY_LOADS)
     PDL: tl.constexpr,
 ):
     """One (sequence, selected head, split) per program; online softmax over its positions.
@@ -122,12 +123,27 @@ def _decode_attn_kernel(
 
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < HD
+    if EARLY:  # the selected head's index with the first loads, not after the cache writes' loads and stores
+        head = tl.load(head_idx_ptr + j, mask=j < KH, other=0)
     if FROM_QKV:
         pos = tl.load(seq_lens_ptr + b).to(tl.int32)
         seq_len = pos + 1
         qkv_base = q_ptr + b * stride_qb
         cos, sin = rope_tables(cos_ptr + b * stride_cb, sin_ptr + b * stride_cb, offs_h, h_mask, HAS_ROPE)
-        if pid_s == 0:
+        if EARLY:  # what the cache writes need, loaded now (masked, no branch); stored after the attention
+            w_on = (pid_s == 0) & (j < KKV)
+            kvh_w = tl.load(kvidx_ptr + j, mask=w_on, other=0).to(tl.int64)
+            w_mask = offs_h < tl.where(w_on, HD, 0)  # (masks from limits: scalar & vector trips the interpreter)
+            kw = rope_row(qkv_base + (KH + j) * stride_qh, offs_h, w_mask, cos, sin, HD, HAS_ROPE)
+            vw = tl.load(qkv_base + (KH + KKV + j) * stride_qh + offs_h, mask=w_mask, other=0.0)
+            if HAS_VALID:
+                offs_kv = tl.arange(0, BLOCK_KV)
+                offs_q = tl.arange(0, BLOCK_KQ)
+                m_on = (pid_s == 0) & (j == 0)
+                hq = tl.load(head_idx_ptr + offs_q, mask=offs_q < tl.where(m_on, KH, 0), other=-1).to(tl.int32)
+                grp = tl.where(hq >= 0, hq // group_size, -1)
+                need = tl.max((grp[None, :] == offs_kv[:, None]).to(tl.int32), axis=1)
+        elif pid_s == 0:
             if j < KKV:  # K/V head j of the projection -> cache[b, kvidx[j], pos]
                 kvh_w = tl.load(kvidx_ptr + j).to(tl.int64)
                 kw = rope_row(qkv_base + (KH + j) * stride_qh, offs_h, h_mask, cos, sin, HD, HAS_ROPE)
@@ -149,7 +165,10 @@ def _decode_attn_kernel(
         seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
 
     if j < KH:
-        kv_head = tl.load(head_idx_ptr + j).to(tl.int64) // group_size
+        if EARLY:
+            kv_head = head.to(tl.int64) // group_size
+        else:
+            kv_head = tl.load(head_idx_ptr + j).to(tl.int64) // group_size
         chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_S) * BLOCK_S  # whole tiles per split
         s_lo = pid_s * chunk
         s_hi = tl.minimum(s_lo + chunk, seq_len)
@@ -157,6 +176,14 @@ def _decode_attn_kernel(
             q = rope_row(qkv_base + j * stride_qh, offs_h, h_mask, cos, sin, HD, HAS_ROPE)
             q = q.to(q_ptr.dtype.element_ty).to(tl.float32)  # the model's rounding of q (as qkv_post stores it)
             s_cache = tl.minimum(s_hi, pos)  # the cache holds positions < pos; pos comes from the projection
+            if EARLY:  # the current position's K/V from the projection, loaded before the cache tiles' loop
+                holds = (pos >= s_lo) & (pos < s_hi)
+                offs_t = tl.arange(0, BLOCK_KV)
+                kv_all = tl.load(kvidx_ptr + offs_t, mask=offs_t < tl.where(holds, KKV, 0), other=-1).to(tl.int64)
+                t = tl.sum(tl.where(kv_all == kv_head, offs_t, 0), axis=0)
+                n_mask = offs_h < tl.where(holds, HD, 0)
+                kn = rope_row(qkv_base + (KH + t) * stride_qh, offs_h, n_mask, cos, sin, HD, HAS_ROPE)
+                vn = tl.load(qkv_base + (KH + KKV + t) * stride_qh + offs_h, mask=n_mask, other=0.0)
         else:
             q = tl.load(q_ptr + b * stride_qb + j * stride_qh + offs_h, mask=h_mask, other=0.0).to(tl.float32)
             s_cache = s_hi
@@ -192,19 +219,20 @@ def _decode_attn_kernel(
 
         if FROM_QKV:
             if (pos >= s_lo) & (pos < s_hi):  # this split holds the current position: K/V from the projection
-                offs_t = tl.arange(0, BLOCK_KV)
-                kv_all = tl.load(kvidx_ptr + offs_t, mask=offs_t < KKV, other=-1).to(tl.int64)
-                t = tl.sum(tl.where(kv_all == kv_head, offs_t, 0), axis=0)  # its K/V head's slot
-                kn = rope_row(qkv_base + (KH + t) * stride_qh, offs_h, h_mask, cos, sin, HD, HAS_ROPE)
-                kn = kn.to(k_ptr.dtype.element_ty).to(tl.float32)  # as the cache stores it
-                vn = tl.load(qkv_base + (KH + KKV + t) * stride_qh + offs_h, mask=h_mask, other=0.0)
-                vn = vn.to(v_ptr.dtype.element_ty).to(tl.float32)
-                sc = tl.sum(kn * q, axis=0)
+                if not EARLY:
+                    offs_t = tl.arange(0, BLOCK_KV)
+                    kv_all = tl.load(kvidx_ptr + offs_t, mask=offs_t < KKV, other=-1).to(tl.int64)
+                    t = tl.sum(tl.where(kv_all == kv_head, offs_t, 0), axis=0)  # its K/V head's slot
+                    kn = rope_row(qkv_base + (KH + t) * stride_qh, offs_h, h_mask, cos, sin, HD, HAS_ROPE)
+                    vn = tl.load(qkv_base + (KH + KKV + t) * stride_qh + offs_h, mask=h_mask, other=0.0)
+                k1 = kn.to(k_ptr.dtype.element_ty).to(tl.float32)  # as the cache stores it
+                v1 = vn.to(v_ptr.dtype.element_ty).to(tl.float32)
+                sc = tl.sum(k1 * q, axis=0)
                 m_new = tl.maximum(m_i, sc)  # finite
                 alpha = tl.exp2(m_i - m_new)
                 p1 = tl.exp2(sc - m_new)
                 l_i = l_i * alpha + p1
-                acc = acc * alpha + p1 * vn
+                acc = acc * alpha + p1 * v1
                 m_i = m_new
 
         if NUM_SPLITS == 1:
@@ -216,6 +244,15 @@ def _decode_attn_kernel(
             part = (b * KH + j) * NUM_SPLITS + pid_s
             tl.store(part_o_ptr + part * HD + offs_h, o, mask=h_mask)
             tl.store(part_lse_ptr + part, tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf")))
+
+    if EARLY:  # (FROM_QKV) the cache writes at pos: no program of this launch reads position pos from the cache
+        tl.store(k_ptr + b.to(tl.int64) * stride_kb + kvh_w * stride_kh + pos * stride_ks + offs_h,
+                 kw.to(k_ptr.dtype.element_ty), mask=w_mask)  # fmt: skip
+        tl.store(v_ptr + b.to(tl.int64) * stride_vb + kvh_w * stride_vh + pos * stride_vs + offs_h,
+                 vw.to(v_ptr.dtype.element_ty), mask=w_mask)  # fmt: skip
+        if HAS_VALID:
+            tl.store(valid_ptr + b * stride_mb + offs_kv * stride_mh + pos, need.to(tl.uint8),
+                     mask=offs_kv < tl.where(m_on, H_KV, 0))  # fmt: skip
 
 
 @jit
@@ -255,6 +292,12 @@ def _decode_attn_combine_kernel(
     out = tl.sum(w[:, None] * o, axis=0) / tl.maximum(tl.sum(w, axis=0), 1e-30)
     tl.store(out_ptr + b * stride_ob + j * stride_oh + offs_h, out.to(out_ptr.dtype.element_ty), mask=h_mask)
 
+
+EARLY_LOADS = False
+"""The decode attention issues every load that depends on no other one up front (the selected head, the current
+position's K/V from the projection, what the cache writes need) and does its cache writes last, so their round
+trips overlap instead of queueing behind each other. A/B knob, read at launch time (``bench/profile_step.py``'s
+``attn_early``)."""
 
 SPLIT_MIN_POSITIONS = 0
 """Fewest cache positions a split of the decode attention covers (0: one tile). A/B knob, read at launch time."""
@@ -344,6 +387,7 @@ def _launch(op, qsrc, k_cache, v_cache, lens, head_idx, group_size, scale, kv_va
         cos.stride(0) if cos is not None else 0,
         num_warps=num_warps, num_stages=cfg["NUM_STAGES"], HAS_VALID=kv_valid is not None, FROM_QKV=from_qkv,
         HAS_ROPE=cos is not None, BLOCK_KV=max(16, next_pow2(max(kkv, H_kv))), BLOCK_KQ=max(16, next_pow2(kh)),
+        EARLY=EARLY_LOADS and from_qkv,
         PDL=pdl, launch_pdl=pdl, **cfg,
     )  # fmt: skip
     if splits == 1:
