@@ -156,6 +156,25 @@ def fence_gpu(FENCE: tl.constexpr):
                                   dtype=tl.int32, is_pure=False, pack=1)  # 128 elements: every thread runs it
 
 
+@jit
+def zero_slice(zero_ptr, n_zero, prog, BLOCK_Z: tl.constexpr):
+    """Program ``prog``'s share (BLOCK_Z fp32) of setting ``n_zero`` fp32 at ``zero_ptr`` to 0: sums an earlier
+    launch left unfinished, whose consumer has completed once :func:`pdl_sync` has returned."""
+    offs = prog * BLOCK_Z + tl.arange(0, BLOCK_Z)
+    tl.store(zero_ptr + offs, tl.zeros([BLOCK_Z], dtype=tl.float32), mask=offs < n_zero)
+
+
+def check_zero(op: str, zero, own: torch.Tensor, own_name: str, programs: int) -> tuple[int, int]:
+    """A launch's ``zero=`` argument (an fp32 contiguous 1-D tensor on ``own``'s device, not ``own`` itself) ->
+    (n_zero, BLOCK_Z) for :func:`zero_slice` over ``programs`` programs; (0, 1) without one."""
+    if zero is None:
+        return 0, 1
+    check_tensor(op, "zero", zero, ndim=1, dtype=torch.float32, device=own.device, contiguous=True)
+    if zero.data_ptr() == own.data_ptr():
+        raise ValueError(f"{op}: zero must not be this launch's own {own_name}.")
+    return zero.numel(), next_pow2(cdiv(zero.numel(), programs))
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ._checks import (
     check_batch,
     check_index,
+    check_zero,
     check_launch_device,
     check_out,
     check_tensor,
@@ -48,6 +49,7 @@ from ._checks import (
     require_triton,
     tl,
     use_pdl,
+    zero_slice,
 )
 
 ACT_NONE, ACT_RELU, ACT_SWIGLU = 0, 1, 2
@@ -568,9 +570,8 @@ def _gather_down_kernel(
     pdl_sync(PDL)
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
-    if ZERO:  # after the wait: whoever read those sums (an earlier launch's consumer) has completed
-        offs_z = (pid_s * tl.num_programs(0) + pid_d) * BLOCK_Z + tl.arange(0, BLOCK_Z)
-        tl.store(zero_ptr + offs_z, tl.zeros([BLOCK_Z], dtype=tl.float32), mask=offs_z < n_zero)
+    if ZERO:
+        zero_slice(zero_ptr, n_zero, pid_s * tl.num_programs(0) + pid_d, BLOCK_Z)
 
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
     d_mask = offs_d < D
@@ -755,10 +756,11 @@ def _counters(device, n: int) -> torch.Tensor:
     return buf[off:off + n]
 
 
-def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out, split_k, finish=True, zero=None):
+def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out, split_k, finish=True, zero=None,
+                        op="gather_down"):  # fmt: skip
     """Shared launch for gather_down / head_gather_down (inputs already checked). ``finish=False``: out holds fp32
-    sums the programs add into (the split-k partials summed by atomics instead, no bias or residual); ``zero``: a
-    checked fp32 tensor set to 0 after the PDL wait."""
+    sums the programs add into (the split-k partials summed by atomics instead, no bias or residual); ``zero``: an
+    fp32 tensor set to 0 after the PDL wait (checked here)."""
     B, D = out.shape
     n_in = idx.shape[0] * rows_per_idx
     cfg = _down_config(B, n_in, D, w.device, split_k)
@@ -770,7 +772,7 @@ def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out,
     cnt = _counters(w.device, n_d) if fused else part
     res = residual if residual is not None else out
     grid = (n_d, splits)
-    n_zero = zero.numel() if zero is not None else 0
+    n_zero, block_z = check_zero(op, zero, out, "output", n_d * splits)
     pdl = use_pdl(_gather_down_kernel, w.device)
     _gather_down_kernel[grid](
         h, w, idx, bias if bias is not None else w, res, out, part, cnt, zero if zero is not None else part,
@@ -778,7 +780,7 @@ def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out,
         *h_strides, w.stride(0), res.stride(0), out.stride(0),
         ROWS_PER_IDX=rows_per_idx, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         WRITE_PARTIAL=partial, FUSED_REDUCE=fused, FENCE=fused and not is_interpreted(_gather_down_kernel),
-        ACCUMULATE=not finish, ZERO=n_zero > 0, BLOCK_Z=next_pow2(cdiv(max(n_zero, 1), n_d * splits)),
+        ACCUMULATE=not finish, ZERO=n_zero > 0, BLOCK_Z=block_z,
         DOT_FP32=w.dtype == torch.float32 or is_interpreted(_gather_down_kernel), PDL=pdl, launch_pdl=pdl,
         num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg,
     )  # fmt: skip

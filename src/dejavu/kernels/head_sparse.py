@@ -129,12 +129,8 @@ def head_gather_down(a, wo_t, head_idx, head_dim, bias=None, residual=None, *, v
         out = torch.empty((B, D), dtype=wo_t.dtype, device=wo_t.device)
     else:
         check_out(op, out, shape=(B, D), dtype=wo_t.dtype, device=wo_t.device)
-    if zero is not None:
-        check_tensor(op, "zero", zero, ndim=1, dtype=torch.float32, device=wo_t.device, contiguous=True)
-        if zero.data_ptr() == out.data_ptr():
-            raise ValueError(f"{op}: zero must not be this launch's own output.")
     strides = (a.stride(0), a.stride(1), a.stride(2))
-    return _launch_gather_down(a, strides, wo_t, head_idx, bias, residual, head_dim, out, split_k, finish, zero)
+    return _launch_gather_down(a, strides, wo_t, head_idx, bias, residual, head_dim, out, split_k, finish, zero, op)
 
 
 def head_gather_down_ref(a, wo_t, head_idx, head_dim, bias=None, residual=None):

@@ -33,6 +33,7 @@ from ._checks import (
     check_launch_device,
     check_out,
     check_tensor,
+    check_zero,
     cdiv,
     fence_gpu,
     is_interpreted,
@@ -42,6 +43,7 @@ from ._checks import (
     require_triton,
     tl,
     use_pdl,
+    zero_slice,
 )
 from .gather_mlp import (
     ACT_RELU,
@@ -118,9 +120,8 @@ def _sparse_mlp_kernel(
     """out = act(norm(x) W1[idx]^T + b1[idx]) @ w2t[idx] + b2 + residual. Grid: (cdiv(K, BLOCK_N),)."""
     pdl_sync(PDL)
     pid = tl.program_id(0)
-    if ZERO:  # after the wait: whoever read those sums (an earlier launch's consumer) has completed
-        offs_z = pid * BLOCK_Z + tl.arange(0, BLOCK_Z)
-        tl.store(zero_ptr + offs_z, tl.zeros([BLOCK_Z], dtype=tl.float32), mask=offs_z < n_zero)
+    if ZERO:
+        zero_slice(zero_ptr, n_zero, pid, BLOCK_Z)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < K
     rows = tl.load(idx_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)  # [BLOCK_N]
@@ -295,14 +296,10 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
     if not finish and (B > 2 or b2 is not None or residual is not None):
         raise ValueError(f"{op}: finish=False leaves the sums for the next gather to finish (XSum): batch <= 2, and "
                          "pass b2=None, residual=None (the consumer adds them).")  # fmt: skip
-    if zero is not None:
-        check_tensor(op, "zero", zero, ndim=1, dtype=torch.float32, device=x.device, contiguous=True)
-        if zero.data_ptr() == acc.data_ptr():
-            raise ValueError(f"{op}: zero must not be this launch's own workspace.")
     k = idx.shape[0]
     cfg = _mlp_config(B, k, D, w3 is not None, x.device)
     grid = cdiv(k, cfg["BLOCK_N"])
-    n_zero = zero.numel() if zero is not None else 0
+    n_zero, block_z = check_zero(op, zero, acc, "workspace", grid)
     num_warps = cfg.pop("num_warps")
     pdl = use_pdl(_sparse_mlp_kernel, x.device)
     bias1 = norm.bias if norm is not None else b1
@@ -321,7 +318,7 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
         HAS_B1=bias1 is not None, HAS_B2=b2 is not None, HAS_RES=residual is not None,
         DOT_FP32=x.dtype == torch.float32 or is_interpreted(_sparse_mlp_kernel),
         FENCE=not is_interpreted(_sparse_mlp_kernel), FINISH=bool(finish), ZERO=n_zero > 0,
-        BLOCK_Z=next_pow2(cdiv(max(n_zero, 1), grid)), X_SUM=x_sum is not None,
+        BLOCK_Z=block_z, X_SUM=x_sum is not None,
         HAS_XB=x_sum is not None and x_sum.bias is not None, PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
         num_stages=cfg["NUM_STAGES"], **cfg, **({"maxnreg": MAXNREG} if MAXNREG else {}),
     )  # fmt: skip
