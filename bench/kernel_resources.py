@@ -34,11 +34,12 @@ KH, KM, R = H // 2, FFN // 10, 320  # (0.1, 0.5); predictor rank d/16
 def cases():
     cpu = torch.device("cpu")
     rows = G._rows_config(1, 3 * KH * HD, D, False, cpu)
+    cap = {"maxnreg": rows.pop("maxnreg")} if "maxnreg" in rows else {}  # a launch option, as the launcher passes it
     yield "q/k/v gather", G._gather_rows_kernel, dict(
         x_ptr=F16, w_ptr=F16, w2_ptr=F16, idx_ptr=I64, bias_ptr=F32, out_ptr=F16, g_ptr=F16, rg_ptr=F32, xs_ptr=F32,
         xb_ptr=F16, xr_ptr=F16, B=1, n_out=3 * KH * HD, D=D, eps=1e-5, stride_xb=D, stride_xd=1, stride_wn=D,
         stride_w2n=D, stride_ob=3 * KH * HD, stride_xr=D, ROWS_PER_IDX=HD, ACT=0, NORM=1, HAS_BIAS=True,
-        DOT_FP32=False, X_SUM=True, HAS_XB=True, **rows), {}
+        DOT_FP32=False, X_SUM=True, HAS_XB=True, **rows), cap
     attn = A._attn_config(1, KH, S, HD, 2, cpu, None)
     yield "decode attention (fused q/k/v finish)", A._decode_attn_kernel, dict(
         q_ptr=F16, k_ptr=F16, v_ptr=F16, seq_lens_ptr=I64, head_idx_ptr=I64, out_ptr=F16, part_o_ptr=F32,
@@ -46,7 +47,7 @@ def cases():
         group_size=1, qk_scale=0.1, stride_qb=3 * KH * HD, stride_qh=HD, stride_kb=H * S * HD, stride_kh=S * HD,
         stride_ks=HD, stride_vb=H * S * HD, stride_vh=S * HD, stride_vs=HD, stride_ob=KH * HD, stride_oh=HD,
         stride_mb=H * S, stride_mh=S, stride_cb=HD, BLOCK_KV=64, BLOCK_KQ=32, HAS_VALID=True, FROM_QKV=True,
-        HAS_ROPE=False, EARLY=A.EARLY_LOADS, **attn), {}
+        HAS_ROPE=False, **attn), {}
     down = G._down_config(1, KH * HD, D, cpu, None)
     splits, rps, _ = down.pop("splits"), down.pop("rows_per_split"), down.pop("fused")
     yield "o_proj (head_gather_down)", G._gather_down_kernel, dict(

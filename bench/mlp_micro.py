@@ -5,8 +5,9 @@ A chain of 40 layers' MLP blocks (distinct weights per layer, so HBM and not L2;
 in one CUDA graph per variant and replayed; per layer: median replay time / 40, against the bytes' roofline (copy
 bandwidth measured in the same run). Variants: the two gathers, the fused block at its default tiles and at a
 few alternatives (``--alt tiles``: neurons per program, slab width, stages, warps; ``--alt epilogue``: the width of
-the last program's epilogue steps; ``--alt stages``: pipeline depth and chunk widths; ``--alt none``), and at
-density 1 the dense runtime's cuBLAS MLP. Batch 1, fp16, densities ``--densities`` (default 0.1), shapes
+the last program's epilogue steps; ``--alt stages``: pipeline depth and chunk widths; ``--alt dot``: the tensor-core
+path at B = 1, the batch padded to 16; ``--alt warps``: 16 warps a program; ``--alt none``), and at density 1 the
+dense runtime's cuBLAS MLP. Batch 1, fp16, densities ``--densities`` (default 0.1), shapes
 ``--shapes``.
 
     PYTHONPATH=src python bench/mlp_micro.py --out $OUT/mlp [--alt epilogue] [--shapes opt-13b,opt-30b]
@@ -35,6 +36,14 @@ ALT = [dict(BLOCK_N=n, BLOCK_O=o, NUM_STAGES=st, num_warps=w)
 ALTS = {"tiles": ALT, "epilogue": [dict(BLOCK_F=f) for f in (1024, 2048, 4096, 8192)],
         "stages": [dict(NUM_STAGES=st, BLOCK_D=bd, BLOCK_O=bo) for st, bd, bo in
                    [(2, 512, 512), (4, 512, 512), (5, 512, 512), (4, 256, 1024), (6, 256, 256), (4, 1024, 512)]],
+        "dot": [dict(BLOCK_B=16, BLOCK_N=n, BLOCK_D=bd, BLOCK_O=bo, BLOCK_F=512, USE_DOT=True, NUM_STAGES=st,
+                     num_warps=w)
+                for n, bd, bo, st, w in [(16, 128, 128, 3, 4), (16, 256, 256, 3, 4), (16, 512, 512, 3, 4),
+                                         (16, 256, 256, 4, 8), (32, 256, 256, 3, 4), (16, 512, 512, 3, 8),
+                                         (32, 512, 512, 3, 8), (16, 128, 512, 4, 4)]],
+        "warps": [dict(BLOCK_N=n, BLOCK_D=bd, BLOCK_O=bo, NUM_STAGES=st, num_warps=w)
+                  for n, bd, bo, st, w in [(16, 512, 512, 4, 16), (16, 256, 512, 4, 16), (32, 512, 512, 4, 16),
+                                           (16, 1024, 512, 4, 16), (16, 512, 1024, 4, 16), (16, 512, 512, 3, 16)]],
         "none": []}
 
 

@@ -12,8 +12,7 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   ``unfused_attn``: ``qkv_post`` before the decode attention instead of ``qkv_decode_attention``;
   ``epilogue_2048``: the MLP block's last program finishing 2048 columns per step instead of one pass;
 * launch heuristics: ``attn_split_<n>`` (attention splits of at least n positions:
-  ``decode_attention.SPLIT_MIN_POSITIONS``), ``attn_early`` (the decode attention's independent loads issued first,
-  its cache writes last: ``decode_attention.EARLY_LOADS``), ``down_ctas_<n>`` (o_proj's split count aiming at n
+  ``decode_attention.SPLIT_MIN_POSITIONS``), ``down_ctas_<n>`` (o_proj's split count aiming at n
   programs per SM: ``gather_mlp.DOWN_PROGRAMS_PER_SM``), ``mlp_maxnreg_128`` (the MLP block capped at 128 registers
   a thread: ``mlp_block.MAXNREG``), ``mlp_cols_<n>`` (the MLP block's down phase in steps of n output columns:
   ``mlp_block.DOWN_COLS``), ``mlp_rows_<n>`` (the MLP block's neurons a program at B <= 2: ``mlp_block.ROWS``),
@@ -160,7 +159,6 @@ def main():
                          "side_pdl_{on,off,first,heads,scores,mlp},"
                          "nopdl_{rows,attn,combine,oproj,mlp},mlp_maxnreg_128,gemv_cap_{32,64,132,264},"
                          "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},mlp_rows_{8,32},"
-                         "attn_early,"
                          "rows_narrow,fork_{start,qkv,attn,oproj},main_priority,finish_mlp,finish_o; "
                          "join several with '+'")
     ap.add_argument("--tag", default="", help="suffix of the output file name (e.g. _pdl0 for an A/B run)")
@@ -205,7 +203,6 @@ def main():
     knobs.update({f"gemv_cap_{n}": (PO, "GEMV_MAX_PROGRAMS", n) for n in (32, 64, 132, 264)})
     knobs.update({f"mlp_cols_{n}": (MB, "DOWN_COLS", n) for n in (256, 1024)})
     knobs.update({f"mlp_rows_{n}": (MB, "ROWS", n) for n in (8, 32)})
-    knobs["attn_early"] = (DA, "EARLY_LOADS", True)
     knobs["rows_narrow"] = (GM, "ROWS_WIDE", False)
     knobs.update({f"rows_tile_{k}_{d}": (GM, "ROWS_FMA_TILE", (k, d)) for k, d in ((16, 256), (16, 512), (8, 256))})
     knobs.update({f"nopdl_{k}": (C, "PDL_EXCLUDE", {v}) for k, v in (

@@ -5,7 +5,7 @@ this script swaps in candidate configs one at a time and times each case with CU
 copies (HBM, not L2), as the kernel sweep does. Cases (batch 1, fp16) are what one sparse (0.1, 0.5) layer of OPT-13B
 / OPT-30B launches: the fused q/k/v head gather, gather_up (fc1), the o_proj head_gather_down and gather_down (fc2).
 
-    PYTHONPATH=src python bench/tune_tiles.py --out $OUT/tiles
+    PYTHONPATH=src python bench/tune_tiles.py --out $OUT/tiles [--family dot] [--cases 13b.o(20 heads),...]
 """
 
 from __future__ import annotations
@@ -34,7 +34,12 @@ CASES = {  # name: (kind, d, rows per index, selected indices, total indices)
 }
 
 
-def rows_configs():
+def rows_configs(family: str = "fma"):
+    if family == "dot":  # the tensor-core path at B = 1 (the batch padded to 16 rows of zeros)
+        return [dict(BLOCK_B=16, BLOCK_K=bk, BLOCK_D=bd, USE_DOT=True, NUM_STAGES=st, num_warps=w)
+                for bk, bd, w, st in [(16, 128, 4, 4), (32, 128, 4, 4), (16, 256, 4, 4), (32, 256, 4, 4),
+                                      (16, 512, 4, 3), (64, 128, 4, 4), (32, 256, 8, 4), (16, 256, 4, 5),
+                                      (16, 256, 8, 4), (64, 256, 8, 3)]]
     out = []
     for bk, bd, w in [(4, 512, 4), (8, 512, 4), (8, 256, 4), (16, 256, 4), (16, 512, 8), (8, 1024, 8), (4, 1024, 4),
                       (2, 1024, 4)]:
@@ -43,7 +48,13 @@ def rows_configs():
     return out
 
 
-def down_configs():
+def down_configs(family: str = "fma"):
+    if family == "dot":
+        return [dict(BLOCK_B=16, BLOCK_J=bj, BLOCK_D=bd, USE_DOT=True, NUM_STAGES=st, num_warps=w, spm=spm)
+                for bj, bd, w, st, spm in [(64, 128, 4, 4, 2), (32, 128, 4, 4, 2), (64, 256, 4, 4, 2),
+                                           (32, 256, 4, 4, 2), (128, 128, 4, 4, 2), (64, 128, 4, 4, 1),
+                                           (64, 256, 8, 4, 2), (16, 256, 4, 4, 2), (64, 128, 4, 4, 4),
+                                           (32, 512, 8, 3, 2)]]
     out = []
     for bj, bd, w in [(32, 256, 4), (16, 512, 4), (64, 128, 4), (32, 512, 8), (64, 256, 8), (16, 256, 4),
                       (8, 512, 4)]:
@@ -68,6 +79,9 @@ def down_factory(cfg):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--family", default="fma", choices=("fma", "dot"),
+                    help="candidate tiles: the CUDA-core FMA path or the tensor-core path (batch padded to 16)")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     dev = torch.device("cuda")
@@ -76,7 +90,8 @@ def main():
     res = {"gpu": torch.cuda.get_device_name(), "copy_bw_gbps": bw / 1e9, "cases": {}}
     orig_rows, orig_down = GM._rows_config, GM._down_config
     gen = torch.Generator(device=dev).manual_seed(0)
-    for name, (kind, d, R, k, n) in CASES.items():
+    for name in args.cases.split(","):
+        kind, d, R, k, n = CASES[name]
         rows = n * R
         nbytes = k * R * d * 2
         ncop = _copies_needed(nbytes, rows * d * 2, l2, 3 << 30)
@@ -87,7 +102,7 @@ def main():
             def make(i):
                 return (lambda: K.head_gather_gemv(x, mats[i], idx, R, None, validate=False)) if R > 1 else \
                     (lambda: K.gather_up(x, mats[i], idx, None, "relu", validate=False))
-            cands = [None] + rows_configs()
+            cands = [None] + rows_configs(args.family)
         else:
             h = torch.randn(1, k, R, device=dev, dtype=torch.float16, generator=gen) if R > 1 else \
                 torch.randn(1, k, device=dev, dtype=torch.float16, generator=gen)
@@ -95,7 +110,7 @@ def main():
             def make(i):
                 return (lambda: K.head_gather_down(h, mats[i], idx, R, None, x, validate=False)) if R > 1 else \
                     (lambda: K.gather_down(h, mats[i], idx, None, x, validate=False))
-            cands = [None] + down_configs()
+            cands = [None] + down_configs(args.family)
         roof = nbytes / bw * 1e6
         rec = []
         for c in cands:
@@ -121,7 +136,7 @@ def main():
             print(f"   {r['graph_us']:7.2f} us  x{r['x_roof']:.2f}  {r['cfg']}")
         mats.clear()  # free the weight copies before the next case
         torch.cuda.empty_cache()
-    with open(os.path.join(args.out, "tune_tiles.json"), "w") as f:
+    with open(os.path.join(args.out, f"tune_tiles_{args.family}.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)
 
 

@@ -42,6 +42,8 @@ def test_markdown_shows_both_timings_and_the_command():
     lines = [ln for ln in md.splitlines() if ln.startswith("| sparse_mlp") or ln.startswith("| gather_up")]
     assert lines[0].split("|")[6].strip() == "8.00" and lines[0].split("|")[9].strip() == "1.60"
     assert lines[1].split("|")[6].strip() == "-" and lines[1].split("|")[7].strip() == "-"  # no graph time
+    assert "--densities" not in md  # the default sweep
+    assert "kernel_sweep --out DIR --densities 0.1 1`" in KS._markdown(dict(result, densities=[0.1, 1.0]))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")

@@ -133,7 +133,7 @@ def build(kernel, args, num_warps, num_stages):
 cpu = torch.device("cpu")
 for dt in (torch.float16, torch.bfloat16, torch.float32):
     for B, act in ((1, 1), (2, 2), (16, 1), (16, 2)):
-        cfg = G._rows_config(B, 2048, 5120, act == 2, cpu); nw = cfg.pop("num_warps")
+        cfg = G._rows_config(B, 2048, 5120, act == 2, cpu); nw = cfg.pop("num_warps"); cfg.pop("maxnreg", None)
         for norm in (0, act):  # act 1 (OPT) with a folded layernorm, act 2 (SwiGLU) with a folded rmsnorm
             build(G._gather_rows_kernel, dict(x_ptr=dt, w_ptr=dt, w2_ptr=dt, idx_ptr=torch.int32, bias_ptr=dt,
                   out_ptr=dt, g_ptr=dt, rg_ptr=torch.float32, xs_ptr=torch.float32, xb_ptr=dt, xr_ptr=dt, B=B,
@@ -173,9 +173,8 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
           HD=128, H_KV=32, group=1, s_qb=1536, s_qh=128, s_cb=128, s_oqb=512, s_oqh=128, s_kb=32 * 256 * 128,
           s_kh=256 * 128, s_ks=128, s_vb=32 * 256 * 128, s_vh=256 * 128, s_vs=128, s_mb=32 * 256, s_mh=256,
           HAS_ROPE=True, WRITE_Q=True, HAS_VALID=True, BLOCK_H=128, BLOCK_KV=32, BLOCK_KQ=16), 1, 1)
-    # qkv: with the q/k/v finish fused; early: its independent loads first, the cache writes last (EARLY_LOADS)
-    for splits, qkv, early in ((1, False, False), (8, False, False), (1, True, False), (8, True, False),
-                               (8, True, True)):
+    # qkv: with the q/k/v finish fused
+    for splits, qkv in ((1, False), (8, False), (1, True), (8, True)):
         cfg = A._attn_config(1, 4, 2048, 128, dt.itemsize, cpu, splits); nw = cfg.pop("num_warps")
         build(A._decode_attn_kernel, dict(q_ptr=dt, k_ptr=dt, v_ptr=dt, seq_lens_ptr=torch.int32,
               head_idx_ptr=torch.int64, out_ptr=dt, part_o_ptr=torch.float32, part_lse_ptr=torch.float32,
@@ -183,7 +182,7 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
               HD=128, group_size=4, qk_scale=0.1, stride_qb=1024, stride_qh=128, stride_kb=2048 * 128 * 8,
               stride_kh=2048 * 128, stride_ks=128, stride_vb=2048 * 128 * 8, stride_vh=2048 * 128, stride_vs=128,
               stride_ob=512, stride_oh=128, stride_mb=8 * 2048, stride_mh=2048, stride_cb=128, BLOCK_KV=16,
-              BLOCK_KQ=16, HAS_VALID=splits > 1, FROM_QKV=qkv, HAS_ROPE=qkv and splits > 1, EARLY=early, **cfg), nw,
+              BLOCK_KQ=16, HAS_VALID=splits > 1, FROM_QKV=qkv, HAS_ROPE=qkv and splits > 1, **cfg), nw,
               cfg["NUM_STAGES"])
 build(G._reduce_splits_kernel, dict(part_ptr=torch.float32, bias_ptr=torch.float16, res_ptr=torch.float16,
       out_ptr=torch.float16, B=2, D=5120, splits=4, stride_rb=5120, stride_ob=5120, HAS_BIAS=True, HAS_RES=True,

@@ -9,7 +9,6 @@ pytest.importorskip("triton")
 
 from kernel_helpers import DEVICE, DTYPES, LOW_PRECISION, assert_matches, make_gen, poisoned, randn  # noqa: E402
 
-from dejavu.kernels import decode_attention as DA  # noqa: E402
 from dejavu.kernels import (  # noqa: E402
     qkv_decode_attention,
     qkv_decode_attention_ref,
@@ -210,16 +209,14 @@ def _qkv_inputs(B, H_kv, group, S, hd, kh, kv, dtype, key):
     return qkv, kvidx.to(DEVICE), k_cache, v_cache, pos.to(DEVICE), head_idx.to(DEVICE), cos, sin
 
 
-@pytest.mark.parametrize("early", [False, True], ids=["in_order", "early_loads"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rope,holes", [(False, True), (True, True), (True, False)])
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
 @pytest.mark.parametrize("B,H_kv,group,S,hd,kh,kv", QKV_CONFIGS)
-def test_qkv_decode_attention(B, H_kv, group, S, hd, kh, kv, num_splits, rope, holes, dtype, early, monkeypatch):
+def test_qkv_decode_attention(B, H_kv, group, S, hd, kh, kv, num_splits, rope, holes, dtype):
     """Output, cache writes and hole mask equal qkv_post + sparse_decode_attention (the reference); positions past
     pos are poisoned (never read), and the cache entries at pos of the K/V heads are poisoned before (the kernel
-    must take them from the projection, not from the cache). Both load orders (``EARLY_LOADS``)."""
-    monkeypatch.setattr(DA, "EARLY_LOADS", early)
+    must take them from the projection, not from the cache)."""
     qkv, kvidx, k_cache, v_cache, pos, head_idx, cos, sin = _qkv_inputs(B, H_kv, group, S, hd, kh, kv, dtype,
                                                                          (num_splits, rope, holes))  # fmt: skip
     cs = dict(cos=cos, sin=sin) if rope else {}

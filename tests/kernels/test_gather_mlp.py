@@ -124,6 +124,7 @@ def test_rows_config_wide_tiles(monkeypatch):
                 c = G._rows_config(B, n_out, 5120, False, cpu)
                 want = wide and B == 1 and 2 * sms <= -(-n_out // 16) <= 4 * sms
                 assert (c["BLOCK_K"] == 16) == want, (wide, B, n_out, c)
+                assert c.get("maxnreg") == (128 if want else None), c  # 4 programs an SM, one wave
                 assert c["BLOCK_B"] * c["BLOCK_K"] * c["BLOCK_D"] <= 64 * 32 * c["num_warps"]
     monkeypatch.setattr(G, "ROWS_WIDE", True)  # OPT-13B at head density 0.5 (132 SMs): 16 x 512; OPT-30B: 8 rows
     assert (G._rows_config(1, 7680, 5120, False, cpu)["BLOCK_K"], G._rows_config(1, 10752, 7168, False, cpu)[

@@ -223,6 +223,15 @@ def _bench_kernel(K, kernel, shape, densities, dtype, batch, device, copy_bw, l2
     return records
 
 
+def _command(result) -> str:
+    """The command line that regenerates ``result`` (options other than the defaults spelled out)."""
+    cmd = "python -m dejavu.bench.kernel_sweep --out DIR"
+    densities = list(result.get("densities", DENSITIES))
+    if densities != list(DENSITIES):
+        cmd += " --densities " + " ".join(f"{d:g}" for d in densities)
+    return cmd
+
+
 def _markdown(result) -> str:
     lines = [
         f"# Kernel sweep on {result['device']}",
@@ -231,7 +240,7 @@ def _markdown(result) -> str:
         f"(read+write), torch {result['torch']}, triton {result['triton']}. Times are medians in us: `do_bench` "
         f"(one call at a time from the host, L2 flushed) and `graph` (CUDA-graph replay of rotating weight copies, "
         f"as the decode runtime runs them); `x roof` and `speedup vs dense` use the graph times (`do_bench` where "
-        f"a graph time is missing). Command: `python -m dejavu.bench.kernel_sweep --out DIR`.",
+        f"a graph time is missing). Command: `{_command(result)}`.",
         "",
     ]
     for shape, recs in result["shapes"].items():

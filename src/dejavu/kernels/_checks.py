@@ -164,6 +164,27 @@ def zero_slice(zero_ptr, n_zero, prog, BLOCK_Z: tl.constexpr):
     tl.store(zero_ptr + offs, tl.zeros([BLOCK_Z], dtype=tl.float32), mask=offs < n_zero)
 
 
+@jit
+def rows_of(r0, r1, offs_b):
+    """[BLOCK_B, n] from per-sequence rows: r0 for sequence 0, r1 for sequence 1 (read only where BLOCK_B == 2)."""
+    return tl.where(offs_b[:, None] == 0, r0[None, :], r1[None, :])
+
+
+@jit
+def sum_rows(a0, a1, offs_b, AXIS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """[BLOCK_B, n]: the FMA paths' per-sequence 2-D accumulators a0 (and a1 when BLOCK_B == 2) summed over AXIS.
+
+    At B <= 2 the gathers keep one [rows, d-chunk] fp32 accumulator per sequence instead of one 3-D [B, rows,
+    d-chunk] product: a 2-D product takes the weight load's layout (8 contiguous fp16 a thread, 16-byte reads of the
+    staged tile), while Triton gives the 3-D one its default layout, one fp16 a thread along d, read from shared
+    memory two bytes at a time (SASS ``LDS.U16``; bench/NOTES.md v11)."""
+    r0 = tl.sum(a0, axis=AXIS)
+    r1 = r0
+    if BLOCK_B == 2:
+        r1 = tl.sum(a1, axis=AXIS)
+    return rows_of(r0, r1, offs_b)
+
+
 def check_zero(op: str, zero, own: torch.Tensor, own_name: str, programs: int) -> tuple[int, int]:
     """A launch's ``zero=`` argument (an fp32 contiguous 1-D tensor on ``own``'s device, not ``own`` itself) ->
     (n_zero, BLOCK_Z) for :func:`zero_slice` over ``programs`` programs; (0, 1) without one."""

@@ -106,7 +106,6 @@ def _decode_attn_kernel(
     HAS_VALID: tl.constexpr,
     FROM_QKV: tl.constexpr,
     HAS_ROPE: tl.constexpr,
-    EARLY: tl.constexpr,  # FROM_QKV: every independent load issued up front, the cache writes last (EARLY_LOADS)
     PDL: tl.constexpr,
 ):
     """One (sequence, selected head, split) per program; online softmax over its positions.
@@ -114,7 +113,10 @@ def _decode_attn_kernel(
     FROM_QKV (``qkv_decode_attention``): the program also finishes the projection. Split 0 of program j < KKV writes
     K/V head j (RoPE'd) into the cache at pos, split 0 of program 0 the hole mask at pos; every program reads only
     cache positions below pos, and the split that holds pos adds that position from the projection itself (the
-    cache-rounded values), so no program waits for another's write."""
+    cache-rounded values), so no program waits for another's write. Every load that depends on no other load is
+    issued up front (the selected head, the current position's K/V from the projection, what the cache writes need:
+    masked loads, no branches) and the cache writes come last, so their memory round trips overlap instead of
+    queueing behind each other (bench/NOTES.md v10-v11)."""
     pdl_sync(PDL)
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -123,52 +125,31 @@ def _decode_attn_kernel(
 
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < HD
-    if EARLY:  # the selected head's index with the first loads, not after the cache writes' loads and stores
-        head = tl.load(head_idx_ptr + j, mask=j < KH, other=0)
+    head = tl.load(head_idx_ptr + j, mask=j < KH, other=0)
     if FROM_QKV:
         pos = tl.load(seq_lens_ptr + b).to(tl.int32)
         seq_len = pos + 1
         qkv_base = q_ptr + b * stride_qb
         cos, sin = rope_tables(cos_ptr + b * stride_cb, sin_ptr + b * stride_cb, offs_h, h_mask, HAS_ROPE)
-        if EARLY:  # what the cache writes need, loaded now (masked, no branch); stored after the attention
-            w_on = (pid_s == 0) & (j < KKV)
-            kvh_w = tl.load(kvidx_ptr + j, mask=w_on, other=0).to(tl.int64)
-            w_mask = offs_h < tl.where(w_on, HD, 0)  # (masks from limits: scalar & vector trips the interpreter)
-            kw = rope_row(qkv_base + (KH + j) * stride_qh, offs_h, w_mask, cos, sin, HD, HAS_ROPE)
-            vw = tl.load(qkv_base + (KH + KKV + j) * stride_qh + offs_h, mask=w_mask, other=0.0)
-            if HAS_VALID:
-                offs_kv = tl.arange(0, BLOCK_KV)
-                offs_q = tl.arange(0, BLOCK_KQ)
-                m_on = (pid_s == 0) & (j == 0)
-                hq = tl.load(head_idx_ptr + offs_q, mask=offs_q < tl.where(m_on, KH, 0), other=-1).to(tl.int32)
-                grp = tl.where(hq >= 0, hq // group_size, -1)
-                need = tl.max((grp[None, :] == offs_kv[:, None]).to(tl.int32), axis=1)
-        elif pid_s == 0:
-            if j < KKV:  # K/V head j of the projection -> cache[b, kvidx[j], pos]
-                kvh_w = tl.load(kvidx_ptr + j).to(tl.int64)
-                kw = rope_row(qkv_base + (KH + j) * stride_qh, offs_h, h_mask, cos, sin, HD, HAS_ROPE)
-                tl.store(k_ptr + b.to(tl.int64) * stride_kb + kvh_w * stride_kh + pos * stride_ks + offs_h,
-                         kw.to(k_ptr.dtype.element_ty), mask=h_mask)  # fmt: skip
-                vw = tl.load(qkv_base + (KH + KKV + j) * stride_qh + offs_h, mask=h_mask, other=0.0)
-                tl.store(v_ptr + b.to(tl.int64) * stride_vb + kvh_w * stride_vh + pos * stride_vs + offs_h,
-                         vw.to(v_ptr.dtype.element_ty), mask=h_mask)  # fmt: skip
-            if HAS_VALID:
-                if j == 0:  # valid[b, h, pos] = some selected query head reads KV head h
-                    offs_kv = tl.arange(0, BLOCK_KV)
-                    offs_q = tl.arange(0, BLOCK_KQ)
-                    hq = tl.load(head_idx_ptr + offs_q, mask=offs_q < KH, other=-1).to(tl.int32)
-                    grp = tl.where(hq >= 0, hq // group_size, -1)
-                    need = tl.max((grp[None, :] == offs_kv[:, None]).to(tl.int32), axis=1)
-                    tl.store(valid_ptr + b * stride_mb + offs_kv * stride_mh + pos, need.to(tl.uint8),
-                             mask=offs_kv < H_KV)  # fmt: skip
+        # what the cache writes need (split 0 of program j < KKV: K/V head j of the projection -> cache[b,
+        # kvidx[j], pos]; split 0 of program 0: the hole mask there), loaded now and stored after the attention
+        w_on = (pid_s == 0) & (j < KKV)
+        kvh_w = tl.load(kvidx_ptr + j, mask=w_on, other=0).to(tl.int64)
+        w_mask = offs_h < tl.where(w_on, HD, 0)  # (masks from limits: scalar & vector trips the interpreter)
+        kw = rope_row(qkv_base + (KH + j) * stride_qh, offs_h, w_mask, cos, sin, HD, HAS_ROPE)
+        vw = tl.load(qkv_base + (KH + KKV + j) * stride_qh + offs_h, mask=w_mask, other=0.0)
+        if HAS_VALID:  # valid[b, h, pos] = some selected query head reads KV head h
+            offs_kv = tl.arange(0, BLOCK_KV)
+            offs_q = tl.arange(0, BLOCK_KQ)
+            m_on = (pid_s == 0) & (j == 0)
+            hq = tl.load(head_idx_ptr + offs_q, mask=offs_q < tl.where(m_on, KH, 0), other=-1).to(tl.int32)
+            grp = tl.where(hq >= 0, hq // group_size, -1)
+            need = tl.max((grp[None, :] == offs_kv[:, None]).to(tl.int32), axis=1)
     else:
         seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
 
     if j < KH:
-        if EARLY:
-            kv_head = head.to(tl.int64) // group_size
-        else:
-            kv_head = tl.load(head_idx_ptr + j).to(tl.int64) // group_size
+        kv_head = head.to(tl.int64) // group_size
         chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_S) * BLOCK_S  # whole tiles per split
         s_lo = pid_s * chunk
         s_hi = tl.minimum(s_lo + chunk, seq_len)
@@ -176,14 +157,14 @@ def _decode_attn_kernel(
             q = rope_row(qkv_base + j * stride_qh, offs_h, h_mask, cos, sin, HD, HAS_ROPE)
             q = q.to(q_ptr.dtype.element_ty).to(tl.float32)  # the model's rounding of q (as qkv_post stores it)
             s_cache = tl.minimum(s_hi, pos)  # the cache holds positions < pos; pos comes from the projection
-            if EARLY:  # the current position's K/V from the projection, loaded before the cache tiles' loop
-                holds = (pos >= s_lo) & (pos < s_hi)
-                offs_t = tl.arange(0, BLOCK_KV)
-                kv_all = tl.load(kvidx_ptr + offs_t, mask=offs_t < tl.where(holds, KKV, 0), other=-1).to(tl.int64)
-                t = tl.sum(tl.where(kv_all == kv_head, offs_t, 0), axis=0)
-                n_mask = offs_h < tl.where(holds, HD, 0)
-                kn = rope_row(qkv_base + (KH + t) * stride_qh, offs_h, n_mask, cos, sin, HD, HAS_ROPE)
-                vn = tl.load(qkv_base + (KH + KKV + t) * stride_qh + offs_h, mask=n_mask, other=0.0)
+            # the current position's K/V from the projection (its K/V head's slot t), loaded before the tile loop
+            holds = (pos >= s_lo) & (pos < s_hi)
+            offs_t = tl.arange(0, BLOCK_KV)
+            kv_all = tl.load(kvidx_ptr + offs_t, mask=offs_t < tl.where(holds, KKV, 0), other=-1).to(tl.int64)
+            t = tl.sum(tl.where(kv_all == kv_head, offs_t, 0), axis=0)
+            n_mask = offs_h < tl.where(holds, HD, 0)
+            kn = rope_row(qkv_base + (KH + t) * stride_qh, offs_h, n_mask, cos, sin, HD, HAS_ROPE)
+            vn = tl.load(qkv_base + (KH + KKV + t) * stride_qh + offs_h, mask=n_mask, other=0.0)
         else:
             q = tl.load(q_ptr + b * stride_qb + j * stride_qh + offs_h, mask=h_mask, other=0.0).to(tl.float32)
             s_cache = s_hi
@@ -218,13 +199,7 @@ def _decode_attn_kernel(
             m_i = m_new
 
         if FROM_QKV:
-            if (pos >= s_lo) & (pos < s_hi):  # this split holds the current position: K/V from the projection
-                if not EARLY:
-                    offs_t = tl.arange(0, BLOCK_KV)
-                    kv_all = tl.load(kvidx_ptr + offs_t, mask=offs_t < KKV, other=-1).to(tl.int64)
-                    t = tl.sum(tl.where(kv_all == kv_head, offs_t, 0), axis=0)  # its K/V head's slot
-                    kn = rope_row(qkv_base + (KH + t) * stride_qh, offs_h, h_mask, cos, sin, HD, HAS_ROPE)
-                    vn = tl.load(qkv_base + (KH + KKV + t) * stride_qh + offs_h, mask=h_mask, other=0.0)
+            if holds:  # this split holds the current position: K/V from the projection
                 k1 = kn.to(k_ptr.dtype.element_ty).to(tl.float32)  # as the cache stores it
                 v1 = vn.to(v_ptr.dtype.element_ty).to(tl.float32)
                 sc = tl.sum(k1 * q, axis=0)
@@ -245,7 +220,7 @@ def _decode_attn_kernel(
             tl.store(part_o_ptr + part * HD + offs_h, o, mask=h_mask)
             tl.store(part_lse_ptr + part, tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf")))
 
-    if EARLY:  # (FROM_QKV) the cache writes at pos: no program of this launch reads position pos from the cache
+    if FROM_QKV:  # the cache writes at pos: no program of this launch reads position pos from the cache
         tl.store(k_ptr + b.to(tl.int64) * stride_kb + kvh_w * stride_kh + pos * stride_ks + offs_h,
                  kw.to(k_ptr.dtype.element_ty), mask=w_mask)  # fmt: skip
         tl.store(v_ptr + b.to(tl.int64) * stride_vb + kvh_w * stride_vh + pos * stride_vs + offs_h,
@@ -293,14 +268,9 @@ def _decode_attn_combine_kernel(
     tl.store(out_ptr + b * stride_ob + j * stride_oh + offs_h, out.to(out_ptr.dtype.element_ty), mask=h_mask)
 
 
-EARLY_LOADS = False
-"""The decode attention issues every load that depends on no other one up front (the selected head, the current
-position's K/V from the projection, what the cache writes need) and does its cache writes last, so their round
-trips overlap instead of queueing behind each other. A/B knob, read at launch time (``bench/profile_step.py``'s
-``attn_early``)."""
-
 SPLIT_MIN_POSITIONS = 0
 """Fewest cache positions a split of the decode attention covers (0: one tile). A/B knob, read at launch time."""
+
 
 
 def _attn_config(batch: int, kh: int, s_max: int, hd: int, elem: int, device: torch.device, num_splits) -> dict:
@@ -387,7 +357,6 @@ def _launch(op, qsrc, k_cache, v_cache, lens, head_idx, group_size, scale, kv_va
         cos.stride(0) if cos is not None else 0,
         num_warps=num_warps, num_stages=cfg["NUM_STAGES"], HAS_VALID=kv_valid is not None, FROM_QKV=from_qkv,
         HAS_ROPE=cos is not None, BLOCK_KV=max(16, next_pow2(max(kkv, H_kv))), BLOCK_KQ=max(16, next_pow2(kh)),
-        EARLY=EARLY_LOADS and from_qkv,
         PDL=pdl, launch_pdl=pdl, **cfg,
     )  # fmt: skip
     if splits == 1:

@@ -47,6 +47,7 @@ from ._checks import (
     num_sms,
     pdl_sync,
     require_triton,
+    sum_rows,
     tl,
     use_pdl,
     zero_slice,
@@ -174,10 +175,12 @@ def _rows_tile(x_ptr, w_ptr, w2_ptr, bias_ptr, g_ptr, rg_ptr, rows, c_mask, B, D
                 else:
                     acc2 = tl.dot(x, tl.trans(w2), acc2)
     else:
-        # B <= 2: broadcast-multiply in fp32 registers, [BLOCK_B, BLOCK_K, BLOCK_D]; reduce
-        # over d once after the loop (no cross-lane shuffles inside the streaming loop).
-        acc3 = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_D], dtype=tl.float32)
-        acc3_2 = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_D], dtype=tl.float32)
+        # B <= 2: one [BLOCK_K, BLOCK_D] fp32 accumulator per sequence (two at B = 2), multiplied elementwise and
+        # reduced over d once after the loop; 2-D for the weight load's layout (_checks.sum_rows says why).
+        a0 = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+        a1 = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+        c0 = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+        c1 = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
         for d0 in tl.range(0, D, BLOCK_D, num_stages=NUM_STAGES):
             offs_d = d0 + offs_d0
             d_mask = offs_d < D
@@ -195,19 +198,27 @@ def _rows_tile(x_ptr, w_ptr, w2_ptr, bias_ptr, g_ptr, rg_ptr, rows, c_mask, B, D
             else:
                 x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=b_mask[:, None] & d_mask[None, :],
                             other=0.0)  # fmt: skip
-            w = tl.load(w_rows + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :], other=0.0)
+            w = tl.load(w_rows + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
             xf = x.to(tl.float32)
             if NORM != 0:
                 s2 += xf * xf
                 s1 += xf
                 xf = xf * tl.load(g_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-            x3 = xf[:, None, :]
-            acc3 += x3 * w.to(tl.float32)[None, :, :]
+            x0 = tl.sum(tl.where(offs_b[:, None] == 0, xf, 0.0), axis=0)  # [BLOCK_D]: sequence 0's row
+            a0 += x0[None, :] * w
+            if BLOCK_B == 2:
+                x1 = tl.sum(tl.where(offs_b[:, None] == 1, xf, 0.0), axis=0)
+                a1 += x1[None, :] * w
             if ACT == 2:
-                w2 = tl.load(w2_rows + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :], other=0.0)
-                acc3_2 += x3 * w2.to(tl.float32)[None, :, :]
-        acc = tl.sum(acc3, axis=2)
-        acc2 = tl.sum(acc3_2, axis=2)
+                w2 = tl.load(w2_rows + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :],
+                             other=0.0).to(tl.float32)  # fmt: skip
+                c0 += x0[None, :] * w2
+                if BLOCK_B == 2:
+                    c1 += x1[None, :] * w2
+        acc = sum_rows(a0, a1, offs_b, 1, BLOCK_B)
+        acc2 = acc
+        if ACT == 2:
+            acc2 = sum_rows(c0, c1, offs_b, 1, BLOCK_B)
 
     # -- epilogue: folded norm, bias, activation, cast ----------------------------------------------
     if NORM != 0:
@@ -260,7 +271,11 @@ def _rows_config(batch: int, n_out: int, d: int, two_mats: bool, device: torch.d
         block_d = max(16, min(512, next_pow2(d), budget))
         if ROWS_FMA_TILE is not None:
             block_k, block_d = ROWS_FMA_TILE
-        return dict(BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=block_d, USE_DOT=False, NUM_STAGES=3, num_warps=4)
+        # the 16-row tile's one wave needs 4 programs an SM, i.e. <= 128 registers a thread: Triton 3.6 (the GPU
+        # runs) allocates 128 by itself, Triton 3.9 154 (offline sm_90 compile; capped: 128, no spills)
+        cap = {"maxnreg": 128} if block_k == 16 else {}
+        return dict(BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=block_d, USE_DOT=False, NUM_STAGES=3, num_warps=4,
+                    **cap)  # fmt: skip
     block_k = 32 if cdiv(n_out, 32) >= 2 * sms else 16
     block_d = max(16, min(128, next_pow2(d)))
     return dict(BLOCK_B=16, BLOCK_K=block_k, BLOCK_D=block_d, USE_DOT=True, NUM_STAGES=4, num_warps=4)
@@ -272,7 +287,8 @@ def _launch_gather_rows(x, w, w2, idx, bias, act: int, rows_per_idx: int, out, n
     B, D = x.shape
     n_out = out.shape[1]
     cfg = _rows_config(B, n_out, D, act == ACT_SWIGLU, x.device)
-    num_warps = cfg.pop("num_warps")
+    num_warps, maxnreg = cfg.pop("num_warps"), cfg.pop("maxnreg", None)
+    opts = {"maxnreg": maxnreg} if maxnreg and not is_interpreted(_gather_rows_kernel) else {}
     grid = (cdiv(n_out, cfg["BLOCK_K"]),)
     pdl = use_pdl(_gather_rows_kernel, x.device)
     if norm is not None:
@@ -287,7 +303,7 @@ def _launch_gather_rows(x, w, w2, idx, bias, act: int, rows_per_idx: int, out, n
         ROWS_PER_IDX=rows_per_idx, ACT=act, NORM=0 if norm is None else NORM_CODES[norm.kind],
         HAS_BIAS=bias is not None, X_SUM=x_sum is not None, HAS_XB=x_sum is not None and x_sum.bias is not None,
         DOT_FP32=x.dtype == torch.float32 or is_interpreted(_gather_rows_kernel), PDL=pdl, launch_pdl=pdl,
-        num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg,
+        num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg, **opts,
     )  # fmt: skip
     return out
 
@@ -587,8 +603,9 @@ def _gather_down_kernel(
     for j0 in tl.range(j_lo, j_hi, BLOCK_J, num_stages=NUM_STAGES):
         offs_j = j0 + tl.arange(0, BLOCK_J)  # [BLOCK_J] positions in h
         j_mask = offs_j < j_hi
-        grp = offs_j // ROWS_PER_IDX
-        within = offs_j % ROWS_PER_IDX
+        uj = offs_j.to(tl.uint32)  # (non-negative: unsigned // and % by the constexpr R are a shift and a mask)
+        grp = (uj // ROWS_PER_IDX).to(tl.int32)
+        within = (uj % ROWS_PER_IDX).to(tl.int32)
         sel = tl.load(idx_ptr + grp, mask=j_mask, other=0)
         rows = sel.to(tl.int64) * ROWS_PER_IDX + within
         w = tl.load(w_ptr + rows[:, None] * stride_wn + offs_d[None, :],

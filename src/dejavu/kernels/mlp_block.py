@@ -41,6 +41,7 @@ from ._checks import (
     next_pow2,
     pdl_sync,
     require_triton,
+    rows_of,
     tl,
     use_pdl,
     zero_slice,
@@ -138,6 +139,11 @@ def _sparse_mlp_kernel(
     b_mask = offs_b < B
     n_slabs = tl.cdiv(D, BLOCK_O)
     w2_rows = w2t_ptr + rows[:, None] * stride_w2n  # [BLOCK_N, 1]
+    hf = h.to(tl.float32)  # FMA path: the activations of sequence 0 (and 1), [BLOCK_N] each
+    h0 = tl.sum(tl.where(offs_b[:, None] == 0, hf, 0.0), axis=0)
+    h1 = h0
+    if BLOCK_B == 2:
+        h1 = tl.sum(tl.where(offs_b[:, None] == 1, hf, 0.0), axis=0)
     for i in tl.range(0, n_slabs, num_stages=NUM_STAGES):
         s = (pid + i) % n_slabs
         offs_o = s * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -148,8 +154,13 @@ def _sparse_mlp_kernel(
                 part = tl.dot(h.to(tl.float32), w.to(tl.float32), input_precision="ieee")
             else:
                 part = tl.dot(h, w)
-        else:
-            part = tl.sum(h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)  # [BLOCK_B, BLOCK_O]
+        else:  # per sequence, 2-D in the load's layout (_checks.sum_rows says why) -> [BLOCK_B, BLOCK_O]
+            wf = w.to(tl.float32)
+            p0 = tl.sum(h0[:, None] * wf, axis=0)
+            p1 = p0
+            if BLOCK_B == 2:
+                p1 = tl.sum(h1[:, None] * wf, axis=0)
+            part = rows_of(p0, p1, offs_b)
         tl.atomic_add(acc_ptr + offs_b[:, None] * D + offs_o[None, :], part, mask=b_mask[:, None] & o_mask[None, :],
                       sem="relaxed", scope="gpu")  # fmt: skip
 
