@@ -131,6 +131,18 @@ def test_rows_config_wide_tiles(monkeypatch):
         "BLOCK_K"]) == (16, 8)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_16_row_tile_with_its_register_cap(dtype, monkeypatch):
+    """The 16-row FMA tile that ROWS_WIDE picks at B = 1 (16 x 512, two d chunks here), launched with its register
+    cap as the GPU launches it: the result is the reference's."""
+    orig = G._rows_config
+    monkeypatch.setattr(G, "_rows_config", lambda *a: {**orig(*a), "BLOCK_K": 16, "BLOCK_D": 512, "maxnreg": 128})
+    g = make_gen("up16", dtype)
+    x, w, bias = randn(1, 600, dtype=dtype, gen=g), randn(130, 600, dtype=dtype, gen=g), randn(130, dtype=dtype, gen=g)
+    idx = rand_index(130, 37, gen=g, dtype=_idx_dtype(1))
+    check_against(gather_up(x, w, idx, bias, "relu"), gather_up_ref, (x, w, idx, bias, "relu"), dtype=dtype)
+
+
 def test_fold_norm_rejects():
     x, w, idx = _up_inputs(dtype=torch.float32)
     gain = torch.ones(w.shape[1], device=DEVICE)

@@ -272,7 +272,6 @@ SPLIT_MIN_POSITIONS = 0
 """Fewest cache positions a split of the decode attention covers (0: one tile). A/B knob, read at launch time."""
 
 
-
 def _attn_config(batch: int, kh: int, s_max: int, hd: int, elem: int, device: torch.device, num_splits) -> dict:
     """Tiles and split count: aim for ~2 programs per SM, never more splits than tiles.
 

@@ -287,8 +287,8 @@ def _launch_gather_rows(x, w, w2, idx, bias, act: int, rows_per_idx: int, out, n
     B, D = x.shape
     n_out = out.shape[1]
     cfg = _rows_config(B, n_out, D, act == ACT_SWIGLU, x.device)
-    num_warps, maxnreg = cfg.pop("num_warps"), cfg.pop("maxnreg", None)
-    opts = {"maxnreg": maxnreg} if maxnreg and not is_interpreted(_gather_rows_kernel) else {}
+    num_warps = cfg.pop("num_warps")
+    opts = {"maxnreg": cfg.pop("maxnreg")} if "maxnreg" in cfg else {}  # a launch option, not a kernel argument
     grid = (cdiv(n_out, cfg["BLOCK_K"]),)
     pdl = use_pdl(_gather_rows_kernel, x.device)
     if norm is not None:
