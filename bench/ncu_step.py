@@ -26,8 +26,9 @@ import argparse
 import collections
 import csv
 import dataclasses
-import json
 import os
+
+from dejavu.atomic import write_json_atomic
 
 STALL = "smsp__average_warps_issue_stalled_"
 RAW = {"duration_us": "gpu__time_duration.sum", "warp_instructions": "smsp__inst_executed.sum",
@@ -39,9 +40,14 @@ def _num(v: str) -> float:
     return float(v.replace(",", ""))
 
 
+def _rows(path: str) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
 def summarize_raw(path: str) -> list[dict]:
     """One record per profiled kernel launch of an ``ncu --page raw --csv`` export."""
-    rows = list(csv.reader(open(path)))
+    rows = _rows(path)
     hdr, data = rows[0], rows[2:]  # row 1 holds the units
     out = []
     for r in data:
@@ -57,7 +63,7 @@ def summarize_raw(path: str) -> list[dict]:
 
 def summarize_sass(path: str) -> dict:
     """Executed-instruction mix of one kernel's ``--page source --print-source sass`` export."""
-    rows = list(csv.reader(open(path)))
+    rows = _rows(path)
     kernel, hdr = rows[0][1], rows[1]
     src, ex = hdr.index("Source"), hdr.index("Instructions Executed")
     mix = collections.Counter()
@@ -73,19 +79,15 @@ def summarize_sass(path: str) -> dict:
 
 def _is_sass(path: str) -> bool:
     """A source-page export (its second row names the SASS columns) rather than a raw-page one."""
-    with open(path) as f:
-        rows = [next(csv.reader(f), []) for _ in range(2)]
-    return "Source" in rows[1] and "Address" in rows[1]
+    rows = _rows(path)
+    return len(rows) > 1 and "Source" in rows[1] and "Address" in rows[1]
 
 
 def summarize(args) -> None:
     sass = [p for p in args.summarize if _is_sass(p)]
     res = {"note": args.note, "launches": [r for p in args.summarize if p not in sass for r in summarize_raw(p)],
            "sass": [summarize_sass(p) for p in sass]}
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, res, indent=1)
     print(f"wrote {args.out}: {len(res['launches'])} launches, {len(res['sass'])} SASS exports")
 
 
@@ -105,6 +107,8 @@ def main():
         return summarize(args)
     import torch
 
+    if not torch.cuda.is_available():
+        raise SystemExit("ncu_step.py runs a decode step on a CUDA GPU (under ncu); --summarize needs none")
     from dejavu.bench.decode import bench_spec, build_random_model, random_predictors
     from dejavu.bench.hf_baseline import prompt_ids
     from dejavu.runtime.fast_decode import FastDecoder
