@@ -165,6 +165,12 @@ def zero_slice(zero_ptr, n_zero, prog, BLOCK_Z: tl.constexpr):
 
 
 @jit
+def row_of(t, offs_b, b: tl.constexpr):
+    """Row ``b`` (a sequence) of a [BLOCK_B, n] tile, as [n]: the FMA paths' per-sequence operand."""
+    return tl.sum(tl.where(offs_b[:, None] == b, t, 0.0), axis=0)
+
+
+@jit
 def rows_of(r0, r1, offs_b):
     """[BLOCK_B, n] from per-sequence rows: r0 for sequence 0, r1 for sequence 1 (read only where BLOCK_B == 2)."""
     return tl.where(offs_b[:, None] == 0, r0[None, :], r1[None, :])

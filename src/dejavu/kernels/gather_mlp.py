@@ -47,6 +47,7 @@ from ._checks import (
     num_sms,
     pdl_sync,
     require_triton,
+    row_of,
     sum_rows,
     tl,
     use_pdl,
@@ -204,10 +205,10 @@ def _rows_tile(x_ptr, w_ptr, w2_ptr, bias_ptr, g_ptr, rg_ptr, rows, c_mask, B, D
                 s2 += xf * xf
                 s1 += xf
                 xf = xf * tl.load(g_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-            x0 = tl.sum(tl.where(offs_b[:, None] == 0, xf, 0.0), axis=0)  # [BLOCK_D]: sequence 0's row
+            x0 = row_of(xf, offs_b, 0)  # [BLOCK_D]: sequence 0's row
             a0 += x0[None, :] * w
             if BLOCK_B == 2:
-                x1 = tl.sum(tl.where(offs_b[:, None] == 1, xf, 0.0), axis=0)
+                x1 = row_of(xf, offs_b, 1)
                 a1 += x1[None, :] * w
             if ACT == 2:
                 w2 = tl.load(w2_rows + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :],
@@ -271,8 +272,9 @@ def _rows_config(batch: int, n_out: int, d: int, two_mats: bool, device: torch.d
         block_d = max(16, min(512, next_pow2(d), budget))
         if ROWS_FMA_TILE is not None:
             block_k, block_d = ROWS_FMA_TILE
-        # the 16-row tile's one wave needs 4 programs an SM, i.e. <= 128 registers a thread: Triton 3.6 (the GPU
-        # runs) allocates 128 by itself, Triton 3.9 154 (offline sm_90 compile; capped: 128, no spills)
+        # the 16-row tile's one wave needs 4 programs an SM, i.e. <= 128 registers a thread: the runtime's q/k/v
+        # gather took 128 on the GPU (Triton 3.6, ncu), but offline sm_90 compiles of bench/kernel_resources.py's
+        # case take 154 on Triton 3.6 and 3.9 (capped: 128, no spills; bench/NOTES.md v11)
         cap = {"maxnreg": 128} if block_k == 16 else {}
         return dict(BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=block_d, USE_DOT=False, NUM_STAGES=3, num_warps=4,
                     **cap)  # fmt: skip
@@ -613,8 +615,9 @@ def _gather_down_kernel(
         rows = sel.to(tl.int64) * ROWS_PER_IDX + within
         w = tl.load(w_ptr + rows[:, None] * stride_wn + offs_d[None, :],
                     mask=j_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_J, BLOCK_D]  # fmt: skip
-        h = tl.load(h_ptr + offs_b[:, None] * stride_hb + grp[None, :] * stride_hg + within[None, :] * stride_hr,
-                    mask=b_mask[:, None] & j_mask[None, :], other=0.0)  # [BLOCK_B, BLOCK_J]  # fmt: skip
+        if USE_DOT or not ROWS_2D:  # the [BLOCK_B, BLOCK_J] activations (ROWS_2D loads its own below)
+            h = tl.load(h_ptr + offs_b[:, None] * stride_hb + grp[None, :] * stride_hg + within[None, :] * stride_hr,
+                        mask=b_mask[:, None] & j_mask[None, :], other=0.0)  # fmt: skip
         if USE_DOT:
             if DOT_FP32:
                 acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")

@@ -41,6 +41,7 @@ from ._checks import (
     next_pow2,
     pdl_sync,
     require_triton,
+    row_of,
     rows_of,
     tl,
     use_pdl,
@@ -140,10 +141,10 @@ def _sparse_mlp_kernel(
     n_slabs = tl.cdiv(D, BLOCK_O)
     w2_rows = w2t_ptr + rows[:, None] * stride_w2n  # [BLOCK_N, 1]
     hf = h.to(tl.float32)  # FMA path: the activations of sequence 0 (and 1), [BLOCK_N] each
-    h0 = tl.sum(tl.where(offs_b[:, None] == 0, hf, 0.0), axis=0)
+    h0 = row_of(hf, offs_b, 0)
     h1 = h0
     if BLOCK_B == 2:
-        h1 = tl.sum(tl.where(offs_b[:, None] == 1, hf, 0.0), axis=0)
+        h1 = row_of(hf, offs_b, 1)
     for i in tl.range(0, n_slabs, num_stages=NUM_STAGES):
         s = (pid + i) % n_slabs
         offs_o = s * BLOCK_O + tl.arange(0, BLOCK_O)

@@ -242,11 +242,10 @@ class FastDecoder:
         self._cublas_mlp = [km == N for km in self.k_mlp]  # dense MLP parts: cuBLAS GEMVs
         # two workspaces, layer l using l % 2: with defer_mlp_finish one holds layer l's unfinished sums while the
         # other is cleared
-        self._mlp_ws = ([K.mlp_workspace(d, self.device, B) for _ in range(2)]
-                        if backend == "triton" and any(self._fused_mlp) else None)  # fmt: skip
+        fused_blocks = backend == "triton" and any(self._fused_mlp)
+        self._mlp_ws = [K.mlp_workspace(d, self.device, B) for _ in range(2)] if fused_blocks else None
         # per layer, fp32 sums of an unfinished o_proj (defer_oproj_finish): [L, B * d], zero between uses
-        self._o_ws = (torch.zeros(L, B * d, dtype=torch.float32, **dev)
-                      if backend == "triton" and any(self._fused_mlp) else None)  # fmt: skip
+        self._o_ws = torch.zeros(L, B * d, dtype=torch.float32, **dev) if fused_blocks else None
         # the q/k/v finish (RoPE, cache write, hole mask) inside the decode attention (kernels.qkv_decode_attention):
         # one launch fewer per layer. Only at B <= 2: OPT-13B (0.1, 0.5) on an H200, same calls, B=1 3.155 / 3.138
         # against 3.289 / 3.282 ms per step, but B=4 4.436 against 4.263 (bench/NOTES.md, v6)
