@@ -19,7 +19,7 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   ``gemv_cap_<n>`` (the predictors' GEMVs on at most n programs, each looping over its row
   blocks: ``predictor_ops.GEMV_MAX_PROGRAMS``), ``rows_tile_<k>_<d>`` (the q/k/v gather's FMA tile at B <= 2:
   ``gather_mlp.ROWS_FMA_TILE``), ``rows_narrow`` (no 16-row tiles at B = 1: ``gather_mlp.ROWS_WIDE`` off, the v8
-  rule), ``down_2d`` (o_proj's FMA path with per-sequence 2-D products: ``gather_mlp.DOWN_2D``);
+  rule);
 * programmatic dependent launch (PDL): ``nopdl_<kernel>`` (one main-stream kernel without it:
   ``kernels._checks.PDL_EXCLUDE``), ``side_pdl_<on|off|first|heads|scores|mlp>`` (the side stream's predictor
   launches with it, or without it for all / the first factors' GEMV / the head scores and top-k / the neuron scores
@@ -159,7 +159,7 @@ def main():
                          "side_pdl_{on,off,first,heads,scores,mlp},"
                          "nopdl_{rows,attn,combine,oproj,mlp},mlp_maxnreg_128,gemv_cap_{32,64,132,264},"
                          "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},mlp_rows_{8,32},"
-                         "rows_narrow,down_2d,fork_{start,qkv,attn,oproj},main_priority,finish_mlp,finish_o; "
+                         "rows_narrow,fork_{start,qkv,attn,oproj},main_priority,finish_mlp,finish_o; "
                          "join several with '+'")
     ap.add_argument("--tag", default="", help="suffix of the output file name (e.g. _pdl0 for an A/B run)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per variant (median)")
@@ -204,7 +204,6 @@ def main():
     knobs.update({f"mlp_cols_{n}": (MB, "DOWN_COLS", n) for n in (256, 1024)})
     knobs.update({f"mlp_rows_{n}": (MB, "ROWS", n) for n in (8, 32)})
     knobs["rows_narrow"] = (GM, "ROWS_WIDE", False)
-    knobs["down_2d"] = (GM, "DOWN_2D", True)
     knobs.update({f"rows_tile_{k}_{d}": (GM, "ROWS_FMA_TILE", (k, d)) for k, d in ((16, 256), (16, 512), (8, 256))})
     knobs.update({f"nopdl_{k}": (C, "PDL_EXCLUDE", {v}) for k, v in (
         ("rows", "_gather_rows_kernel"), ("attn", "_decode_attn_kernel"), ("combine", "_decode_attn_combine_kernel"),

@@ -141,10 +141,9 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
                   stride_ob=2048, stride_xr=5120, ROWS_PER_IDX=1 if act == 2 else 128, ACT=act, NORM=norm,
                   HAS_BIAS=act == 1, DOT_FP32=dt == torch.float32, X_SUM=B <= 2 and norm != 0, HAS_XB=True,
                   **cfg), nw, cfg["NUM_STAGES"])
-    for B, split, fn, acc, r2d in ((1, None, G._down_config, False, False), (2, None, G._down_config, False, False),
-                                   (16, 4, G._down_config, False, False), (1, None, G._down_config_v1, False, False),
-                                   (16, 4, G._down_config_v1, False, False), (1, None, G._down_config, True, False),
-                                   (1, None, G._down_config, True, True), (2, None, G._down_config, False, True)):
+    for B, split, fn, acc in ((1, None, G._down_config, False), (2, None, G._down_config, False),
+                              (16, 4, G._down_config, False), (1, None, G._down_config_v1, False),
+                              (16, 4, G._down_config_v1, False), (1, None, G._down_config, True)):
         cfg = fn(B, 2048, 5120, cpu, split)  # acc: the unfinished o_proj (atomics into fp32 sums, zeroing another)
         nw, s, rps, fused = cfg.pop("num_warps"), cfg.pop("splits"), cfg.pop("rows_per_split"), cfg.pop("fused")
         part = s > 1 and not acc
@@ -153,7 +152,7 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
               zero_ptr=torch.float32, B=B, n_in=2048, D=5120, rows_per_split=rps, n_splits=s, n_zero=5120,
               stride_hb=2048, stride_hg=128, stride_hr=1, stride_wn=5120, stride_rb=5120, stride_ob=5120,
               ROWS_PER_IDX=128, HAS_BIAS=not acc, HAS_RES=not acc, WRITE_PARTIAL=part, FUSED_REDUCE=fused and part,
-              FENCE=fused and part, ACCUMULATE=acc, ZERO=acc, BLOCK_Z=64, ROWS_2D=r2d,
+              FENCE=fused and part, ACCUMULATE=acc, ZERO=acc, BLOCK_Z=64,
               DOT_FP32=dt == torch.float32, **cfg), nw, cfg["NUM_STAGES"])
     for B, act in ((1, 1), (2, 2), (16, 1)):  # the whole MLP block; OPT with a folded layernorm, SwiGLU rmsnorm
         cfg = MB._mlp_config(B, 2048, 5120, act == 2, cpu); nw = cfg.pop("num_warps")

@@ -161,13 +161,10 @@ def test_fold_norm_rejects():
             call()
 
 
-@pytest.mark.parametrize("rows_2d", [False, True], ids=["3d", "2d"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B", BATCHES)
 @pytest.mark.parametrize("d,n,k", CASES)
-def test_gather_down(d, n, k, B, dtype, rows_2d, monkeypatch):
-    """Both FMA forms (``DOWN_2D``; the tensor-core path at B > 2 ignores it)."""
-    monkeypatch.setattr(G, "DOWN_2D", rows_2d)
+def test_gather_down(d, n, k, B, dtype):
     g = make_gen("down", d, n, k, B, dtype)
     h, w2t = randn(B, k, dtype=dtype, gen=g), randn(n, d, dtype=dtype, gen=g)
     bias, residual = randn(d, dtype=dtype, gen=g), randn(B, d, dtype=dtype, gen=g)

@@ -19,7 +19,6 @@ from dejavu.kernels import (  # noqa: E402
     norm_ref,
     x_sum_ref,
 )
-from dejavu.kernels import gather_mlp  # noqa: E402
 
 pytestmark = pytest.mark.needs_kernels
 
@@ -109,12 +108,10 @@ def test_head_gather_gemv_x_sum_rejects():
         head_gather_gemv(torch.zeros(1, d, dtype=torch.float16, device=DEVICE), w, idx, hd, x_sum=(ok.sums,))
 
 
-@pytest.mark.parametrize("rows_2d", [False, True], ids=["3d", "2d"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B", [1, 3, 16])
 @pytest.mark.parametrize("d,H,hd,kh", CASES)
-def test_head_gather_down(d, H, hd, kh, B, dtype, rows_2d, monkeypatch):
-    monkeypatch.setattr(gather_mlp, "DOWN_2D", rows_2d)  # both FMA forms (B = 1)
+def test_head_gather_down(d, H, hd, kh, B, dtype):
     g = make_gen("o", d, H, hd, kh, B, dtype)
     a, wo_t = randn(B, kh, hd, dtype=dtype, gen=g), randn(H * hd, d, dtype=dtype, gen=g)
     bias, residual = randn(d, dtype=dtype, gen=g), randn(B, d, dtype=dtype, gen=g)
@@ -135,15 +132,12 @@ def test_head_gather_down_strided_and_split():
         check_against(res, head_gather_down_ref, (a, wo_t, idx, hd), dtype=torch.float32)
 
 
-@pytest.mark.parametrize("rows_2d", [False, True], ids=["3d", "2d"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B", [1, 2, 3])
 @pytest.mark.parametrize("split_k", [None, 1, 3])
-def test_head_gather_down_unfinished(split_k, B, dtype, rows_2d, monkeypatch):
+def test_head_gather_down_unfinished(split_k, B, dtype):
     """finish=False: the product added into fp32 sums with atomics (whatever the split count), ``zero`` cleared;
-    finishing the sums as the MLP block does (XSum) gives the finished projection with bias and residual. Both FMA
-    forms (``DOWN_2D``; a 16-row step here spans two heads of 24 rows)."""
-    monkeypatch.setattr(gather_mlp, "DOWN_2D", rows_2d)
+    finishing the sums as the MLP block does (XSum) gives the finished projection with bias and residual."""
     d, H, hd, kh = 600, 6, 24, 4  # d over two column slabs
     g = make_gen("o-unfinished", split_k, B, dtype)
     a, wo_t = randn(B, kh, hd, dtype=dtype, gen=g), randn(H * hd, d, dtype=dtype, gen=g, scale=0.2)

@@ -575,7 +575,6 @@ def _gather_down_kernel(
     USE_DOT: tl.constexpr,
     DOT_FP32: tl.constexpr,
     NUM_STAGES: tl.constexpr,
-    ROWS_2D: tl.constexpr,  # FMA path: per-sequence 2-D products (DOWN_2D)
     PDL: tl.constexpr,
 ):
     """out[b, :] = sum_j h[b, j] * w[row(j), :] (+ bias) (+ residual).
@@ -601,10 +600,8 @@ def _gather_down_kernel(
 
     if USE_DOT:
         acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-    else:  # B <= 2: one 3-D [BLOCK_B, BLOCK_J, BLOCK_D] product, or (ROWS_2D) one 2-D one per sequence
-        acc3 = tl.zeros([1 if ROWS_2D else BLOCK_B, BLOCK_J, BLOCK_D], dtype=tl.float32)
-        a0 = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
-        a1 = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
+    else:  # B <= 2: one 3-D [BLOCK_B, BLOCK_J, BLOCK_D] product (bench/NOTES.md v11-v12: the 2-D forms were slower)
+        acc3 = tl.zeros([BLOCK_B, BLOCK_J, BLOCK_D], dtype=tl.float32)
     for j0 in tl.range(j_lo, j_hi, BLOCK_J, num_stages=NUM_STAGES):
         offs_j = j0 + tl.arange(0, BLOCK_J)  # [BLOCK_J] positions in h
         j_mask = offs_j < j_hi
@@ -615,27 +612,17 @@ def _gather_down_kernel(
         rows = sel.to(tl.int64) * ROWS_PER_IDX + within
         w = tl.load(w_ptr + rows[:, None] * stride_wn + offs_d[None, :],
                     mask=j_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_J, BLOCK_D]  # fmt: skip
-        if USE_DOT or not ROWS_2D:  # the [BLOCK_B, BLOCK_J] activations (ROWS_2D loads its own below)
-            h = tl.load(h_ptr + offs_b[:, None] * stride_hb + grp[None, :] * stride_hg + within[None, :] * stride_hr,
-                        mask=b_mask[:, None] & j_mask[None, :], other=0.0)  # fmt: skip
+        h = tl.load(h_ptr + offs_b[:, None] * stride_hb + grp[None, :] * stride_hg + within[None, :] * stride_hr,
+                    mask=b_mask[:, None] & j_mask[None, :], other=0.0)  # [BLOCK_B, BLOCK_J]  # fmt: skip
         if USE_DOT:
             if DOT_FP32:
                 acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(h, w, acc)
-        elif ROWS_2D:  # each thread loads the activations of its own rows, [BLOCK_J, 1]: no exchange, no barrier
-            hp = h_ptr + grp * stride_hg + within * stride_hr
-            wf = w.to(tl.float32)
-            a0 += tl.load(hp[:, None], mask=j_mask[:, None], other=0.0).to(tl.float32) * wf
-            if BLOCK_B == 2:
-                a1 += tl.load(hp[:, None] + stride_hb, mask=j_mask[:, None], other=0.0).to(tl.float32) * wf
         else:
             acc3 += h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
     if not USE_DOT:
-        if ROWS_2D:
-            acc = sum_rows(a0, a1, offs_b, 0, BLOCK_B)
-        else:
-            acc = tl.sum(acc3, axis=1)
+        acc = tl.sum(acc3, axis=1)
 
     bd_mask = b_mask[:, None] & d_mask[None, :]
     if ACCUMULATE:
@@ -738,13 +725,6 @@ def _down_config_v1(batch: int, n_in: int, d: int, device: torch.device, split_k
                 num_warps=4, splits=split_k, rows_per_split=rows_per_split, fused=False)  # fmt: skip
 
 
-DOWN_2D = False
-"""The column gathers' FMA path (B <= 2: o_proj, gather_down) with one 2-D [rows, columns] product per sequence, each
-thread loading its own rows' activations as a [BLOCK_J, 1] tile, instead of one 3-D [B, rows, columns] product
-(bench/NOTES.md v11: offline sm_90 SASS from Triton 3.6, 347 -> 230 instructions a 16 x 256 step, the staged
-weights read 16 bytes at a time, 4 activation loads a thread instead of 16, no exchange). A/B knob, off: not yet
-timed on a GPU (``bench/profile_step.py``'s ``down_2d``)."""
-
 DOWN_PROGRAMS_PER_SM = 2
 """Programs per SM the v2 down schedule aims for when it picks the split count (A/B knob, read at launch time)."""
 
@@ -819,7 +799,7 @@ def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out,
         *h_strides, w.stride(0), res.stride(0), out.stride(0),
         ROWS_PER_IDX=rows_per_idx, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         WRITE_PARTIAL=partial, FUSED_REDUCE=fused, FENCE=fused and not is_interpreted(_gather_down_kernel),
-        ACCUMULATE=not finish, ZERO=n_zero > 0, BLOCK_Z=block_z, ROWS_2D=DOWN_2D,
+        ACCUMULATE=not finish, ZERO=n_zero > 0, BLOCK_Z=block_z,
         DOT_FP32=w.dtype == torch.float32 or is_interpreted(_gather_down_kernel), PDL=pdl, launch_pdl=pdl,
         num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg,
     )  # fmt: skip
