@@ -43,11 +43,11 @@ def cases():
     attn = A._attn_config(1, KH, S, HD, 2, cpu, None)
     yield "decode attention (fused q/k/v finish)", A._decode_attn_kernel, dict(
         q_ptr=F16, k_ptr=F16, v_ptr=F16, seq_lens_ptr=I64, head_idx_ptr=I64, out_ptr=F16, part_o_ptr=F32,
-        part_lse_ptr=F32, valid_ptr=U8, kvidx_ptr=I64, cos_ptr=F16, sin_ptr=F16, KH=KH, KKV=KH, NJ=KH, H_KV=H, HD=HD,
-        group_size=1, qk_scale=0.1, stride_qb=3 * KH * HD, stride_qh=HD, stride_kb=H * S * HD, stride_kh=S * HD,
-        stride_ks=HD, stride_vb=H * S * HD, stride_vh=S * HD, stride_vs=HD, stride_ob=KH * HD, stride_oh=HD,
-        stride_mb=H * S, stride_mh=S, stride_cb=HD, BLOCK_KV=64, BLOCK_KQ=32, HAS_VALID=True, FROM_QKV=True,
-        HAS_ROPE=False, **attn), {}
+        part_lse_ptr=F32, valid_ptr=U8, kvidx_ptr=I64, cos_ptr=F16, sin_ptr=F16, KH=KH, KKV=KH, NJ=KH,
+        H_KV=H, HD=HD, group_size=1, qk_scale=0.1, stride_qb=3 * KH * HD, stride_qh=HD, stride_kb=H * S * HD,
+        stride_kh=S * HD, stride_ks=HD, stride_vb=H * S * HD, stride_vh=S * HD, stride_vs=HD, stride_ob=KH * HD,
+        stride_oh=HD, stride_mb=H * S, stride_mh=S, stride_cb=HD, BLOCK_KV=64, BLOCK_KQ=32, HAS_VALID=True,
+        FROM_QKV=True, HAS_ROPE=False, PREWAIT=True, **attn), {}
     down = G._down_config(1, KH * HD, D, cpu, None)
     splits, rps, _ = down.pop("splits"), down.pop("rows_per_split"), down.pop("fused")
     yield "o_proj (head_gather_down)", G._gather_down_kernel, dict(

@@ -122,10 +122,13 @@ import torch
 from dejavu.kernels import gather_mlp as G, decode_attention as A, fused_ops as FO, predictor_ops as P, mlp_block as MB
 from dejavu.kernels.offline import compile_for
 
-def build(kernel, args, num_warps, num_stages):
+def build(kernel, args, num_warps, num_stages, early=False):
     args = dict(args, PDL=True)  # the Hopper launch path: grid-dependency wait/launch_dependents compiled in
     k = compile_for(kernel, args, num_warps, num_stages, launch_pdl=True)
-    assert "griddepcontrol.wait" in k.asm["ptx"], kernel.__name__
+    ptx = k.asm["ptx"]
+    assert "griddepcontrol.wait" in ptx, kernel.__name__
+    before = ptx[:ptx.index("griddepcontrol.wait")]  # global loads before the wait: the attention's PREWAIT only
+    assert early == ("ld.global" in before), kernel.__name__
     if args.get("FENCE") and args.get("FINISH", True):  # the per-thread fence of the threadfence-reduction pattern
         assert "fence.acq_rel.gpu" in k.asm["ptx"], kernel.__name__
     return k
@@ -178,12 +181,12 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
         cfg = A._attn_config(1, 4, 2048, 128, dt.itemsize, cpu, splits); nw = cfg.pop("num_warps")
         build(A._decode_attn_kernel, dict(q_ptr=dt, k_ptr=dt, v_ptr=dt, seq_lens_ptr=torch.int32,
               head_idx_ptr=torch.int64, out_ptr=dt, part_o_ptr=torch.float32, part_lse_ptr=torch.float32,
-              valid_ptr=torch.uint8, kvidx_ptr=torch.int64, cos_ptr=dt, sin_ptr=dt, KH=4, KKV=2, NJ=4, H_KV=8,
-              HD=128, group_size=4, qk_scale=0.1, stride_qb=1024, stride_qh=128, stride_kb=2048 * 128 * 8,
+              valid_ptr=torch.uint8, kvidx_ptr=torch.int64, cos_ptr=dt, sin_ptr=dt, KH=4, KKV=2,
+              NJ=4, H_KV=8, HD=128, group_size=4, qk_scale=0.1, stride_qb=1024, stride_qh=128, stride_kb=2048 * 128 * 8,
               stride_kh=2048 * 128, stride_ks=128, stride_vb=2048 * 128 * 8, stride_vh=2048 * 128, stride_vs=128,
               stride_ob=512, stride_oh=128, stride_mb=8 * 2048, stride_mh=2048, stride_cb=128, BLOCK_KV=16,
-              BLOCK_KQ=16, HAS_VALID=splits > 1, FROM_QKV=qkv, HAS_ROPE=qkv and splits > 1, **cfg), nw,
-              cfg["NUM_STAGES"])
+              BLOCK_KQ=16, HAS_VALID=splits > 1, FROM_QKV=qkv, HAS_ROPE=qkv and splits > 1, PREWAIT=qkv, **cfg), nw,
+              cfg["NUM_STAGES"], early=qkv)
 build(G._reduce_splits_kernel, dict(part_ptr=torch.float32, bias_ptr=torch.float16, res_ptr=torch.float16,
       out_ptr=torch.float16, B=2, D=5120, splits=4, stride_rb=5120, stride_ob=5120, HAS_BIAS=True, HAS_RES=True,
       BLOCK_D=256), 2, 1)

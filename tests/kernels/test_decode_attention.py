@@ -216,7 +216,8 @@ def _qkv_inputs(B, H_kv, group, S, hd, kh, kv, dtype, key):
 def test_qkv_decode_attention(B, H_kv, group, S, hd, kh, kv, num_splits, rope, holes, dtype):
     """Output, cache writes and hole mask equal qkv_post + sparse_decode_attention (the reference); positions past
     pos are poisoned (never read), and the cache entries at pos of the K/V heads are poisoned before (the kernel
-    must take them from the projection, not from the cache)."""
+    must take them from the projection, not from the cache). ``prewait`` as the decode step passes it (a no-op
+    without PDL, i.e. here under the interpreter; on a Hopper GPU the reads before the wait)."""
     qkv, kvidx, k_cache, v_cache, pos, head_idx, cos, sin = _qkv_inputs(B, H_kv, group, S, hd, kh, kv, dtype,
                                                                          (num_splits, rope, holes))  # fmt: skip
     cs = dict(cos=cos, sin=sin) if rope else {}
@@ -225,7 +226,7 @@ def test_qkv_decode_attention(B, H_kv, group, S, hd, kh, kv, num_splits, rope, h
     vm = valid.clone() if holes else None
     out = poisoned((B, kh, hd), dtype)
     res = qkv_decode_attention(qkv, kvidx, k_p, v_p, pos, head_idx, group, kv_valid=vm, num_splits=num_splits,
-                               out=out, **cs)  # fmt: skip
+                               out=out, prewait=True, **cs)  # fmt: skip
     assert res is out
     exact = qkv_decode_attention_ref(qkv.double(), kvidx, k_cache.double(), v_cache.double(), pos, head_idx, group,
                                      kv_valid=valid.clone() if holes else None,

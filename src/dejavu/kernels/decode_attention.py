@@ -60,6 +60,43 @@ LOG2E = 1.4426950408889634
 
 
 @jit
+def _kv_tile(k_base, v_base, m_base, s0, s_end, offs_h, h_mask, stride_ks, stride_vs, BLOCK_S: tl.constexpr,
+             HAS_VALID: tl.constexpr):  # fmt: skip
+    """The K and V tiles ``[BLOCK_S, BLOCK_H]`` of positions [s0, s0 + BLOCK_S) below ``s_end`` (zeros beyond), and
+    which of them count (``ok``: written, per the hole mask, or in range without one)."""
+    offs_s = s0 + tl.arange(0, BLOCK_S)
+    s_mask = offs_s < s_end
+    kv_mask = s_mask[:, None] & h_mask[None, :]
+    k = tl.load(k_base + offs_s[:, None] * stride_ks + offs_h[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_s[:, None] * stride_vs + offs_h[None, :], mask=kv_mask, other=0.0)
+    if HAS_VALID:
+        ok = tl.load(m_base + offs_s, mask=s_mask, other=0) != 0
+    else:
+        ok = s_mask
+    return k, v, ok, offs_s, s_mask
+
+
+@jit
+def _online_softmax(k, v, ok, offs_s, s_mask, q, m_i, l_i, acc, seq_len, HAS_VALID: tl.constexpr):
+    """One tile of the online softmax (log2 units): running max ``m_i``, sum ``l_i``, output ``acc``. Positions out
+    of range and holes score -inf; the current position (``seq_len - 1``) is always seen. A tile with nothing to see
+    (an empty split, only holes) adds exactly nothing: the max is clamped to 0 while it is -inf, so exp2 stays
+    finite."""
+    scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # [BLOCK_S]
+    keep = s_mask
+    if HAS_VALID:
+        keep = s_mask & (ok | (offs_s == seq_len - 1))
+    scores = tl.where(keep, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(scores - m_use)
+    l_i = l_i * alpha + tl.sum(p, axis=0)
+    acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+    return m_new, l_i, acc
+
+
+@jit
 def _decode_attn_kernel(
     # pointers
     q_ptr,  # [B, KH, HD] queries; FROM_QKV: the raw projection [B, KH + 2 KKV, HD] (q heads, K heads, V heads)
@@ -106,6 +143,7 @@ def _decode_attn_kernel(
     HAS_VALID: tl.constexpr,
     FROM_QKV: tl.constexpr,
     HAS_ROPE: tl.constexpr,
+    PREWAIT: tl.constexpr,  # with PDL: all but the projection read before the wait (qkv_decode_attention(prewait))
     PDL: tl.constexpr,
 ):
     """One (sequence, selected head, split) per program; online softmax over its positions.
@@ -116,8 +154,11 @@ def _decode_attn_kernel(
     cache-rounded values), so no program waits for another's write. Every load that depends on no other load is
     issued up front (the selected head, the current position's K/V from the projection, what the cache writes need:
     masked loads, no branches) and the cache writes come last, so their memory round trips overlap instead of
-    queueing behind each other (bench/NOTES.md v10-v11)."""
-    pdl_sync(PDL)
+    queueing behind each other (bench/NOTES.md v10-v11). PREWAIT: everything the kernel before this one does not
+    write (the selection, the positions, the RoPE tables and the first tile of the cache below pos) is read before
+    the PDL wait, while that kernel still runs; only the projection's rows are read after it."""
+    if not PREWAIT:
+        pdl_sync(PDL)
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // NJ
@@ -125,19 +166,19 @@ def _decode_attn_kernel(
 
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < HD
+    # -- what the kernel before this one does not write (PREWAIT: read before the PDL wait): the selection, the
+    # positions, the RoPE tables, the cache below pos and its first tile --------------------------------------------
     head = tl.load(head_idx_ptr + j, mask=j < KH, other=0)
     if FROM_QKV:
         pos = tl.load(seq_lens_ptr + b).to(tl.int32)
         seq_len = pos + 1
         qkv_base = q_ptr + b * stride_qb
         cos, sin = rope_tables(cos_ptr + b * stride_cb, sin_ptr + b * stride_cb, offs_h, h_mask, HAS_ROPE)
-        # what the cache writes need (split 0 of program j < KKV: K/V head j of the projection -> cache[b,
-        # kvidx[j], pos]; split 0 of program 0: the hole mask there), loaded now and stored after the attention
+        # where the cache writes go (split 0 of program j < KKV: K/V head j of the projection -> cache[b, kvidx[j],
+        # pos]; split 0 of program 0: the hole mask there); their values are loaded after the wait
         w_on = (pid_s == 0) & (j < KKV)
         kvh_w = tl.load(kvidx_ptr + j, mask=w_on, other=0).to(tl.int64)
         w_mask = offs_h < tl.where(w_on, HD, 0)  # (masks from limits: scalar & vector trips the interpreter)
-        kw = rope_row(qkv_base + (KH + j) * stride_qh, offs_h, w_mask, cos, sin, HD, HAS_ROPE)
-        vw = tl.load(qkv_base + (KH + KKV + j) * stride_qh + offs_h, mask=w_mask, other=0.0)
         if HAS_VALID:  # valid[b, h, pos] = some selected query head reads KV head h
             offs_kv = tl.arange(0, BLOCK_KV)
             offs_q = tl.arange(0, BLOCK_KQ)
@@ -147,56 +188,51 @@ def _decode_attn_kernel(
             need = tl.max((grp[None, :] == offs_kv[:, None]).to(tl.int32), axis=1)
     else:
         seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    kv_head = head.to(tl.int64) // group_size
+    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_S) * BLOCK_S  # whole tiles per split
+    s_lo = pid_s * chunk
+    s_hi = tl.minimum(s_lo + chunk, seq_len)
+    if FROM_QKV:
+        s_cache = tl.minimum(s_hi, pos)  # the cache holds positions < pos; pos comes from the projection
+        # the current position's K/V head slot t in the projection (the split that holds pos adds it)
+        holds = (pos >= s_lo) & (pos < s_hi) & (j < KH)
+        offs_t = tl.arange(0, BLOCK_KV)
+        kv_all = tl.load(kvidx_ptr + offs_t, mask=offs_t < tl.where(holds, KKV, 0), other=-1).to(tl.int64)
+        t = tl.sum(tl.where(kv_all == kv_head, offs_t, 0), axis=0)
+        n_mask = offs_h < tl.where(holds, HD, 0)
+    else:
+        s_cache = s_hi
+    s_cache = tl.where(j < KH, s_cache, s_lo)  # programs j >= KH (K/V writers only) read no cache
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh
+    m_base = valid_ptr + b.to(tl.int64) * stride_mb + kv_head * stride_mh
+    k0, v0, ok0, offs_s0, s_mask0 = _kv_tile(k_base, v_base, m_base, s_lo, s_cache, offs_h, h_mask, stride_ks,
+                                             stride_vs, BLOCK_S, HAS_VALID)  # fmt: skip
+    if PREWAIT:
+        pdl_sync(PDL)
 
+    # -- what the kernel before this one wrote: the projection ------------------------------------------------------
+    if FROM_QKV:
+        kw = rope_row(qkv_base + (KH + j) * stride_qh, offs_h, w_mask, cos, sin, HD, HAS_ROPE)
+        vw = tl.load(qkv_base + (KH + KKV + j) * stride_qh + offs_h, mask=w_mask, other=0.0)
     if j < KH:
-        kv_head = head.to(tl.int64) // group_size
-        chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_S) * BLOCK_S  # whole tiles per split
-        s_lo = pid_s * chunk
-        s_hi = tl.minimum(s_lo + chunk, seq_len)
         if FROM_QKV:
             q = rope_row(qkv_base + j * stride_qh, offs_h, h_mask, cos, sin, HD, HAS_ROPE)
             q = q.to(q_ptr.dtype.element_ty).to(tl.float32)  # the model's rounding of q (as qkv_post stores it)
-            s_cache = tl.minimum(s_hi, pos)  # the cache holds positions < pos; pos comes from the projection
-            # the current position's K/V from the projection (its K/V head's slot t), loaded before the tile loop
-            holds = (pos >= s_lo) & (pos < s_hi)
-            offs_t = tl.arange(0, BLOCK_KV)
-            kv_all = tl.load(kvidx_ptr + offs_t, mask=offs_t < tl.where(holds, KKV, 0), other=-1).to(tl.int64)
-            t = tl.sum(tl.where(kv_all == kv_head, offs_t, 0), axis=0)
-            n_mask = offs_h < tl.where(holds, HD, 0)
             kn = rope_row(qkv_base + (KH + t) * stride_qh, offs_h, n_mask, cos, sin, HD, HAS_ROPE)
             vn = tl.load(qkv_base + (KH + KKV + t) * stride_qh + offs_h, mask=n_mask, other=0.0)
         else:
             q = tl.load(q_ptr + b * stride_qb + j * stride_qh + offs_h, mask=h_mask, other=0.0).to(tl.float32)
-            s_cache = s_hi
         q = q * qk_scale  # scores come out in log2 units: exp2 below is exp of the scaled score
-        k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh
-        v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh
-        m_base = valid_ptr + b.to(tl.int64) * stride_mb + kv_head * stride_mh
 
-        m_i = float("-inf")  # running max (log2 units)
-        l_i = 0.0  # running sum of exp2(score - m_i)
+        m_i = tl.full([], float("-inf"), tl.float32)  # running max (log2 units)
+        l_i = tl.full([], 0.0, tl.float32)  # running sum of exp2(score - m_i)
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for s0 in tl.range(s_lo, s_cache, BLOCK_S, num_stages=NUM_STAGES):
-            offs_s = s0 + tl.arange(0, BLOCK_S)
-            s_mask = offs_s < s_cache
-            kv_mask = s_mask[:, None] & h_mask[None, :]
-            k = tl.load(k_base + offs_s[:, None] * stride_ks + offs_h[None, :], mask=kv_mask, other=0.0)
-            scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # [BLOCK_S]
-            scores = tl.where(s_mask, scores, float("-inf"))
-            if HAS_VALID:  # holes are skipped; the current position (seq_len - 1) is always seen
-                ok = tl.load(m_base + offs_s, mask=s_mask, other=0) != 0
-                scores = tl.where(ok | (offs_s == seq_len - 1), scores, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(scores, axis=0))  # -inf while only holes were seen
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # keeps exp2 arguments finite
-            else:
-                m_new = tl.maximum(m_i, tl.max(scores, axis=0))  # finite: every tile has a valid position
-                m_use = m_new
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(scores - m_use)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            v = tl.load(v_base + offs_s[:, None] * stride_vs + offs_h[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-            m_i = m_new
+        m_i, l_i, acc = _online_softmax(k0, v0, ok0, offs_s0, s_mask0, q, m_i, l_i, acc, seq_len, HAS_VALID)
+        for s0 in tl.range(s_lo + BLOCK_S, s_cache, BLOCK_S, num_stages=NUM_STAGES):
+            k, v, ok, offs_s, s_mask = _kv_tile(k_base, v_base, m_base, s0, s_cache, offs_h, h_mask, stride_ks,
+                                                stride_vs, BLOCK_S, HAS_VALID)  # fmt: skip
+            m_i, l_i, acc = _online_softmax(k, v, ok, offs_s, s_mask, q, m_i, l_i, acc, seq_len, HAS_VALID)
 
         if FROM_QKV:
             if holds:  # this split holds the current position: K/V from the projection
@@ -326,7 +362,7 @@ def _check_lengths(op, name, t, B, device, lo_ok, hi_ok, what, validate):
 
 
 def _launch(op, qsrc, k_cache, v_cache, lens, head_idx, group_size, scale, kv_valid, out, num_splits, kvidx=None,
-            cos=None, sin=None):  # fmt: skip
+            cos=None, sin=None, prewait=False):  # fmt: skip
     B, H_kv, S_max, hd = k_cache.shape
     kh = head_idx.shape[0]
     kkv = kvidx.shape[0] if kvidx is not None else 0
@@ -356,7 +392,7 @@ def _launch(op, qsrc, k_cache, v_cache, lens, head_idx, group_size, scale, kv_va
         cos.stride(0) if cos is not None else 0,
         num_warps=num_warps, num_stages=cfg["NUM_STAGES"], HAS_VALID=kv_valid is not None, FROM_QKV=from_qkv,
         HAS_ROPE=cos is not None, BLOCK_KV=max(16, next_pow2(max(kkv, H_kv))), BLOCK_KQ=max(16, next_pow2(kh)),
-        PDL=pdl, launch_pdl=pdl, **cfg,
+        PREWAIT=pdl and prewait, PDL=pdl, launch_pdl=pdl, **cfg,
     )  # fmt: skip
     if splits == 1:
         return out
@@ -398,7 +434,7 @@ def sparse_decode_attention(q, k_cache, v_cache, seq_lens, head_idx, group_size,
 
 
 def qkv_decode_attention(qkv, kvidx, k_cache, v_cache, pos, head_idx, group_size, scale=None, *, cos=None,
-                         sin=None, kv_valid=None, validate=True, out=None, num_splits=None):  # fmt: skip
+                         sin=None, kv_valid=None, validate=True, out=None, num_splits=None, prewait=False):  # fmt: skip
     """The fused q/k/v projection's finish and the decode attention in one launch -> ``[B, kh, hd]``.
 
     Does what :func:`~dejavu.kernels.fused_ops.qkv_post` and :func:`sparse_decode_attention` do one after the other
@@ -412,6 +448,11 @@ def qkv_decode_attention(qkv, kvidx, k_cache, v_cache, pos, head_idx, group_size
         kvidx: ``[kkv]`` the KV heads of the K/V rows; it must hold every ``head_idx[j] // group_size``.
         pos: ``[B]`` int32/int64 positions being decoded, 0 <= pos[b] < S_max.
         cos, sin: ``[B, hd]`` RoPE tables at ``pos`` (both or neither).
+        prewait: a promise that the kernel before this one in the stream writes only ``qkv`` (in the decode step: the
+            q/k/v gather). Launched with programmatic dependent launch, the kernel then reads everything else it
+            needs (the selection, ``pos``, the RoPE tables, the first tile of the cache below ``pos``) before its
+            PDL wait, while that kernel still runs (bench/NOTES.md v12: the decode step 0.5-3.3% faster on the four
+            bench models). Without PDL (CPU, interpreter, before Hopper) it changes nothing.
         Others as in :func:`sparse_decode_attention`.
     """
     op = "qkv_decode_attention"
@@ -440,7 +481,7 @@ def qkv_decode_attention(qkv, kvidx, k_cache, v_cache, pos, head_idx, group_size
     kv_valid = _check_valid_mask(op, kv_valid, k_cache)
     lens = pos  # the kernel reads pos and attends over pos + 1 positions
     return _launch(op, qkv, k_cache, v_cache, lens, head_idx, group_size, scale, kv_valid, out, num_splits,
-                   kvidx=kvidx, cos=cos, sin=sin)  # fmt: skip
+                   kvidx=kvidx, cos=cos, sin=sin, prewait=bool(prewait))  # fmt: skip
 
 
 def qkv_decode_attention_ref(qkv, kvidx, k_cache, v_cache, pos, head_idx, group_size, scale=None, *, cos=None,

@@ -107,8 +107,9 @@ class _TritonOps:
         return K.sparse_decode_attention(q, kc, vc, lens, idx, group, kv_valid=valid, validate=False)
 
     def qkv_attn(self, qkv, kvidx, kc, vc, pos, idx, group, cos, sin, valid):  # -> [B, kh, hd]
+        # prewait: the kernel before it on the stream is the q/k/v gather (or cuBLAS), which writes qkv only
         return K.qkv_decode_attention(qkv, kvidx, kc, vc, pos, idx, group, cos=cos, sin=sin, kv_valid=valid,
-                                      validate=False)  # fmt: skip
+                                      validate=False, prewait=True)  # fmt: skip
 
     def norm(self, x, kind, w, b, eps, out, init=None, init_bias=None):
         return FO.norm_fused(x, kind, w, b, eps, out=out, init=init, init_bias=init_bias)
