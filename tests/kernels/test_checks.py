@@ -127,8 +127,8 @@ def build(kernel, args, num_warps, num_stages, early=False):
     k = compile_for(kernel, args, num_warps, num_stages, launch_pdl=True)
     ptx = k.asm["ptx"]
     assert "griddepcontrol.wait" in ptx, kernel.__name__
-    before = ptx[:ptx.index("griddepcontrol.wait")]  # global loads before the wait: the attention's PREWAIT only
-    assert early == ("ld.global" in before), kernel.__name__
+    before = ptx[:ptx.index("griddepcontrol.wait")]  # global loads before the wait: with PREWAIT only
+    assert early == ("ld.global" in before or "cp.async" in before), kernel.__name__
     if args.get("FENCE") and args.get("FINISH", True):  # the per-thread fence of the threadfence-reduction pattern
         assert "fence.acq_rel.gpu" in k.asm["ptx"], kernel.__name__
     return k
@@ -155,8 +155,8 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
               zero_ptr=torch.float32, B=B, n_in=2048, D=5120, rows_per_split=rps, n_splits=s, n_zero=5120,
               stride_hb=2048, stride_hg=128, stride_hr=1, stride_wn=5120, stride_rb=5120, stride_ob=5120,
               ROWS_PER_IDX=128, HAS_BIAS=not acc, HAS_RES=not acc, WRITE_PARTIAL=part, FUSED_REDUCE=fused and part,
-              FENCE=fused and part, ACCUMULATE=acc, ZERO=acc, BLOCK_Z=64,
-              DOT_FP32=dt == torch.float32, **cfg), nw, cfg["NUM_STAGES"])
+              FENCE=fused and part, ACCUMULATE=acc, ZERO=acc, BLOCK_Z=64, PREWAIT=acc or B == 16,
+              DOT_FP32=dt == torch.float32, **cfg), nw, cfg["NUM_STAGES"], early=acc or B == 16)
     for B, act in ((1, 1), (2, 2), (16, 1)):  # the whole MLP block; OPT with a folded layernorm, SwiGLU rmsnorm
         cfg = MB._mlp_config(B, 2048, 5120, act == 2, cpu); nw = cfg.pop("num_warps")
         build(MB._sparse_mlp_kernel, dict(x_ptr=dt, w1_ptr=dt, w3_ptr=dt, w2t_ptr=dt, idx_ptr=torch.int64,

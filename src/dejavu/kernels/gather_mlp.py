@@ -569,6 +569,7 @@ def _gather_down_kernel(
     ACCUMULATE: tl.constexpr,  # unfinished: out is fp32 sums, every program adds its part with atomics (no epilogue)
     ZERO: tl.constexpr,  # zero n_zero fp32 at zero_ptr, BLOCK_Z a program (an earlier launch's consumed sums)
     BLOCK_Z: tl.constexpr,
+    PREWAIT: tl.constexpr,  # with PDL: the first step's selection and weights read before the wait
     BLOCK_B: tl.constexpr,
     BLOCK_J: tl.constexpr,  # gathered rows per loop step
     BLOCK_D: tl.constexpr,  # output columns per program
@@ -585,42 +586,36 @@ def _gather_down_kernel(
     final result, epilogue fused; no atomics, no workspace, deterministic. ACCUMULATE: every program adds its
     fp32 part into out with atomics and the consumer finishes the sums (head_gather_down(finish=False)).
     """
-    pdl_sync(PDL)
+    if not PREWAIT:
+        pdl_sync(PDL)
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
-    if ZERO:
-        zero_slice(zero_ptr, n_zero, pid_s * tl.num_programs(0) + pid_d, BLOCK_Z)
-
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
     d_mask = offs_d < D
     offs_b = tl.arange(0, BLOCK_B)
     b_mask = offs_b < B
     j_lo = pid_s * rows_per_split
     j_hi = tl.minimum(j_lo + rows_per_split, n_in)
+    # the first step's selection and weights (PREWAIT: before the PDL wait)
+    w, grp, within, j_mask = _down_w_step(w_ptr, idx_ptr, j_lo, j_hi, offs_d, d_mask, stride_wn, ROWS_PER_IDX, BLOCK_J)
+    if PREWAIT:
+        pdl_sync(PDL)
+    if ZERO:
+        zero_slice(zero_ptr, n_zero, pid_s * tl.num_programs(0) + pid_d, BLOCK_Z)
 
     if USE_DOT:
         acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+        acc3 = acc
     else:  # B <= 2: one 3-D [BLOCK_B, BLOCK_J, BLOCK_D] product (bench/NOTES.md v11-v12: the 2-D forms were slower)
         acc3 = tl.zeros([BLOCK_B, BLOCK_J, BLOCK_D], dtype=tl.float32)
-    for j0 in tl.range(j_lo, j_hi, BLOCK_J, num_stages=NUM_STAGES):
-        offs_j = j0 + tl.arange(0, BLOCK_J)  # [BLOCK_J] positions in h
-        j_mask = offs_j < j_hi
-        uj = offs_j.to(tl.uint32)  # (non-negative: unsigned // and % by the constexpr R are a shift and a mask)
-        grp = (uj // ROWS_PER_IDX).to(tl.int32)
-        within = (uj % ROWS_PER_IDX).to(tl.int32)
-        sel = tl.load(idx_ptr + grp, mask=j_mask, other=0)
-        rows = sel.to(tl.int64) * ROWS_PER_IDX + within
-        w = tl.load(w_ptr + rows[:, None] * stride_wn + offs_d[None, :],
-                    mask=j_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_J, BLOCK_D]  # fmt: skip
-        h = tl.load(h_ptr + offs_b[:, None] * stride_hb + grp[None, :] * stride_hg + within[None, :] * stride_hr,
-                    mask=b_mask[:, None] & j_mask[None, :], other=0.0)  # [BLOCK_B, BLOCK_J]  # fmt: skip
-        if USE_DOT:
-            if DOT_FP32:
-                acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(h, w, acc)
-        else:
-            acc3 += h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
+        acc = acc3
+    acc, acc3 = _down_h_step(acc, acc3, w, h_ptr, grp, within, j_mask, offs_b, b_mask, stride_hb, stride_hg, stride_hr,
+                             USE_DOT, DOT_FP32)  # fmt: skip
+    for j0 in tl.range(j_lo + BLOCK_J, j_hi, BLOCK_J, num_stages=NUM_STAGES):
+        w, grp, within, j_mask = _down_w_step(w_ptr, idx_ptr, j0, j_hi, offs_d, d_mask, stride_wn, ROWS_PER_IDX,
+                                              BLOCK_J)  # fmt: skip
+        acc, acc3 = _down_h_step(acc, acc3, w, h_ptr, grp, within, j_mask, offs_b, b_mask, stride_hb, stride_hg,
+                                 stride_hr, USE_DOT, DOT_FP32)  # fmt: skip
     if not USE_DOT:
         acc = tl.sum(acc3, axis=1)
 
@@ -650,6 +645,39 @@ def _gather_down_kernel(
     else:
         _down_epilogue(acc, bias_ptr, res_ptr, out_ptr, offs_b, offs_d, d_mask, bd_mask, stride_rb, stride_ob,
                        HAS_BIAS, HAS_RES)  # fmt: skip
+
+
+@jit
+def _down_w_step(w_ptr, idx_ptr, j0, j_hi, offs_d, d_mask, stride_wn, ROWS_PER_IDX: tl.constexpr,
+                 BLOCK_J: tl.constexpr):  # fmt: skip
+    """Gathered rows j0..j0+BLOCK_J (below j_hi) of one column slab: the weights [BLOCK_J, BLOCK_D] and where each row's
+    activation sits (its index group and the offset inside it)."""
+    offs_j = j0 + tl.arange(0, BLOCK_J)  # [BLOCK_J] positions in h
+    j_mask = offs_j < j_hi
+    uj = offs_j.to(tl.uint32)  # (non-negative: unsigned // and % by the constexpr R are a shift and a mask)
+    grp = (uj // ROWS_PER_IDX).to(tl.int32)
+    within = (uj % ROWS_PER_IDX).to(tl.int32)
+    sel = tl.load(idx_ptr + grp, mask=j_mask, other=0)
+    rows = sel.to(tl.int64) * ROWS_PER_IDX + within
+    w = tl.load(w_ptr + rows[:, None] * stride_wn + offs_d[None, :], mask=j_mask[:, None] & d_mask[None, :],
+                other=0.0)  # fmt: skip
+    return w, grp, within, j_mask
+
+
+@jit
+def _down_h_step(acc, acc3, w, h_ptr, grp, within, j_mask, offs_b, b_mask, stride_hb, stride_hg, stride_hr,
+                 USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):  # fmt: skip
+    """One step's activations [BLOCK_B, BLOCK_J] times its weights, into acc (tensor cores) or acc3 (FMA, 3-D)."""
+    h = tl.load(h_ptr + offs_b[:, None] * stride_hb + grp[None, :] * stride_hg + within[None, :] * stride_hr,
+                mask=b_mask[:, None] & j_mask[None, :], other=0.0)  # fmt: skip
+    if USE_DOT:
+        if DOT_FP32:
+            acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, w, acc)
+    else:
+        acc3 += h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
+    return acc, acc3
 
 
 @jit
@@ -776,7 +804,7 @@ def _counters(device, n: int) -> torch.Tensor:
 
 
 def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out, split_k, finish=True, zero=None,
-                        op="gather_down"):  # fmt: skip
+                        op="gather_down", prewait=False):  # fmt: skip
     """Shared launch for gather_down / head_gather_down (inputs already checked). ``finish=False``: out holds fp32
     sums the programs add into (the split-k partials summed by atomics instead, no bias or residual); ``zero``: an
     fp32 tensor set to 0 after the PDL wait (checked here)."""
@@ -799,7 +827,7 @@ def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out,
         *h_strides, w.stride(0), res.stride(0), out.stride(0),
         ROWS_PER_IDX=rows_per_idx, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         WRITE_PARTIAL=partial, FUSED_REDUCE=fused, FENCE=fused and not is_interpreted(_gather_down_kernel),
-        ACCUMULATE=not finish, ZERO=n_zero > 0, BLOCK_Z=block_z,
+        ACCUMULATE=not finish, ZERO=n_zero > 0, BLOCK_Z=block_z, PREWAIT=pdl and prewait,
         DOT_FP32=w.dtype == torch.float32 or is_interpreted(_gather_down_kernel), PDL=pdl, launch_pdl=pdl,
         num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg,
     )  # fmt: skip

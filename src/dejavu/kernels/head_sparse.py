@@ -89,7 +89,7 @@ def head_gather_gemv_ref(x, w, head_idx, head_dim, bias=None):
 
 
 def head_gather_down(a, wo_t, head_idx, head_dim, bias=None, residual=None, *, validate=True, out=None,
-                     split_k=None, finish=True, zero=None):  # fmt: skip
+                     split_k=None, finish=True, zero=None, prewait=False):  # fmt: skip
     """Output projection restricted to the selected heads -> ``[B, d]``.
 
     ``out[b] = sum_j a[b, j] . wo_t[head_idx[j]*hd : (head_idx[j]+1)*hd] (+ bias) (+ residual)``
@@ -105,6 +105,9 @@ def head_gather_down(a, wo_t, head_idx, head_dim, bias=None, residual=None, *, v
             sum's order then depends on the programs' timing.
         zero: an fp32 contiguous tensor the launch sets to 0 after waiting for its predecessor (e.g. sums an
             earlier launch left and whose consumer has run); not ``out``.
+        prewait: a promise that the kernel before this one in the stream (and any stream event waited on since)
+            writes neither ``head_idx`` nor ``wo_t`` (in the decode step: the attention or its combine). With
+            programmatic dependent launch, the first step's selection and weights are then read before the PDL wait.
     """
     op = "head_gather_down"
     require_triton(op)
@@ -130,7 +133,8 @@ def head_gather_down(a, wo_t, head_idx, head_dim, bias=None, residual=None, *, v
     else:
         check_out(op, out, shape=(B, D), dtype=wo_t.dtype, device=wo_t.device)
     strides = (a.stride(0), a.stride(1), a.stride(2))
-    return _launch_gather_down(a, strides, wo_t, head_idx, bias, residual, head_dim, out, split_k, finish, zero, op)
+    return _launch_gather_down(a, strides, wo_t, head_idx, bias, residual, head_dim, out, split_k, finish, zero, op,
+                               prewait=bool(prewait))  # fmt: skip
 
 
 def head_gather_down_ref(a, wo_t, head_idx, head_dim, bias=None, residual=None):

@@ -88,8 +88,9 @@ class _TritonOps:
     def rows(self, x, w, idx, hd, bias, norm=None, x_sum=None):  # -> [B, k, hd]; norm: x is then the raw stream
         return K.head_gather_gemv(x, w, idx, hd, bias, norm=norm, validate=False, x_sum=x_sum)
 
-    def oproj(self, a, wo_t, idx, hd, bias, res, out, finish=True, zero=None):
-        return K.head_gather_down(a, wo_t, idx, hd, bias, res, validate=False, out=out, finish=finish, zero=zero)
+    def oproj(self, a, wo_t, idx, hd, bias, res, out, finish=True, zero=None, prewait=False):
+        return K.head_gather_down(a, wo_t, idx, hd, bias, res, validate=False, out=out, finish=finish, zero=zero,
+                                  prewait=prewait)  # fmt: skip
 
     def up(self, x, w1, w3, idx, bias, norm=None):  # -> [B, k]
         if w3 is None:
@@ -137,7 +138,7 @@ class _TorchOps:
             x, bias = K.norm_ref(x, norm), norm.linear_bias
         return K.head_gather_gemv_ref(x, w, idx, hd, bias)
 
-    def oproj(self, a, wo_t, idx, hd, bias, res, out):
+    def oproj(self, a, wo_t, idx, hd, bias, res, out, prewait=False):
         return out.copy_(K.head_gather_down_ref(a, wo_t, idx, hd, bias, res))
 
     def up(self, x, w1, w3, idx, bias, norm=None):
@@ -681,12 +682,14 @@ class FastDecoder:
             a = ops.attn(q, cache.k, cache.v, lens, hidx, s.group_size, valid)  # (B, kh, hd)
         if point == "attn":
             fork()
+        # o_proj's prewait: the kernels just before it (attention, combine) write only a, and the selection was joined
+        # before the q/k/v gather, which has completed once they run
         if dense_heads:
             mid.addmm_(a.reshape(B, H * hd), at.wo_t)
         elif o_defer is not None:  # mid = (sums + bo) + x, made by the MLP block
-            ops.oproj(a, at.wo_t, hidx, hd, None, None, o_defer[0], finish=False, zero=o_defer[1])
+            ops.oproj(a, at.wo_t, hidx, hd, None, None, o_defer[0], finish=False, zero=o_defer[1], prewait=True)
         else:
-            ops.oproj(a, at.wo_t, hidx, hd, at.bo, x, mid)
+            ops.oproj(a, at.wo_t, hidx, hd, at.bo, x, mid, prewait=True)
         if point == "oproj":
             fork()
         # norm2 (unless folded into the up gather); a dense fc2 accumulates in place into x_next = mid + b2,
