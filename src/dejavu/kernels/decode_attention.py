@@ -448,13 +448,12 @@ def qkv_decode_attention(qkv, kvidx, k_cache, v_cache, pos, head_idx, group_size
         kvidx: ``[kkv]`` the KV heads of the K/V rows; it must hold every ``head_idx[j] // group_size``.
         pos: ``[B]`` int32/int64 positions being decoded, 0 <= pos[b] < S_max.
         cos, sin: ``[B, hd]`` RoPE tables at ``pos`` (both or neither).
-        prewait: a promise that the kernel before this one in the stream writes only ``qkv`` (in the decode step: the
-            q/k/v gather) and that nothing else it reads was joined from another stream since that kernel (an event
-            wait does not hold back code before the PDL wait; bench/NOTES.md v12). Launched with programmatic
-            dependent launch, the kernel then reads everything else it
-            needs (the selection, ``pos``, the RoPE tables, the first tile of the cache below ``pos``) before its
-            PDL wait, while that kernel still runs (bench/NOTES.md v12: the decode step 0.5-3.3% faster on the four
-            bench models). Without PDL (CPU, interpreter, before Hopper) it changes nothing.
+        prewait: a promise that the kernel before this one in the stream writes only ``qkv``, and that everything
+            else this kernel reads was complete before that kernel started (the decode step: the q/k/v gather, and
+            the selection joined before it). Launched with programmatic dependent launch, the kernel then reads
+            everything else it needs (the selection, ``pos``, the RoPE tables, the first tile of the cache below
+            ``pos``) before its PDL wait, while that kernel still runs (bench/NOTES.md v12: the decode step 0.5-3.3%
+            faster on the four bench models). Without PDL (CPU, interpreter, before Hopper) it changes nothing.
         Others as in :func:`sparse_decode_attention`.
     """
     op = "qkv_decode_attention"

@@ -105,9 +105,10 @@ def head_gather_down(a, wo_t, head_idx, head_dim, bias=None, residual=None, *, v
             sum's order then depends on the programs' timing.
         zero: an fp32 contiguous tensor the launch sets to 0 after waiting for its predecessor (e.g. sums an
             earlier launch left and whose consumer has run); not ``out``.
-        prewait: a promise that the kernel before this one in the stream (and any stream event waited on since)
-            writes neither ``head_idx`` nor ``wo_t`` (in the decode step: the attention or its combine). With
-            programmatic dependent launch, the first step's selection and weights are then read before the PDL wait.
+        prewait: a promise that ``head_idx`` and ``wo_t`` were complete before the kernel preceding this one in the
+            stream started (the decode step: the selection is joined before the q/k/v gather, two kernels earlier).
+            With programmatic dependent launch, the first step's selection and weights are then read before the PDL
+            wait.
     """
     op = "head_gather_down"
     require_triton(op)
