@@ -55,8 +55,7 @@ def cases():
         zero_ptr=F32, B=1, n_in=KH * HD, D=D, rows_per_split=rps, n_splits=splits, n_zero=D, stride_hb=KH * HD,
         stride_hg=HD, stride_hr=1, stride_wn=D, stride_rb=D, stride_ob=D, ROWS_PER_IDX=HD, HAS_BIAS=False,
         HAS_RES=False, WRITE_PARTIAL=False, FUSED_REDUCE=False, FENCE=False, ACCUMULATE=True, ZERO=True,
-        PREWAIT=True, BLOCK_Z=next_pow2(cdiv(D, splits * cdiv(D, down["BLOCK_D"]))), DOT_FP32=False,
-        **down), {}
+        PREWAIT=True, BLOCK_Z=next_pow2(cdiv(D, splits * cdiv(D, down["BLOCK_D"]))), DOT_FP32=False, **down), {}
     mlp = MB._mlp_config(1, KM, D, False, cpu)
     mlp_args = dict(
         x_ptr=F16, w1_ptr=F16, w3_ptr=F16, w2t_ptr=F16, idx_ptr=I64, b1_ptr=F32, b2_ptr=F16, res_ptr=F16, out_ptr=F16,
