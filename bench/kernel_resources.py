@@ -39,7 +39,7 @@ def cases():
         x_ptr=F16, w_ptr=F16, w2_ptr=F16, idx_ptr=I64, bias_ptr=F32, out_ptr=F16, g_ptr=F16, rg_ptr=F32, xs_ptr=F32,
         xb_ptr=F16, xr_ptr=F16, B=1, n_out=3 * KH * HD, D=D, eps=1e-5, stride_xb=D, stride_xd=1, stride_wn=D,
         stride_w2n=D, stride_ob=3 * KH * HD, stride_xr=D, ROWS_PER_IDX=HD, ACT=0, NORM=1, HAS_BIAS=True,
-        DOT_FP32=False, X_SUM=True, HAS_XB=True, **rows), cap
+        DOT_FP32=False, X_SUM=True, HAS_XB=True, PREWAIT=False, **rows), cap
     attn = A._attn_config(1, KH, S, HD, 2, cpu, None)
     yield "decode attention (fused q/k/v finish)", A._decode_attn_kernel, dict(
         q_ptr=F16, k_ptr=F16, v_ptr=F16, seq_lens_ptr=I64, head_idx_ptr=I64, out_ptr=F16, part_o_ptr=F32,
@@ -63,7 +63,7 @@ def cases():
         D=D, eps=1e-5, n_zero=D, stride_xb=D, stride_xd=1, stride_w1n=D, stride_w3n=D, stride_w2n=D, stride_rb=D,
         stride_ob=D, stride_xr=D, ACT=1, NORM=1, HAS_B1=True, HAS_B2=False, HAS_RES=False, DOT_FP32=False,
         FENCE=False, FINISH=False, ZERO=True, BLOCK_Z=next_pow2(cdiv(D, cdiv(KM, mlp["BLOCK_N"]))), X_SUM=True,
-        HAS_XB=True, **mlp)
+        HAS_XB=True, PREWAIT=False, **mlp)
     yield "MLP block (sparse_mlp)", MB._sparse_mlp_kernel, mlp_args, {}
     yield "MLP block, maxnreg=128", MB._sparse_mlp_kernel, mlp_args, {"maxnreg": 128}
     for name, n, d, first in (("predictor first factors", 2 * R, D, True), ("neuron scores", FFN, R, False)):

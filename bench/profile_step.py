@@ -30,6 +30,8 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
 * where a producer's finishing pass runs (default: in its consumer, as it loads the producer's output):
   ``finish_mlp`` (each MLP block adds its bias and residual itself: ``FastDecoder.defer_mlp_finish`` off),
   ``finish_o`` (each o_proj sums its split-k partials itself: ``FastDecoder.defer_oproj_finish`` off);
+* ``prewait_gathers``: the q/k/v gathers (but layer 0's) and the MLP blocks read their selection and first weight
+  chunk before their PDL wait (``FastDecoder.prewait_gathers``);
 * stream priorities: ``sparse_high_priority`` (the side stream created with priority -1), ``main_priority`` (the step
   captured on a stream of priority -1, ahead of the side stream's: ``FastDecoder.capture_priority``).
 
@@ -138,6 +140,8 @@ def _setup(dec: FastDecoder, name: str) -> None:
         dec.defer_mlp_finish = False
     if name == "finish_o":  # A/B: each o_proj finishes its own sums (not its layer's MLP block)
         dec.defer_oproj_finish = False
+    if name == "prewait_gathers":  # A/B: the q/k/v gathers (but layer 0's) and MLP blocks read early
+        dec.prewait_gathers = True
     if name == "torch_topk":  # A/B: the neuron top-k by torch.topk instead of the radix select
         dec._topk = "torch"
     if name == "radix_torch_hist":  # A/B: radix select, its histogram built by torch ops instead of the GEMV
@@ -159,7 +163,8 @@ def main():
                          "side_pdl_{on,off,first,heads,scores,mlp},"
                          "nopdl_{rows,attn,combine,oproj,mlp},mlp_maxnreg_128,gemv_cap_{32,64,132,264},"
                          "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},mlp_rows_{8,32},"
-                         "rows_narrow,fork_{start,qkv,attn,oproj},main_priority,finish_mlp,finish_o; "
+                         "rows_narrow,fork_{start,qkv,attn,oproj},main_priority,finish_mlp,finish_o,"
+                         "prewait_gathers; "
                          "join several with '+'")
     ap.add_argument("--tag", default="", help="suffix of the output file name (e.g. _pdl0 for an A/B run)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per variant (median)")
@@ -192,7 +197,7 @@ def main():
            for m in SIDE_PDL_OFF},
         "main_priority": dict(predictors=preds, mlp_density=md, head_density=hd),
         **{name: dict(predictors=preds, mlp_density=md, head_density=hd)
-           for name in ("finish_mlp", "finish_o")},
+           for name in ("finish_mlp", "finish_o", "prewait_gathers")},
         **{f"fork_{m}": dict(predictors=preds, mlp_density=md, head_density=hd) for m in FORK_POINTS},
     }
     knobs = {  # A/B of launch heuristics, set while the step is captured: (module, name, value)

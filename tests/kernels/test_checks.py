@@ -143,7 +143,7 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
                   n_out=2048, D=5120, eps=1e-5, stride_xb=5120, stride_xd=1, stride_wn=5120, stride_w2n=5120,
                   stride_ob=2048, stride_xr=5120, ROWS_PER_IDX=1 if act == 2 else 128, ACT=act, NORM=norm,
                   HAS_BIAS=act == 1, DOT_FP32=dt == torch.float32, X_SUM=B <= 2 and norm != 0, HAS_XB=True,
-                  **cfg), nw, cfg["NUM_STAGES"])
+                  PREWAIT=B <= 2 and norm != 0, **cfg), nw, cfg["NUM_STAGES"], early=B <= 2 and norm != 0)
     for B, split, fn, acc in ((1, None, G._down_config, False), (2, None, G._down_config, False),
                               (16, 4, G._down_config, False), (1, None, G._down_config_v1, False),
                               (16, 4, G._down_config_v1, False), (1, None, G._down_config, True)):
@@ -165,8 +165,8 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
               B=B, K=2048, D=5120, eps=1e-5, n_zero=5120, stride_xb=5120, stride_xd=1, stride_w1n=5120,
               stride_w3n=5120, stride_w2n=5120, stride_rb=5120, stride_ob=5120, stride_xr=5120, ACT=act, NORM=act,
               HAS_B1=act == 1, HAS_B2=act == 1, HAS_RES=True, DOT_FP32=dt == torch.float32, FENCE=True,
-              FINISH=B != 1, ZERO=B <= 2, BLOCK_Z=64, X_SUM=B <= 2, HAS_XB=act == 1, **cfg), nw,
-              cfg["NUM_STAGES"])
+              FINISH=B != 1, ZERO=B <= 2, BLOCK_Z=64, X_SUM=B <= 2, HAS_XB=act == 1, PREWAIT=B <= 2, **cfg), nw,
+              cfg["NUM_STAGES"], early=B <= 2)
     for ln in (True, False):
         build(FO._norm_kernel, dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, y_ptr=dt, rb_ptr=dt, init_ptr=dt, D=5120, eps=1e-5,
               stride_x=5120, stride_y=5120, stride_i=5120, IS_LN=ln, HAS_W=True, HAS_B=ln, HAS_INIT=True,

@@ -36,7 +36,7 @@ def test_head_gather_gemv(d, H, hd, kh, B, dtype):
     head_idx = rand_index(H, kh, gen=g, dtype=torch.int32 if B != 3 else torch.int64)
     b = bias if (kh + B) % 2 else None
     out = poisoned((B, kh, hd), dtype)
-    res = head_gather_gemv(x, w, head_idx, hd, b, out=out)
+    res = head_gather_gemv(x, w, head_idx, hd, b, out=out, prewait=b is None)  # (prewait: as head_gather_down's)
     assert res is out
     check_against(res, head_gather_gemv_ref, (x, w, head_idx, hd, b), dtype=dtype)
 

@@ -41,7 +41,8 @@ def test_sparse_mlp(d, n, k, swiglu, B, dtype):
     idx = rand_index(n, k, gen=g, dtype=torch.int32 if B == 2 else torch.int64)
     ws = mlp_workspace(d, DEVICE, B)
     out = poisoned((B, d), dtype)
-    got = sparse_mlp(x, w1, w2t, idx, b1, b2, res, w3=w3, workspace=ws, out=out)
+    # prewait (a no-op without PDL; on a Hopper GPU at B <= 2 the first up chunk read before the wait): half the cases
+    got = sparse_mlp(x, w1, w2t, idx, b1, b2, res, w3=w3, workspace=ws, out=out, prewait=(k + B) % 2 == 0)
     assert got is out
     check_against(got, sparse_mlp_ref, (x, w1, w2t, idx, b1, b2, res), {"w3": w3}, dtype=dtype)
     assert not ws["acc"].any() and not ws["cnt"].any(), "the kernel must leave its workspace zeroed"

@@ -67,6 +67,21 @@ def test_sparse_batch1_equals_reference_policy(tiny, kv_policy):
         assert dec.k_kv == [1, model.spec.n_kv_heads, model.spec.n_kv_heads]  # gathered / dense-with-holes
 
 
+@pytest.mark.parametrize("kv_policy", ["all", "selected"])
+def test_prewait_gathers_equal_reference_policy(tiny, kv_policy):
+    """prewait_gathers (A/B): the q/k/v gathers (but layer 0's) and the MLP blocks read their selection before their
+    PDL wait. The per-layer densities here make layer 0's prediction end in its head top-k, the kernel right before
+    layer 0's gather: read early there, the selection can be the previous step's (the likely cause of the GPU
+    failures in bench/NOTES.md v12), so several steps must match the reference per token."""
+    model = tiny[1].to(DEV)
+    p = _predictors(model.spec)
+    dec = FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=16, kv_policy=kv_policy, backend="triton")
+    dec.prewait_gathers = True
+    errs, _ = _compare(model, dec, PredictorPolicy(p, MLP_D, HEAD_D), kv_policy, B=1, steps=5)
+    assert max(errs) < TOL, errs
+    assert dec.describe()["prewait_gathers"]
+
+
 def _on_and_off(model, p, flag, B, seed, max_len=12):
     """Two decoders differing only in ``flag`` (on / off), two decode steps each from the same prompt: the logits
     agree (fp32); returns (on, off)."""

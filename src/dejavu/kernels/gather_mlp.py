@@ -102,6 +102,7 @@ def _gather_rows_kernel(
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the d loop
     X_SUM: tl.constexpr,  # x = round(xs + xb + xr), written to x_ptr by program 0 (FMA path; see XSum)
     HAS_XB: tl.constexpr,
+    PREWAIT: tl.constexpr,  # FMA path with PDL: the selection and the first weight chunk read before the wait
     PDL: tl.constexpr,  # programmatic dependent launch (see _checks.use_pdl)
 ):
     """out[b, c] = act(norm(x[b]) . w[row(c)] + bias[row(c)]), row(c) = idx[c // R] * R + c % R.
@@ -115,7 +116,8 @@ def _gather_rows_kernel(
     the per-row scalars: rmsnorm r * acc; layernorm r * (acc - mean * (w . g)) + (b + w . beta), the
     two row constants precomputed by fold_norm.
     """
-    pdl_sync(PDL)
+    if not PREWAIT:
+        pdl_sync(PDL)
     pid = tl.program_id(0)
     offs_c = pid * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K] output columns
     c_mask = offs_c < n_out
@@ -124,10 +126,60 @@ def _gather_rows_kernel(
     acc = _rows_tile(x_ptr, w_ptr, w2_ptr, bias_ptr, g_ptr, rg_ptr, rows, c_mask, B, D, eps, stride_xb, stride_xd,
                      stride_wn, stride_w2n, ACT, NORM, HAS_BIAS, BLOCK_B, BLOCK_K, BLOCK_D, USE_DOT, DOT_FP32,
                      NUM_STAGES, xs_ptr, xb_ptr, xr_ptr, stride_xr, tl.where(pid == 0, D, 0), X_SUM,
-                     HAS_XB)  # fmt: skip
+                     HAS_XB, PREWAIT, PDL)  # fmt: skip
     offs_b = tl.arange(0, BLOCK_B)
     out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_c[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_b < B)[:, None] & c_mask[None, :])
+
+
+@jit
+def _w_chunk(w_rows, offs_d, c_mask, D):
+    """The FMA path's [BLOCK_K, BLOCK_D] weight chunk at columns offs_d, in fp32."""
+    return tl.load(w_rows + offs_d[None, :], mask=c_mask[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
+
+
+@jit
+def _fma_chunk(offs_d, w_in, w2_in, a0, a1, c0, c1, s1, s2, w_rows, w2_rows, c_mask, x_ptr, x_rows, g_ptr, offs_b,
+               b_mask, D, stride_xd, xs_ptr, xb_ptr, xr_ptr, stride_xr, x_write_lim, HAS_W: tl.constexpr,
+               ACT: tl.constexpr, NORM: tl.constexpr, BLOCK_B: tl.constexpr, X_SUM: tl.constexpr,
+               HAS_XB: tl.constexpr):  # fmt: skip
+    """One d-chunk of the FMA path: x's columns offs_d (read, or made: X_SUM), the folded norm's sums, and the
+    per-sequence products with the chunk's weights added into a0/a1 (c0/c1: SwiGLU's up rows). The weights are
+    w_in/w2_in when HAS_W (loaded earlier), else loaded here, each where its products need it."""
+    d_mask = offs_d < D
+    if X_SUM:  # the MLP block's finish, done here: (sums + bias) + residual, rounded as the block stores it
+        xm = b_mask[:, None] & d_mask[None, :]
+        xs = tl.load(xs_ptr + offs_b[:, None] * D + offs_d[None, :], mask=xm, other=0.0, cache_modifier=".cg")
+        if HAS_XB:
+            xs += tl.load(xb_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        xs += tl.load(xr_ptr + offs_b[:, None] * stride_xr + offs_d[None, :], mask=xm, other=0.0).to(tl.float32)
+        x = xs.to(x_ptr.dtype.element_ty)
+        tl.store(x_rows + offs_d[None, :] * stride_xd, x, mask=b_mask[:, None] & (offs_d < x_write_lim)[None, :])
+    else:
+        x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=b_mask[:, None] & d_mask[None, :], other=0.0)
+    if HAS_W:
+        w = w_in
+    else:
+        w = _w_chunk(w_rows, offs_d, c_mask, D)
+    xf = x.to(tl.float32)
+    if NORM != 0:
+        s2 += xf * xf
+        s1 += xf
+        xf = xf * tl.load(g_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    x0 = row_of(xf, offs_b, 0)  # [BLOCK_D]: sequence 0's row
+    a0 += x0[None, :] * w
+    if BLOCK_B == 2:
+        x1 = row_of(xf, offs_b, 1)
+        a1 += x1[None, :] * w
+    if ACT == 2:
+        if HAS_W:
+            w2 = w2_in
+        else:
+            w2 = _w_chunk(w2_rows, offs_d, c_mask, D)
+        c0 += x0[None, :] * w2
+        if BLOCK_B == 2:
+            c1 += x1[None, :] * w2
+    return a0, a1, c0, c1, s1, s2
 
 
 @jit
@@ -135,10 +187,11 @@ def _rows_tile(x_ptr, w_ptr, w2_ptr, bias_ptr, g_ptr, rg_ptr, rows, c_mask, B, D
                stride_wn, stride_w2n, ACT: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr,
                DOT_FP32: tl.constexpr, NUM_STAGES: tl.constexpr, xs_ptr, xb_ptr, xr_ptr, stride_xr, x_write_lim,
-               X_SUM: tl.constexpr, HAS_XB: tl.constexpr):  # fmt: skip
+               X_SUM: tl.constexpr, HAS_XB: tl.constexpr, PREWAIT: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """act(norm(x[b]) . w[rows] + bias[rows]) -> fp32 [BLOCK_B, BLOCK_K] (masked rows read as zero weights): the
     body of the row gather, shared with the fused MLP block (mlp_block.py). X_SUM (FMA path): x is not read but
-    made, x = round(xs + xb + xr) in x's dtype, and its columns below x_write_lim stored into x."""
+    made, x = round(xs + xb + xr) in x's dtype, and its columns below x_write_lim stored into x. PREWAIT (FMA path):
+    the caller has not waited for its PDL predecessor; the first weight chunk is loaded, then the wait."""
     w_rows = w_ptr + rows[:, None] * stride_wn  # [BLOCK_K, 1]
     w2_rows = w2_ptr + rows[:, None] * stride_w2n
     offs_b = tl.arange(0, BLOCK_B)
@@ -150,6 +203,7 @@ def _rows_tile(x_ptr, w_ptr, w2_ptr, bias_ptr, g_ptr, rg_ptr, rows, c_mask, B, D
 
     if USE_DOT:
         tl.static_assert(not X_SUM, "X_SUM is on the FMA path (B <= 2) only")
+        tl.static_assert(not PREWAIT, "PREWAIT is on the FMA path (B <= 2) only")
         # [BLOCK_B, BLOCK_D] @ [BLOCK_D, BLOCK_K] on tensor cores; padding rows of x are zero.
         acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
@@ -177,45 +231,28 @@ def _rows_tile(x_ptr, w_ptr, w2_ptr, bias_ptr, g_ptr, rg_ptr, rows, c_mask, B, D
                     acc2 = tl.dot(x, tl.trans(w2), acc2)
     else:
         # B <= 2: one [BLOCK_K, BLOCK_D] fp32 accumulator per sequence (two at B = 2), multiplied elementwise and
-        # reduced over d once after the loop; 2-D for the weight load's layout (_checks.sum_rows says why).
+        # reduced over d once after the loop; 2-D for the weight load's layout (_checks.sum_rows says why). PREWAIT:
+        # the caller has not waited for its PDL predecessor; the first chunk is peeled.
         a0 = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
         a1 = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
         c0 = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
         c1 = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-        for d0 in tl.range(0, D, BLOCK_D, num_stages=NUM_STAGES):
-            offs_d = d0 + offs_d0
-            d_mask = offs_d < D
-            if X_SUM:  # the MLP block's finish, done here: (sums + bias) + residual, rounded as the block stores it
-                xm = b_mask[:, None] & d_mask[None, :]
-                xs = tl.load(xs_ptr + offs_b[:, None] * D + offs_d[None, :], mask=xm, other=0.0,
-                             cache_modifier=".cg")  # fmt: skip
-                if HAS_XB:
-                    xs += tl.load(xb_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-                xs += tl.load(xr_ptr + offs_b[:, None] * stride_xr + offs_d[None, :], mask=xm,
-                              other=0.0).to(tl.float32)  # fmt: skip
-                x = xs.to(x_ptr.dtype.element_ty)
-                tl.store(x_rows + offs_d[None, :] * stride_xd, x,
-                         mask=b_mask[:, None] & (offs_d < x_write_lim)[None, :])  # fmt: skip
-            else:
-                x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=b_mask[:, None] & d_mask[None, :],
-                            other=0.0)  # fmt: skip
-            w = tl.load(w_rows + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            xf = x.to(tl.float32)
-            if NORM != 0:
-                s2 += xf * xf
-                s1 += xf
-                xf = xf * tl.load(g_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-            x0 = row_of(xf, offs_b, 0)  # [BLOCK_D]: sequence 0's row
-            a0 += x0[None, :] * w
-            if BLOCK_B == 2:
-                x1 = row_of(xf, offs_b, 1)
-                a1 += x1[None, :] * w
+        d_start = BLOCK_D if PREWAIT else 0
+        if PREWAIT:  # the first chunk's weights before the PDL wait, its products after
+            w = _w_chunk(w_rows, offs_d0, c_mask, D)
+            w2 = w
             if ACT == 2:
-                w2 = tl.load(w2_rows + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :],
-                             other=0.0).to(tl.float32)  # fmt: skip
-                c0 += x0[None, :] * w2
-                if BLOCK_B == 2:
-                    c1 += x1[None, :] * w2
+                w2 = _w_chunk(w2_rows, offs_d0, c_mask, D)
+            pdl_sync(PDL)
+            a0, a1, c0, c1, s1, s2 = _fma_chunk(offs_d0, w, w2, a0, a1, c0, c1, s1, s2, w_rows, w2_rows, c_mask, x_ptr,
+                                                x_rows, g_ptr, offs_b, b_mask, D, stride_xd, xs_ptr, xb_ptr, xr_ptr,
+                                                stride_xr, x_write_lim, True, ACT, NORM, BLOCK_B, X_SUM,
+                                                HAS_XB)  # fmt: skip
+        for d0 in tl.range(d_start, D, BLOCK_D, num_stages=NUM_STAGES):
+            a0, a1, c0, c1, s1, s2 = _fma_chunk(d0 + offs_d0, None, None, a0, a1, c0, c1, s1, s2, w_rows, w2_rows,
+                                                c_mask, x_ptr, x_rows, g_ptr, offs_b, b_mask, D, stride_xd, xs_ptr,
+                                                xb_ptr, xr_ptr, stride_xr, x_write_lim, False, ACT, NORM, BLOCK_B,
+                                                X_SUM, HAS_XB)  # fmt: skip
         acc = sum_rows(a0, a1, offs_b, 1, BLOCK_B)
         acc2 = acc
         if ACT == 2:
@@ -283,9 +320,11 @@ def _rows_config(batch: int, n_out: int, d: int, two_mats: bool, device: torch.d
     return dict(BLOCK_B=16, BLOCK_K=block_k, BLOCK_D=block_d, USE_DOT=True, NUM_STAGES=4, num_warps=4)
 
 
-def _launch_gather_rows(x, w, w2, idx, bias, act: int, rows_per_idx: int, out, norm=None, x_sum=None):
+def _launch_gather_rows(x, w, w2, idx, bias, act: int, rows_per_idx: int, out, norm=None, x_sum=None,
+                        prewait=False):  # fmt: skip
     """Shared launch for gather_up / gather_swiglu / head_gather_gemv (inputs already checked; with ``norm`` a
-    checked NormFold, whose bias replaces ``bias``; with ``x_sum`` a checked XSum, x then being written)."""
+    checked NormFold, whose bias replaces ``bias``; with ``x_sum`` a checked XSum, x then being written;
+    ``prewait``: see head_gather_gemv; only on the FMA path, B <= 2)."""
     B, D = x.shape
     n_out = out.shape[1]
     cfg = _rows_config(B, n_out, D, act == ACT_SWIGLU, x.device)
@@ -304,6 +343,7 @@ def _launch_gather_rows(x, w, w2, idx, bias, act: int, rows_per_idx: int, out, n
         x_sum.residual.stride(0) if x_sum is not None else 0,
         ROWS_PER_IDX=rows_per_idx, ACT=act, NORM=0 if norm is None else NORM_CODES[norm.kind],
         HAS_BIAS=bias is not None, X_SUM=x_sum is not None, HAS_XB=x_sum is not None and x_sum.bias is not None,
+        PREWAIT=pdl and prewait and not cfg["USE_DOT"],
         DOT_FP32=x.dtype == torch.float32 or is_interpreted(_gather_rows_kernel), PDL=pdl, launch_pdl=pdl,
         num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg, **opts,
     )  # fmt: skip

@@ -46,7 +46,8 @@ def _check_head_dim(op, head_dim, n_rows):
         )
 
 
-def head_gather_gemv(x, w, head_idx, head_dim, bias=None, *, norm=None, validate=True, out=None, x_sum=None):
+def head_gather_gemv(x, w, head_idx, head_dim, bias=None, *, norm=None, validate=True, out=None, x_sum=None,
+                     prewait=False):  # fmt: skip
     """Projection rows of the selected heads: ``x @ w[rows(head_idx)].T (+ bias)``.
 
     Args:
@@ -59,6 +60,9 @@ def head_gather_gemv(x, w, head_idx, head_dim, bias=None, *, norm=None, validate
             x is then the raw residual stream (the projection's bias comes from the fold).
         x_sum: optional :class:`~dejavu.kernels.gather_mlp.XSum` (B <= 2): x is not read but made from the
             unfinished MLP block before this projection and written into ``x`` (the layer's residual stream).
+        prewait: a promise that the kernel before this one in the stream writes neither ``head_idx`` nor ``w``. With
+            programmatic dependent launch (B <= 2), the selection and the first weight chunk are then read before the
+            PDL wait, while that kernel still runs.
 
     Returns:
         ``[B, kh, head_dim]``, heads in ``head_idx`` order.
@@ -75,7 +79,8 @@ def head_gather_gemv(x, w, head_idx, head_dim, bias=None, *, norm=None, validate
         out = torch.empty((B, kh, head_dim), dtype=x.dtype, device=x.device)
     else:
         check_out(op, out, shape=(B, kh, head_dim), dtype=x.dtype, device=x.device)
-    _launch_gather_rows(x, w, w, head_idx, bias, ACT_NONE, head_dim, out.view(B, kh * head_dim), norm, x_sum)
+    _launch_gather_rows(x, w, w, head_idx, bias, ACT_NONE, head_dim, out.view(B, kh * head_dim), norm, x_sum,
+                        prewait=bool(prewait))  # fmt: skip
     return out
 
 

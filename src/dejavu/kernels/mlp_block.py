@@ -117,12 +117,14 @@ def _sparse_mlp_kernel(
     BLOCK_Z: tl.constexpr,
     X_SUM: tl.constexpr,  # x = round(xs + xb + xr), written to x_ptr by program 0 (FMA path; see XSum)
     HAS_XB: tl.constexpr,
+    PREWAIT: tl.constexpr,  # FMA path with PDL: the selection and the first up chunk read before the wait
     PDL: tl.constexpr,
 ):
     """out = act(norm(x) W1[idx]^T + b1[idx]) @ w2t[idx] + b2 + residual. Grid: (cdiv(K, BLOCK_N),)."""
-    pdl_sync(PDL)
+    if not PREWAIT:
+        pdl_sync(PDL)
     pid = tl.program_id(0)
-    if ZERO:
+    if ZERO and not PREWAIT:
         zero_slice(zero_ptr, n_zero, pid, BLOCK_Z)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < K
@@ -132,7 +134,9 @@ def _sparse_mlp_kernel(
     h = _rows_tile(x_ptr, w1_ptr, w3_ptr, b1_ptr, g_ptr, rg_ptr, rows, n_mask, B, D, eps, stride_xb, stride_xd,
                    stride_w1n, stride_w3n, ACT, NORM, HAS_B1, BLOCK_B, BLOCK_N, BLOCK_D, USE_DOT, DOT_FP32,
                    NUM_STAGES, xs_ptr, xb_ptr, xr_ptr, stride_xr, tl.where(pid == 0, D, 0), X_SUM,
-                   HAS_XB)  # fmt: skip
+                   HAS_XB, PREWAIT, PDL)  # fmt: skip
+    if PREWAIT and ZERO:  # after the PDL wait, which _rows_tile has passed
+        zero_slice(zero_ptr, n_zero, pid, BLOCK_Z)
     h = h.to(out_ptr.dtype.element_ty)  # rounded to the stored dtype, as unfused (masked neurons' rows read as 0)
 
     # -- down: acc[b, :] += h[b] @ w2t[rows], slab by slab from a per-program offset ----------------------------------
@@ -248,7 +252,7 @@ def mlp_workspace(d: int, device, batch: int = MAX_BATCH) -> dict:
 
 
 def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, norm=None, workspace=None,
-               validate=True, out=None, finish=True, zero=None, x_sum=None):
+               validate=True, out=None, finish=True, zero=None, x_sum=None, prewait=False):
     """The sparse MLP block ``act(x @ w1[idx].T + b1[idx]) @ w2t[idx] + b2 + residual`` -> ``[B, d]`` in one launch.
 
     ``act`` is ReLU (OPT: ``w1`` = fc1, ``b1`` its bias) or, with ``w3``, SwiGLU ``silu(x w1[idx]^T) * (x w3[idx]^T)``
@@ -264,6 +268,9 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
     ``x_sum``: a :class:`~dejavu.kernels.gather_mlp.XSum` (B <= 2): x is not read but made from the unfinished
     o_proj before the block (``head_gather_down(finish=False)``) and written into ``x``; ``residual`` may be that
     same ``x`` (the last program reads it after every program has arrived).
+    ``prewait``: a promise that the kernel before this one in the stream writes neither ``idx`` nor the weights:
+    with programmatic dependent launch (B <= 2), the selection and the first up chunk are then read before the PDL
+    wait, while that kernel still runs.
     """
     op = "sparse_mlp"
     require_triton(op)
@@ -331,7 +338,8 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
         DOT_FP32=x.dtype == torch.float32 or is_interpreted(_sparse_mlp_kernel),
         FENCE=not is_interpreted(_sparse_mlp_kernel), FINISH=bool(finish), ZERO=n_zero > 0,
         BLOCK_Z=block_z, X_SUM=x_sum is not None,
-        HAS_XB=x_sum is not None and x_sum.bias is not None, PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
+        HAS_XB=x_sum is not None and x_sum.bias is not None, PREWAIT=pdl and prewait and not cfg["USE_DOT"],
+        PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
         num_stages=cfg["NUM_STAGES"], **cfg, **({"maxnreg": MAXNREG} if MAXNREG else {}),
     )  # fmt: skip
     return out if finish else acc[:B * D].view(B, D)

@@ -85,8 +85,8 @@ class FastGeneration:
 class _TritonOps:
     """The fused kernels; indices are built by construction (select_topk), so no validation syncs."""
 
-    def rows(self, x, w, idx, hd, bias, norm=None, x_sum=None):  # -> [B, k, hd]; norm: x is then the raw stream
-        return K.head_gather_gemv(x, w, idx, hd, bias, norm=norm, validate=False, x_sum=x_sum)
+    def rows(self, x, w, idx, hd, bias, norm=None, x_sum=None, prewait=False):  # -> [B, k, hd]; norm: x raw stream
+        return K.head_gather_gemv(x, w, idx, hd, bias, norm=norm, validate=False, x_sum=x_sum, prewait=prewait)
 
     def oproj(self, a, wo_t, idx, hd, bias, res, out, finish=True, zero=None, prewait=False):
         return K.head_gather_down(a, wo_t, idx, hd, bias, res, validate=False, out=out, finish=finish, zero=zero,
@@ -100,9 +100,10 @@ class _TritonOps:
     def down(self, h, w2t, idx, bias, res, out):
         return K.gather_down(h, w2t, idx, bias, res, validate=False, out=out)
 
-    def mlp(self, x, w1, w3, w2t, idx, b1, b2, res, out, norm, ws, finish=True, zero=None, x_sum=None):  # one launch
+    def mlp(self, x, w1, w3, w2t, idx, b1, b2, res, out, norm, ws, finish=True, zero=None, x_sum=None,
+            prewait=False):  # one launch  # fmt: skip
         return K.sparse_mlp(x, w1, w2t, idx, b1, b2, res, w3=w3, norm=norm, workspace=ws, validate=False, out=out,
-                            finish=finish, zero=zero, x_sum=x_sum)  # fmt: skip
+                            finish=finish, zero=zero, x_sum=x_sum, prewait=prewait)  # fmt: skip
 
     def attn(self, q, kc, vc, lens, idx, group, valid):
         return K.sparse_decode_attention(q, kc, vc, lens, idx, group, kv_valid=valid, validate=False)
@@ -131,7 +132,7 @@ class _TritonOps:
 class _TorchOps:
     """The same step on the plain-torch references (CPU tests, debugging)."""
 
-    def rows(self, x, w, idx, hd, bias, norm=None, x_sum=None):
+    def rows(self, x, w, idx, hd, bias, norm=None, x_sum=None, prewait=False):  # (no PDL here)
         if x_sum is not None:  # x made from the unfinished MLP block before, and written
             x.copy_(K.x_sum_ref(x_sum, x.dtype))
         if norm is not None:
@@ -149,7 +150,7 @@ class _TorchOps:
     def down(self, h, w2t, idx, bias, res, out):
         return out.copy_(K.gather_down_ref(h, w2t, idx, bias, res))
 
-    def mlp(self, x, w1, w3, w2t, idx, b1, b2, res, out, norm, ws):
+    def mlp(self, x, w1, w3, w2t, idx, b1, b2, res, out, norm, ws, prewait=False):
         return out.copy_(K.sparse_mlp_ref(x, w1, w2t, idx, b1, b2, res, w3=w3, norm=norm))
 
     def attn(self, q, kc, vc, lens, idx, group, valid):
@@ -304,6 +305,10 @@ class FastDecoder:
         # second, 3.258 with both (bench/NOTES.md v10)
         self.defer_mlp_finish = True
         self.defer_oproj_finish = True
+        # the q/k/v gathers (but layer 0's, whose heads the kernel right before it chooses) and the MLP blocks read
+        # their selection and first weight chunk before their PDL wait (A/B, read at capture; lookahead only).
+        # Untested on a GPU in this form (bench/NOTES.md v12)
+        self.prewait_gathers = False
         self._graph, self._graph_out, self._len = None, None, 0
 
     # ---- setup ------------------------------------------------------------------------------------------------------
@@ -427,8 +432,8 @@ class FastDecoder:
     def describe(self) -> dict:
         return {"batch": self.batch, "max_len": self.max_len, "kv_policy": self.kv_policy, "backend": self.backend,
                 "graph": self.use_graph, "overlap": self._side is not None, "lookahead": self.lookahead,
-                "fork_at": self.fork_at, "side_pdl": self.side_pdl, "defer_mlp_finish": any(self._deferred()),
-                "defer_oproj_finish": any(self._deferred_o()),
+                "fork_at": self.fork_at, "side_pdl": self.side_pdl, "prewait_gathers": self.prewait_gathers,
+                "defer_mlp_finish": any(self._deferred()), "defer_oproj_finish": any(self._deferred_o()),
                 "fuse_norm": self.fuse_norm, "fuse_mlp": any(self._fused_mlp), "fuse_attn": self.fuse_attn,
                 "neuron_topk": self._topk,
                 "k_heads": self.k_heads, "k_mlp": self.k_mlp, "k_kv": self.k_kv,
@@ -542,8 +547,11 @@ class FastDecoder:
                     self._predict(l + 1, self._x[l], heads=True, mlp=True)
             elif not self.lookahead:
                 self._predict(l, self._x[l], heads=True, mlp=False)
+            # prewait_gathers: not layer 0's q/k/v gather, whose selection the step's first prediction (main stream)
+            # may write in the kernel right before it
             self._block(l, lens, rope, mlp_ready=self._mlp_ready[l] if l in forked else None, fork=fork,
-                        finish_in=l > 0 and defer[l - 1], finish_out=not defer[l], o_defer=o_defer.get(l))
+                        finish_in=l > 0 and defer[l - 1], finish_out=not defer[l], o_defer=o_defer.get(l),
+                        rows_prewait=self.prewait_gathers and self.lookahead and l > 0)  # fmt: skip
         if forked:
             main.wait_stream(self._side)
         nf = m.norm_f
@@ -634,13 +642,15 @@ class FastDecoder:
             self._kvidx[l].copy_(torch.sort(torch.topk(need, self.k_kv[l]).indices).values)
         return self._kvidx[l]
 
-    def _block(self, l: int, lens, rope, mlp_ready=None, fork=None, finish_in=False, finish_out=True, o_defer=None):
+    def _block(self, l: int, lens, rope, mlp_ready=None, fork=None, finish_in=False, finish_out=True, o_defer=None,
+               rows_prewait=False):  # fmt: skip
         """Layer l on the main stream; ``fork`` (the side stream's prediction of layer l+1) is called at the point
         ``fork_at`` names. ``finish_in``: layer l-1's MLP block left its sums unfinished, so this layer's q/k/v gather
         makes x_l (and this layer's MLP block clears that workspace); ``finish_out=False``: this layer's block leaves
         its own sums for layer l+1 (defer_mlp_finish). ``o_defer``: (sums, other) when the o_proj leaves its sums
         (zeroed ``[B, d]`` fp32) for the MLP block, which makes and writes the residual after attention from them;
-        the o_proj clears ``other`` (defer_oproj_finish)."""
+        the o_proj clears ``other`` (defer_oproj_finish). ``rows_prewait``: the q/k/v gather may read its selection
+        before its PDL wait (prewait_gathers)."""
         point = self.fork_at if fork is not None else None
         if point == "start":
             fork()
@@ -663,11 +673,13 @@ class FastDecoder:
         else:
             hidx, kvidx = self._hidx[l], self._kvidx[l]
             if fold1 is None:
-                qkv = ops.rows(h, self._wqkv[l], self._qkvidx[l], hd, self._bqkv[l])  # (B, kh + 2 kkv, hd)
+                qkv = ops.rows(h, self._wqkv[l], self._qkvidx[l], hd, self._bqkv[l],
+                               prewait=rows_prewait)  # (B, kh + 2 kkv, hd)  # fmt: skip
             else:  # finish_in: x_l = (sums of layer l-1's MLP block + its b2) + its residual, made and written here
                 x_sum = K.XSum(self._mlp_ws[(l - 1) % 2]["acc"][:B * s.d_model].view(B, -1), m.layers[l - 1].mlp.b2,
                                mid) if finish_in else None  # fmt: skip
-                qkv = ops.rows(x, self._wqkv[l], self._qkvidx[l], hd, None, norm=fold1, x_sum=x_sum)
+                qkv = ops.rows(x, self._wqkv[l], self._qkvidx[l], hd, None, norm=fold1, x_sum=x_sum,
+                               prewait=rows_prewait)  # fmt: skip
         if point == "qkv":
             fork()
         valid = cache.valid if self.holes[l] else None
@@ -717,7 +729,8 @@ class FastDecoder:
                     defer["x_sum"] = K.XSum(o_defer[0], at.bo, x)
                 ops.mlp(xin, mlp.w1, mlp.w3, mlp.w2t, nidx, b1, mlp.b2 if finish_out else None,
                         mid if finish_out else None, x_next, fold2,
-                        self._mlp_ws[l % 2] if self._mlp_ws is not None else None, **defer)  # fmt: skip
+                        self._mlp_ws[l % 2] if self._mlp_ws is not None else None,
+                        prewait=self.prewait_gathers and self.lookahead, **defer)  # fmt: skip
             else:
                 act = ops.up(xin, mlp.w1, mlp.w3, nidx, b1, norm=fold2)
                 ops.down(act, mlp.w2t, nidx, mlp.b2, mid, x_next)
