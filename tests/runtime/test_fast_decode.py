@@ -72,7 +72,8 @@ def test_prewait_gathers_equal_reference_policy(tiny, kv_policy):
     """prewait_gathers (A/B): the q/k/v gathers (but layer 0's) and the MLP blocks read their selection before their
     PDL wait. The per-layer densities here make layer 0's prediction end in its head top-k, the kernel right before
     layer 0's gather: read early there, the selection can be the previous step's (the likely cause of the GPU
-    failures in bench/NOTES.md v12), so several steps must match the reference per token."""
+    failures in bench/NOTES.md v12), so several steps must match the reference per token. Without PDL (CPU, the
+    interpreter) prewait changes nothing and this equals the plain reference test; it is meant for the GPU run."""
     model = tiny[1].to(DEV)
     p = _predictors(model.spec)
     dec = FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=16, kv_policy=kv_policy, backend="triton")

@@ -645,19 +645,17 @@ def _gather_down_kernel(
 
     if USE_DOT:
         acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-        acc3 = acc
     else:  # B <= 2: one 3-D [BLOCK_B, BLOCK_J, BLOCK_D] product (bench/NOTES.md v11-v12: the 2-D forms were slower)
-        acc3 = tl.zeros([BLOCK_B, BLOCK_J, BLOCK_D], dtype=tl.float32)
-        acc = acc3
-    acc, acc3 = _down_h_step(acc, acc3, w, h_ptr, grp, within, j_mask, offs_b, b_mask, stride_hb, stride_hg, stride_hr,
-                             USE_DOT, DOT_FP32)  # fmt: skip
+        acc = tl.zeros([BLOCK_B, BLOCK_J, BLOCK_D], dtype=tl.float32)
+    acc = _down_h_step(acc, w, h_ptr, grp, within, j_mask, offs_b, b_mask, stride_hb, stride_hg, stride_hr, USE_DOT,
+                       DOT_FP32)  # fmt: skip
     for j0 in tl.range(j_lo + BLOCK_J, j_hi, BLOCK_J, num_stages=NUM_STAGES):
         w, grp, within, j_mask = _down_w_step(w_ptr, idx_ptr, j0, j_hi, offs_d, d_mask, stride_wn, ROWS_PER_IDX,
                                               BLOCK_J)  # fmt: skip
-        acc, acc3 = _down_h_step(acc, acc3, w, h_ptr, grp, within, j_mask, offs_b, b_mask, stride_hb, stride_hg,
-                                 stride_hr, USE_DOT, DOT_FP32)  # fmt: skip
+        acc = _down_h_step(acc, w, h_ptr, grp, within, j_mask, offs_b, b_mask, stride_hb, stride_hg, stride_hr,
+                           USE_DOT, DOT_FP32)  # fmt: skip
     if not USE_DOT:
-        acc = tl.sum(acc3, axis=1)
+        acc = tl.sum(acc, axis=1)  # [BLOCK_B, BLOCK_D]
 
     bd_mask = b_mask[:, None] & d_mask[None, :]
     if ACCUMULATE:
@@ -705,9 +703,10 @@ def _down_w_step(w_ptr, idx_ptr, j0, j_hi, offs_d, d_mask, stride_wn, ROWS_PER_I
 
 
 @jit
-def _down_h_step(acc, acc3, w, h_ptr, grp, within, j_mask, offs_b, b_mask, stride_hb, stride_hg, stride_hr,
+def _down_h_step(acc, w, h_ptr, grp, within, j_mask, offs_b, b_mask, stride_hb, stride_hg, stride_hr,
                  USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):  # fmt: skip
-    """One step's activations [BLOCK_B, BLOCK_J] times its weights, into acc (tensor cores) or acc3 (FMA, 3-D)."""
+    """One step's activations [BLOCK_B, BLOCK_J] times its weights, added into acc: [BLOCK_B, BLOCK_D] on tensor
+    cores, the 3-D [BLOCK_B, BLOCK_J, BLOCK_D] product on the FMA path."""
     h = tl.load(h_ptr + offs_b[:, None] * stride_hb + grp[None, :] * stride_hg + within[None, :] * stride_hr,
                 mask=b_mask[:, None] & j_mask[None, :], other=0.0)  # fmt: skip
     if USE_DOT:
@@ -716,8 +715,8 @@ def _down_h_step(acc, acc3, w, h_ptr, grp, within, j_mask, offs_b, b_mask, strid
         else:
             acc = tl.dot(h, w, acc)
     else:
-        acc3 += h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
-    return acc, acc3
+        acc += h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
+    return acc
 
 
 @jit

@@ -124,7 +124,7 @@ def _sparse_mlp_kernel(
     if not PREWAIT:
         pdl_sync(PDL)
     pid = tl.program_id(0)
-    if ZERO and not PREWAIT:
+    if ZERO and not PREWAIT:  # (here without PREWAIT, where the benched kernel zeroes; with it after the wait below)
         zero_slice(zero_ptr, n_zero, pid, BLOCK_Z)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < K
