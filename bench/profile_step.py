@@ -16,7 +16,9 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   programs per SM: ``gather_mlp.DOWN_PROGRAMS_PER_SM``), ``mlp_maxnreg_128`` (the MLP block capped at 128 registers
   a thread: ``mlp_block.MAXNREG``), ``mlp_cols_<n>`` (the MLP block's down phase in steps of n output columns:
   ``mlp_block.DOWN_COLS``), ``mlp_rows_<n>`` (the MLP block's neurons a program at B <= 2: ``mlp_block.ROWS``),
-  ``gemv_cap_<n>`` (the predictors' GEMVs on at most n programs, each looping over its row
+  ``attn_pipelined`` (the decode attention's tile loop 3 stages deep even where each split holds one tile:
+  ``decode_attention.ONE_TILE_UNPIPELINED`` off), ``gemv_cap_<n>`` (the predictors' GEMVs on at most n programs,
+  each looping over its row
   blocks: ``predictor_ops.GEMV_MAX_PROGRAMS``), ``rows_tile_<k>_<d>`` (the q/k/v gather's FMA tile at B <= 2:
   ``gather_mlp.ROWS_FMA_TILE``), ``rows_narrow`` (no 16-row tiles at B = 1: ``gather_mlp.ROWS_WIDE`` off, the v8
   rule);
@@ -161,10 +163,10 @@ def main():
                          "fold_forced,radix_torch_hist,unfused_mlp,unfused_attn,epilogue_2048,"
                          "attn_split_128,attn_split_256,down_ctas_1,down_ctas_4,"
                          "side_pdl_{on,off,first,heads,scores,mlp},"
-                         "nopdl_{rows,attn,combine,oproj,mlp},mlp_maxnreg_128,gemv_cap_{32,64,132,264},"
+                         "nopdl_{rows,attn,combine,oproj,mlp},mlp_maxnreg_128,gemv_cap_{32,64,132,264,396,528},"
                          "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},mlp_rows_{8,32},"
                          "rows_narrow,fork_{start,qkv,attn,oproj},main_priority,finish_mlp,finish_o,"
-                         "prewait_gathers; "
+                         "prewait_gathers,attn_pipelined; "
                          "join several with '+'")
     ap.add_argument("--tag", default="", help="suffix of the output file name (e.g. _pdl0 for an A/B run)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per variant (median)")
@@ -203,9 +205,9 @@ def main():
     knobs = {  # A/B of launch heuristics, set while the step is captured: (module, name, value)
         "attn_split_128": (DA, "SPLIT_MIN_POSITIONS", 128), "attn_split_256": (DA, "SPLIT_MIN_POSITIONS", 256),
         "down_ctas_1": (GM, "DOWN_PROGRAMS_PER_SM", 1), "down_ctas_4": (GM, "DOWN_PROGRAMS_PER_SM", 4),
-        "mlp_maxnreg_128": (MB, "MAXNREG", 128),
+        "mlp_maxnreg_128": (MB, "MAXNREG", 128), "attn_pipelined": (DA, "ONE_TILE_UNPIPELINED", False),
     }
-    knobs.update({f"gemv_cap_{n}": (PO, "GEMV_MAX_PROGRAMS", n) for n in (32, 64, 132, 264)})
+    knobs.update({f"gemv_cap_{n}": (PO, "GEMV_MAX_PROGRAMS", n) for n in (32, 64, 132, 264, 396, 528)})
     knobs.update({f"mlp_cols_{n}": (MB, "DOWN_COLS", n) for n in (256, 1024)})
     knobs.update({f"mlp_rows_{n}": (MB, "ROWS", n) for n in (8, 32)})
     knobs["rows_narrow"] = (GM, "ROWS_WIDE", False)

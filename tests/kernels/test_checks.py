@@ -177,8 +177,9 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
           s_kh=256 * 128, s_ks=128, s_vb=32 * 256 * 128, s_vh=256 * 128, s_vs=128, s_mb=32 * 256, s_mh=256,
           HAS_ROPE=True, WRITE_Q=True, HAS_VALID=True, BLOCK_H=128, BLOCK_KV=32, BLOCK_KQ=16), 1, 1)
     # qkv: with the q/k/v finish fused
-    for splits, qkv in ((1, False), (8, False), (1, True), (8, True)):
-        cfg = A._attn_config(1, 4, 2048, 128, dt.itemsize, cpu, splits); nw = cfg.pop("num_warps")
+    for splits, qkv, s_max in ((1, False, 2048), (8, False, 2048), (1, True, 2048), (8, True, 2048), (4, True, 256),
+                               (4, False, 256)):  # the last two: one tile a split, unpipelined
+        cfg = A._attn_config(1, 4, s_max, 128, dt.itemsize, cpu, splits); nw = cfg.pop("num_warps")
         build(A._decode_attn_kernel, dict(q_ptr=dt, k_ptr=dt, v_ptr=dt, seq_lens_ptr=torch.int32,
               head_idx_ptr=torch.int64, out_ptr=dt, part_o_ptr=torch.float32, part_lse_ptr=torch.float32,
               valid_ptr=torch.uint8, kvidx_ptr=torch.int64, cos_ptr=dt, sin_ptr=dt, KH=4, KKV=2,

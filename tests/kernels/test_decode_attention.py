@@ -66,6 +66,19 @@ def test_sparse_decode_attention(B, H_kv, group, S, hd, kh, num_splits, dtype):
     _check(res, q, k_cache, v_cache, seq_lens, head_idx, group)
 
 
+@pytest.mark.parametrize("s_max,splits,stages", [(256, 4, 1), (200, 4, 1), (257, 4, 3), (2048, 8, 3), (64, 1, 1)])
+def test_config_pipelines_only_multi_tile_splits(monkeypatch, s_max, splits, stages):
+    """The tile loop is software-pipelined (3 stages, 3 x 32 KiB of K/V buffers at 64 x 128 fp16) only where a split
+    covers more than one tile; one tile a split (the bench's 256-position caches at 4 splits) gets 1 stage and ~2 KiB
+    of shared memory. ONE_TILE_UNPIPELINED off (the A/B knob) keeps 3 everywhere."""
+    from dejavu.kernels import decode_attention as DA
+
+    cfg = DA._attn_config(1, 20, s_max, 128, 2, torch.device("cpu"), splits)
+    assert (cfg["NUM_SPLITS"], cfg["BLOCK_S"], cfg["NUM_STAGES"]) == (splits, 64, stages)
+    monkeypatch.setattr(DA, "ONE_TILE_UNPIPELINED", False)
+    assert DA._attn_config(1, 20, s_max, 128, 2, torch.device("cpu"), splits)["NUM_STAGES"] == 3
+
+
 def test_scale_int64_lengths_and_many_splits():
     """Custom scale, int64 seq_lens, more splits than tiles (empty splits), default alloc."""
     B, H_kv, group, S, hd, kh = 2, 2, 2, 70, 16, 3

@@ -306,12 +306,19 @@ def _decode_attn_combine_kernel(
 
 SPLIT_MIN_POSITIONS = 0
 """Fewest cache positions a split of the decode attention covers (0: one tile). A/B knob, read at launch time."""
+ONE_TILE_UNPIPELINED = True
+"""Where every split covers at most one tile of the cache (``cdiv(S_max, splits) <= BLOCK_S``), the tile loop is not
+software-pipelined (1 stage instead of 3): its 3-stage buffers, 66 KiB of shared memory a program, would go unused
+(the fused path peels the first tile; unfused, the loop runs once). H200, same process: the decode step 0.1-1.9%
+faster at B=1 on the four bench models, 2.5% at B=4 (bench/NOTES.md v13). A/B knob, read at launch time;
+``bench/profile_step.py``'s ``attn_pipelined`` turns it off."""
 
 
 def _attn_config(batch: int, kh: int, s_max: int, hd: int, elem: int, device: torch.device, num_splits) -> dict:
     """Tiles and split count: aim for ~2 programs per SM, never more splits than tiles.
 
-    A K (or V) tile is held to 16 KiB (64 positions x 128 dims in fp16), 3 stages deep.
+    A K (or V) tile is held to 16 KiB (64 positions x 128 dims in fp16), 3 stages deep where a split covers more
+    than one tile; with one tile a split, 1 stage (ONE_TILE_UNPIPELINED).
     """
     block_h = max(16, next_pow2(hd))
     block_s = max(16, min(64, 16384 // (block_h * elem)))
@@ -319,7 +326,8 @@ def _attn_config(batch: int, kh: int, s_max: int, hd: int, elem: int, device: to
         per_split = max(block_s, SPLIT_MIN_POSITIONS)
         num_splits = min(cdiv(2 * num_sms(device), batch * kh), cdiv(s_max, per_split), 64)
     num_splits = max(1, int(num_splits))
-    return dict(NUM_SPLITS=num_splits, BLOCK_S=block_s, BLOCK_H=block_h, NUM_STAGES=3, num_warps=4)
+    stages = 1 if ONE_TILE_UNPIPELINED and cdiv(s_max, num_splits) <= block_s else 3
+    return dict(NUM_SPLITS=num_splits, BLOCK_S=block_s, BLOCK_H=block_h, NUM_STAGES=stages, num_warps=4)
 
 
 def _check_common(op, q_like, q_name, k_cache, v_cache, head_idx, group_size, validate):

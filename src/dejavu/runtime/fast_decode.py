@@ -306,8 +306,9 @@ class FastDecoder:
         self.defer_mlp_finish = True
         self.defer_oproj_finish = True
         # the q/k/v gathers (but layer 0's, whose heads the kernel right before it chooses) and the MLP blocks read
-        # their selection and first weight chunk before their PDL wait (A/B, read at capture; lookahead only).
-        # Untested on a GPU in this form (bench/NOTES.md v12)
+        # their selection and first weight chunk before their PDL wait (A/B, read at capture; lookahead only). It
+        # passes the GPU tests, but the H200 step moved -1.6% to +2.4% by model, and the gathers alone or the
+        # blocks alone are no more uniform (bench/NOTES.md v13), so it stays off
         self.prewait_gathers = False
         self._graph, self._graph_out, self._len = None, None, 0
 
