@@ -18,10 +18,9 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   ``mlp_block.DOWN_COLS``), ``mlp_rows_<n>`` (the MLP block's neurons a program at B <= 2: ``mlp_block.ROWS``),
   ``attn_pipelined`` (the decode attention's tile loop 3 stages deep even where each split holds one tile:
   ``decode_attention.ONE_TILE_UNPIPELINED`` off), ``gemv_cap_<n>`` (the predictors' GEMVs on at most n programs,
-  each looping over its row
-  blocks: ``predictor_ops.GEMV_MAX_PROGRAMS``), ``rows_tile_<k>_<d>`` (the q/k/v gather's FMA tile at B <= 2:
-  ``gather_mlp.ROWS_FMA_TILE``), ``rows_narrow`` (no 16-row tiles at B = 1: ``gather_mlp.ROWS_WIDE`` off, the v8
-  rule);
+  each looping over its row blocks: ``predictor_ops.GEMV_MAX_PROGRAMS``), ``rows_tile_<k>_<d>`` (the q/k/v gather's
+  FMA tile at B <= 2: ``gather_mlp.ROWS_FMA_TILE``), ``rows_narrow`` (no 16-row tiles at B = 1:
+  ``gather_mlp.ROWS_WIDE`` off, the v8 rule);
 * programmatic dependent launch (PDL): ``nopdl_<kernel>`` (one main-stream kernel without it:
   ``kernels._checks.PDL_EXCLUDE``), ``side_pdl_<on|off|first|heads|scores|mlp>`` (the side stream's predictor
   launches with it, or without it for all / the first factors' GEMV / the head scores and top-k / the neuron scores

@@ -68,9 +68,9 @@ def test_sparse_decode_attention(B, H_kv, group, S, hd, kh, num_splits, dtype):
 
 @pytest.mark.parametrize("s_max,splits,stages", [(256, 4, 1), (200, 4, 1), (257, 4, 3), (2048, 8, 3), (64, 1, 1)])
 def test_config_pipelines_only_multi_tile_splits(monkeypatch, s_max, splits, stages):
-    """The tile loop is software-pipelined (3 stages, 3 x 32 KiB of K/V buffers at 64 x 128 fp16) only where a split
-    covers more than one tile; one tile a split (the bench's 256-position caches at 4 splits) gets 1 stage and ~2 KiB
-    of shared memory. ONE_TILE_UNPIPELINED off (the A/B knob) keeps 3 everywhere."""
+    """The tile loop is software-pipelined (3 stages: 66 KiB of staged K/V tiles at 64 x 128 fp16, offline sm_90)
+    only where a split covers more than one tile; one tile a split (the bench's 256-position caches at 4 splits) gets
+    1 stage and 1-2 KiB of shared memory. ONE_TILE_UNPIPELINED off (the A/B knob) keeps 3 everywhere."""
     from dejavu.kernels import decode_attention as DA
 
     cfg = DA._attn_config(1, 20, s_max, 128, 2, torch.device("cpu"), splits)
