@@ -33,6 +33,12 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   ``finish_o`` (each o_proj sums its split-k partials itself: ``FastDecoder.defer_oproj_finish`` off);
 * ``prewait_gathers``: the q/k/v gathers (but layer 0's) and the MLP blocks read their selection and first weight
   chunk before their PDL wait (``FastDecoder.prewait_gathers``);
+* the step's start: ``l0_inline`` (layer 0's heads and neurons both chosen on the main stream before its q/k/v
+  gather, one stacked first factor: ``FastDecoder.split_first_prediction`` off), ``embed_nopdl`` (the step's
+  embedding launched without PDL), ``embed_torch`` (the embedding as
+  torch lookups and an add instead of ``fused_ops.embed_fused``); its end: ``head_cublas`` (the final norm kernel
+  and a cuBLAS LM head instead of one row gather over the vocabulary with the norm folded:
+  ``FastDecoder.fold_final_norm`` off);
 * stream priorities: ``sparse_high_priority`` (the side stream created with priority -1), ``main_priority`` (the step
   captured on a stream of priority -1, ahead of the side stream's: ``FastDecoder.capture_priority``).
 
@@ -65,7 +71,8 @@ from dejavu.kernels import decode_attention as DA
 from dejavu.kernels import gather_mlp as GM
 from dejavu.kernels import mlp_block as MB
 from dejavu.kernels import predictor_ops as PO
-from dejavu.runtime.fast_decode import FORK_POINTS, SIDE_PDL_OFF, FastDecoder
+from dejavu.kernels.fused_ops import embed_fused, embed_fused_ref
+from dejavu.runtime.fast_decode import FORK_POINTS, SIDE_PDL_OFF, FastDecoder, _TritonOps
 
 
 def replay_ms(dec: FastDecoder, n: int = 60) -> float:
@@ -125,6 +132,26 @@ def trace(dec: FastDecoder, steps: int = 5) -> dict:
             "timeline": timeline}
 
 
+class _TorchEmbed(_TritonOps):
+    """The Triton ops, but the step's embedding by torch (``embed_torch``: three launches for OPT; for Llama the
+    token row's copy and the RoPE tables built by the model's rope(), plus the cat into the step's row)."""
+
+    def embed(self, tok, wte, pos, wpe, out, pos_out=None):
+        if pos_out is not None:  # the RoPE tables built per step by the model's rope(), as before the table
+            out.copy_(torch.nn.functional.embedding(tok, wte))
+            cos, sin = self.model.rope(pos, out.dtype)
+            return torch.cat((cos, sin), -1, out=pos_out)
+        return embed_fused_ref(tok, wte, pos, wpe, out=out)
+
+
+class _NoPdlEmbed(_TritonOps):
+    """The Triton ops, the step's embedding launched without PDL (``embed_nopdl``)."""
+
+    def embed(self, tok, wte, pos, wpe, out, pos_out=None):
+        with C.pdl_suspended():
+            return embed_fused(tok, wte, pos, wpe, out=out, pos_out=pos_out)
+
+
 def _setup(dec: FastDecoder, name: str) -> None:
     """The decoder-side part of variant ``name`` (before prefill and capture)."""
     if name == "nopred":
@@ -147,6 +174,15 @@ def _setup(dec: FastDecoder, name: str) -> None:
         dec._topk = "torch"
     if name == "radix_torch_hist":  # A/B: radix select, its histogram built by torch ops instead of the GEMV
         dec._topk = "radix-torch"
+    if name == "l0_inline":  # A/B: layer 0's whole prediction on the main stream, one stacked first factor
+        dec.split_first_prediction = False
+    if name == "embed_nopdl":  # A/B: the step's embedding launched without PDL
+        dec.ops = _NoPdlEmbed()
+    if name == "head_cublas":  # A/B: the final norm kernel and a cuBLAS LM head instead of the folded row gather
+        dec.fold_final_norm = False
+    if name == "embed_torch":  # A/B: the step's embedding as torch lookups and an add instead of one launch
+        dec.ops = _TorchEmbed()
+        dec.ops.model = dec.model
     if name == "fold_forced":  # A/B: folded norms also at B > 2 (the tensor-core path), which the runtime skips
         dec.fuse_norm = True
         dec._fold1, dec._fold2 = dec._fold_norms()
@@ -165,7 +201,7 @@ def main():
                          "nopdl_{rows,attn,combine,oproj,mlp},mlp_maxnreg_128,gemv_cap_{32,64,132,264,396,528},"
                          "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},mlp_rows_{8,32},"
                          "rows_narrow,fork_{start,qkv,attn,oproj},main_priority,finish_mlp,finish_o,"
-                         "prewait_gathers,attn_pipelined; "
+                         "prewait_gathers,attn_pipelined,l0_inline,embed_nopdl,embed_torch,head_cublas; "
                          "join several with '+'")
     ap.add_argument("--tag", default="", help="suffix of the output file name (e.g. _pdl0 for an A/B run)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per variant (median)")
@@ -198,7 +234,8 @@ def main():
            for m in SIDE_PDL_OFF},
         "main_priority": dict(predictors=preds, mlp_density=md, head_density=hd),
         **{name: dict(predictors=preds, mlp_density=md, head_density=hd)
-           for name in ("finish_mlp", "finish_o", "prewait_gathers")},
+           for name in ("finish_mlp", "finish_o", "prewait_gathers", "l0_inline", "embed_nopdl", "embed_torch",
+                         "head_cublas")},
         **{f"fork_{m}": dict(predictors=preds, mlp_density=md, head_density=hd) for m in FORK_POINTS},
     }
     knobs = {  # A/B of launch heuristics, set while the step is captured: (module, name, value)

@@ -176,6 +176,10 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
           HD=128, H_KV=32, group=1, s_qb=1536, s_qh=128, s_cb=128, s_oqb=512, s_oqh=128, s_kb=32 * 256 * 128,
           s_kh=256 * 128, s_ks=128, s_vb=32 * 256 * 128, s_vh=256 * 128, s_vs=128, s_mb=32 * 256, s_mh=256,
           HAS_ROPE=True, WRITE_Q=True, HAS_VALID=True, BLOCK_H=128, BLOCK_KV=32, BLOCK_KQ=16), 1, 1)
+    for pos in (1, 2):  # learned positions added; a RoPE table's row copied
+        build(FO._embed_kernel, dict(tok_ptr=torch.int64, pos_ptr=torch.int64, wte_ptr=dt, wpe_ptr=dt, out_ptr=dt,
+              pout_ptr=dt, V=50272, D=5120, DP=5120 if pos == 1 else 256, stride_te=5120, stride_pe=5120,
+              stride_o=5120, stride_po=256, POS=pos, BLOCK=1024), 4, 1)
     # qkv: with the q/k/v finish fused
     for splits, qkv, s_max in ((1, False, 2048), (8, False, 2048), (1, True, 2048), (8, True, 2048), (4, True, 256),
                                (4, False, 256)):  # the last two: one tile a split, unpipelined

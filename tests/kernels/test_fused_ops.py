@@ -1,4 +1,4 @@
-"""norm_fused and qkv_post (the v2 launch-saving kernels) against their torch references; gather_down v2's
+"""norm_fused, qkv_post and embed_fused (the launch-saving kernels) against their torch references; gather_down v2's
 single-launch split-k is deterministic and self-resetting (interpreter on CPU)."""
 
 import pytest
@@ -49,6 +49,49 @@ def test_qkv_post(rope, holes, group):
     for a, b in zip(*res):
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,d,pos_kind", [(1, 80, "learned"), (3, 1100, "learned"), (2, 1100, None), (1, 80, "rope"),
+                                          (3, 1100, "rope")])
+def test_embed_fused(dtype, B, d, pos_kind):
+    """The step's embedding equals the torch lookups exactly: token row + learned position row (one rounding), the
+    token row alone, or the token row and a position table's row (RoPE cos | sin, narrower or wider than d: 2 x 72
+    against 80, 2 x 64 against 1100); d = 1100 spans two column blocks."""
+    g = torch.Generator().manual_seed(4)
+    V, P = 50, 12
+    dp = {"learned": d, "rope": 144 if d == 80 else 128, None: d}[pos_kind]
+    wte, wpe = torch.randn(V, d, generator=g).to(DEV, dtype), torch.randn(P, dp, generator=g).to(DEV, dtype)
+    tok = torch.randint(0, V, (B,), generator=g).to(DEV)
+    pos = torch.randint(0, P, (B,), generator=g).to(DEV) if pos_kind else None
+    wpe = wpe if pos_kind else None
+    res = []
+    for fn in (FO.embed_fused, FO.embed_fused_ref):
+        out = torch.empty(B, d, dtype=dtype, device=DEV)
+        pos_out = torch.empty(B, dp, dtype=dtype, device=DEV) if pos_kind == "rope" else None
+        fn(tok, wte, pos, wpe, out=out, pos_out=pos_out)
+        res.append((out, pos_out))
+    torch.testing.assert_close(res[0][0], res[1][0], rtol=0, atol=0)
+    if pos_kind == "rope":
+        torch.testing.assert_close(res[0][1], res[1][1], rtol=0, atol=0)
+        assert torch.equal(res[0][1], wpe[pos])
+
+
+def test_embed_fused_bad_input():
+    """A token id out of range gives a NaN row (no host check inside a graph), its neighbours untouched; malformed
+    arguments are ValueErrors naming the fix."""
+    wte, wpe = torch.randn(10, 32, device=DEV), torch.randn(8, 32, device=DEV)
+    tok, pos = torch.tensor([3, 10, -1], device=DEV), torch.tensor([0, 1, 2], device=DEV)
+    out = FO.embed_fused(tok, wte, pos, wpe, out=torch.empty(3, 32, device=DEV))
+    assert out[1:].isnan().all() and torch.equal(out[0], wte[3] + wpe[0])
+    for kw, msg in ((dict(tok=tok[:, None]), "1-D"), (dict(out=torch.empty(3, 32, dtype=torch.float16, device=DEV)),
+                    "out must be"), (dict(wpe=None), "together"), (dict(pos=pos[:2]), "pos must be"),
+                    (dict(wpe=torch.randn(8, 16, device=DEV)), "pos must be"),
+                    (dict(pos_out=torch.empty(3, 31, device=DEV)), "pos_out must be"),
+                    (dict(pos=None, wpe=None, pos_out=torch.empty(3, 32, device=DEV)), "pos_out needs")):
+        args = dict(tok=tok, wte=wte, pos=pos, wpe=wpe, out=torch.empty(3, 32, device=DEV)) | kw
+        with pytest.raises(ValueError, match=msg):
+            FO.embed_fused(args.pop("tok"), args.pop("wte"), args.pop("pos"), args.pop("wpe"), **args)
 
 
 def test_gather_down_split_deterministic_and_reusable():

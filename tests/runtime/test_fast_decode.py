@@ -99,11 +99,15 @@ def _on_and_off(model, p, flag, B, seed, max_len=12):
 
 
 def test_folded_norms_equal_separate_norm_kernels(tiny):
-    """fuse_norm (the default): the sparse parts' norms run inside their gathers; same logits as with the norm
-    kernels (fp32), two launches fewer per fully sparse layer, and the fold's fp32 row constants are counted."""
+    """fuse_norm (the default): the sparse parts' norms run inside their gathers, and the final norm inside the LM
+    head (a row gather over the vocabulary); same logits as with the norm kernels (fp32), two launches fewer per
+    fully sparse layer and one at the end, and the fold's fp32 row constants are counted."""
     model = tiny[1].to(DEV)
     p = _predictors(model.spec)
     fused, plain = _on_and_off(model, p, "fuse_norm", B=1, seed=3)
+    assert fused._fold_head() and not plain._fold_head()
+    assert fused._kernel_summary()["main_total"] == plain._kernel_summary()["main_total"] - 1 - sum(
+        (f1 is not None) + (f2 is not None) for f1, f2 in zip(fused._fold1, fused._fold2))
     assert [f is not None for f in fused._fold1] == [kh < model.spec.n_heads for kh in fused.k_heads]
     assert [f is not None for f in fused._fold2] == [km < model.spec.ffn_dim for km in fused.k_mlp]
     fewer = [b["main"] - a["main"] for a, b in zip(fused.kernels_per_layer(), plain.kernels_per_layer())]
@@ -188,15 +192,17 @@ def test_radix_neuron_selection_16bit(arch):
     preds = random_predictors(spec, device=DEV, dtype=dt)
     dec = FastDecoder(model, preds, 0.25, 0.5, batch=1, max_len=12, backend="triton")
     assert dec._radix is not None
-    if arch == "opt":  # first factors, head scores + select, neuron scores + radix select (torch.topk: 13 more)
-        assert all(p["side"] == 5 for p in dec.kernels_per_layer())
+    if arch == "opt":  # first factors, head scores + select, neuron scores + radix select (torch.topk: 13 more);
+        # layer 0's split prediction (GPU) runs each half's first factor apart, its neuron half embedding x0 itself
+        assert [p["side"] for p in dec.kernels_per_layer()] == [5 + 2 * dec._split0(), 5]
     dec.prefill(torch.randint(0, 64, (1, 4), device=DEV))
     dec.decode_step(torch.zeros(1, dtype=torch.long, device=DEV))
     torch.cuda.synchronize() if CUDA else None
     sc, idx, k = dec._scores[spec.ffn_dim][0].float(), dec._nidx[-1], dec.k_mlp[-1]  # the last layer scored
     assert len(set(idx.tolist())) == k
     assert torch.equal(torch.sort(sc[idx], descending=True).values, torch.sort(sc, descending=True).values[:k])
-    assert int(dec._radix["hist"].abs().sum()) == 0 and int(dec._radix["counters"].abs().sum()) == 0
+    for ws in (dec._radix, dec._bufs0["ws"] if dec._split0() else dec._radix):
+        assert int(ws["hist"].abs().sum()) == 0 and int(ws["counters"].abs().sum()) == 0
     wide = FastDecoder(model, preds, 0.25, 0.5, batch=3, max_len=12, backend="triton")  # B > 2: torch.topk
     assert wide._radix is None and wide._topk == "torch"
 
@@ -282,7 +288,9 @@ def test_bytes_accounting(tiny):
     if s.tie_embeddings:  # the tied LM head is read through lm_head, not as an embedding table
         weights += model.lm_head.weight.numel()
     extra = s.d_model * (2 if s.pos_kind == "learned" else 1)  # the embedding row(s) of one token
-    assert dense.dense_bytes_per_token() == dense.bytes_per_token() == 4 * (weights + extra)
+    fold = 8 * s.vocab_size if s.norm_kind == "layernorm" else 0  # the final layernorm folded into the LM head
+    assert dense.describe()["fold_final_norm"]
+    assert dense.dense_bytes_per_token() == dense.bytes_per_token() - fold == 4 * (weights + extra)
     sparse = FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=8, kv_policy="all", backend="torch")
     ref = bytes_summary(s, [k / s.ffn_dim for k in sparse.k_mlp], [k / s.n_heads for k in sparse.k_heads],
                         predictor_params=predictor_params(p.meta, MLP_D, HEAD_D), bytes_per_param=4)
@@ -357,6 +365,28 @@ def test_side_stream_fork_points_equal(tiny, fork_at):
     ref, dec, ids = _gpu_pair(tiny, {"fork_at": "start"}, {"fork_at": fork_at})
     assert ref._side is not None
     _assert_same_generation(ref, dec, ids)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("B", [1, 4])
+def test_split_first_prediction_equal(tiny, B):
+    """split_first_prediction (the default): layer 0's neurons are chosen on a stream of their own while its heads
+    are chosen, gathered and attended on the main stream; the graphed step's tokens and logits are those of the
+    inline prediction (fp32), and match the reference policy per token at B = 1."""
+    md, hd = [0.5, 1.0, 0.25], [0.5, 0.5, 1.0]  # layer 0 runs both predictors
+    _, model = tiny
+    model = model.to(device="cuda", dtype=torch.float32)
+    p = _predictors(model.spec)
+    ref, dec = (FastDecoder(model, p, md, hd, batch=B, max_len=32) for _ in range(2))
+    ref.split_first_prediction = False
+    assert dec._split0() and not ref._split0()
+    assert [k["side"] for k in dec.kernels_per_layer()][0] == [k["side"] for k in ref.kernels_per_layer()][0] + 2
+    _assert_same_generation(ref, dec, torch.randint(0, model.spec.vocab_size, (B, 7), device="cuda"))
+    if B == 1:
+        fresh = FastDecoder(model, p, md, hd, batch=1, max_len=32)
+        errs, gap = _compare(model, fresh, PredictorPolicy(p, md, hd), "selected", B=1, steps=4)
+        assert max(errs) < 1e-3 and gap > 1e-3, (errs, gap)
 
 
 @pytest.mark.gpu

@@ -12,14 +12,18 @@ layer is ~1 ms per token on a 40-layer model. Two kernels fold them:
   position, and the cache's hole mask for that position (``kv_valid``: KV heads needed by the selected query
   heads). Replaces two bmm, two or three ``index_put`` and the mask ops.
 
-Both have plain torch references (``*_ref``) used by the CPU runtime backend and the tests.
+* :func:`embed_fused`: the decode step's first op, the token embedding row of each sequence plus (OPT) its learned
+  position's row, or (RoPE) the row of a precomputed cos | sin table at its position, in one launch instead of
+  two lookups and an add (OPT) or a copy and seven elementwise kernels building the RoPE tables (Llama).
+
+All have plain torch references (``*_ref``) used by the CPU runtime backend and the tests.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._checks import jit, next_pow2, pdl_sync, require_triton, tl, use_pdl
+from ._checks import cdiv, jit, next_pow2, pdl_sync, require_triton, tl, use_pdl
 
 NORM_KINDS = ("layernorm", "rmsnorm")
 
@@ -219,3 +223,90 @@ def qkv_post_ref(qkv, kq, kkv, q_out, k_cache, v_cache, kvidx, pos, *, cos=None,
         need.index_fill_(0, hidx.long() // group, True)
         valid[bi, :, pos] = need.expand(B, -1)
     return q_out
+
+
+@jit
+def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, pout_ptr, V, D, DP, stride_te, stride_pe, stride_o,
+                  stride_po, POS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    """Grid (B, cdiv(max(D, DP), BLOCK)): columns of out[b] = wte[tok[b]] (POS 1: + wpe[pos[b]], summed in fp32 and
+    rounded once, as torch.add of the two rows; POS 2: pout[b] = wpe[pos[b]], DP wide); a token id outside [0, V)
+    makes the row NaN."""
+    pdl_sync(PDL)
+    b = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < D
+    tok = tl.load(tok_ptr + b).to(tl.int64)
+    ok = (tok >= 0) & (tok < V)
+    e = tl.load(wte_ptr + tl.where(ok, tok, 0) * stride_te + offs, mask=m, other=0.0).to(tl.float32)
+    if POS != 0:
+        pos = tl.load(pos_ptr + b).to(tl.int64)
+        if POS == 1:
+            e += tl.load(wpe_ptr + pos * stride_pe + offs, mask=m, other=0.0).to(tl.float32)
+        else:
+            mp = offs < DP
+            tl.store(pout_ptr + b * stride_po + offs, tl.load(wpe_ptr + pos * stride_pe + offs, mask=mp), mask=mp)
+    e = tl.where(ok, e, float("nan"))
+    tl.store(out_ptr + b * stride_o + offs, e.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _check_embed(op, tok, wte, pos, wpe, out, pos_out):
+    if tok.dim() != 1 or tok.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{op}: tok must be a 1-D int32/int64 tensor of token ids, got {tuple(tok.shape)} "
+                         f"{tok.dtype}")  # fmt: skip
+    B, D = tok.shape[0], wte.shape[1]
+    if out.shape != (B, D) or out.dtype != wte.dtype or out.stride(-1) != 1:
+        raise ValueError(f"{op}: out must be a [{B}, {D}] {wte.dtype} tensor with contiguous rows, got "
+                         f"{tuple(out.shape)} {out.dtype}")  # fmt: skip
+    if (pos is None) != (wpe is None):
+        raise ValueError(f"{op}: pass pos and a position table wpe together, or neither")
+    if wpe is not None:
+        P, DP = wpe.shape
+        if pos.shape != tok.shape or wpe.dtype != wte.dtype or (pos_out is None and DP != D):
+            raise ValueError(f"{op}: pos must be [{B}] and wpe [P, {D}] {wte.dtype} (or any width with pos_out), got "
+                             f"{tuple(pos.shape)} and {tuple(wpe.shape)} {wpe.dtype}")  # fmt: skip
+        if pos_out is not None and (pos_out.shape != (B, DP) or pos_out.dtype != wpe.dtype or pos_out.stride(-1) != 1):
+            raise ValueError(f"{op}: pos_out must be a [{B}, {DP}] {wpe.dtype} tensor with contiguous rows, got "
+                             f"{tuple(pos_out.shape)} {pos_out.dtype}")  # fmt: skip
+    elif pos_out is not None:
+        raise ValueError(f"{op}: pos_out needs pos and wpe")
+    if any(t.device != wte.device for t in (tok, out) + ((pos, wpe) if wpe is not None else ())):
+        raise ValueError(f"{op}: all tensors must be on {wte.device}")
+    if wte.stride(-1) != 1 or (wpe is not None and wpe.stride(-1) != 1):
+        raise ValueError(f"{op}: the embedding tables need contiguous rows (.contiguous())")
+
+
+def embed_fused(tok, wte, pos=None, wpe=None, *, out, pos_out=None):
+    """The decode step's start in one launch: ``out[b] = wte[tok[b]] + wpe[pos[b]]`` (learned positions, OPT), or
+    ``out[b] = wte[tok[b]]`` and ``pos_out[b] = wpe[pos[b]]`` (``pos_out`` given: a position table of any width, e.g.
+    the RoPE cos | sin rows, precomputed per position), or ``out[b] = wte[tok[b]]`` (no ``pos``).
+
+    ``tok`` [B] token ids, ``wte`` [V, d]; ``pos`` [B], ``wpe`` [P, width], rows already offset as the model indexes
+    them. The sum is fp32, rounded once to the tables' dtype (as ``torch.add`` of the two rows). Inside a CUDA graph
+    the ids cannot be checked on the host: a token id outside ``[0, V)`` gives a NaN row (and so NaN logits) instead
+    of a read out of bounds; positions are the caller's (the decoder bounds them).
+    """
+    require_triton("embed_fused")
+    _check_embed("embed_fused", tok, wte, pos, wpe, out, pos_out)
+    B, D = out.shape
+    DP = wpe.shape[1] if wpe is not None else 0
+    block = max(16, min(1024, next_pow2(max(D, DP))))
+    pdl = use_pdl(_embed_kernel, wte.device)
+    _embed_kernel[(B, cdiv(max(D, DP), block))](
+        tok, pos if pos is not None else tok, wte, wpe if wpe is not None else wte, out,
+        pos_out if pos_out is not None else out, wte.shape[0], D, DP, wte.stride(0),
+        wpe.stride(0) if wpe is not None else 0, out.stride(0), pos_out.stride(0) if pos_out is not None else 0,
+        POS=0 if wpe is None else (2 if pos_out is not None else 1), BLOCK=block, PDL=pdl, launch_pdl=pdl, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def embed_fused_ref(tok, wte, pos=None, wpe=None, *, out, pos_out=None):
+    _check_embed("embed_fused_ref", tok, wte, pos, wpe, out, pos_out)
+    e = torch.nn.functional.embedding(tok, wte)
+    if wpe is None:
+        return out.copy_(e)
+    p = torch.nn.functional.embedding(pos, wpe)
+    if pos_out is not None:
+        pos_out.copy_(p)
+        return out.copy_(e)
+    return torch.add(e, p, out=out)

@@ -30,7 +30,9 @@ layer l's input; layer 0 from its own. On CUDA that lookahead runs on a side str
 graph), so it overlaps layer l instead of sitting on the critical path, which is the point of lookahead; it forks
 after layer l's attention at batch <= 2 and at its start above (``fork_at``, measured), and the heads are joined
 before layer l+1's q/k/v gather, the neurons before its up gather. The neuron top-k is a radix select
-fed by the scores GEMV's histogram at batch <= 2, ``torch.topk`` above (measured, see ``_topk``). Without
+fed by the scores GEMV's histogram at batch <= 2, ``torch.topk`` above (measured, see ``_topk``). Layer 0's
+prediction has no layer before it to hide behind: its heads are chosen on the main stream and its neurons on a
+stream of their own, beside layer 0's q/k/v gather and attention (``split_first_prediction``). Without
 lookahead the heads are scored from the layer input and the neurons from the residual after attention, inline.
 
 kv_policy:
@@ -43,8 +45,9 @@ kv_policy:
              exactly what the reference (``DecoderLM`` with kv_policy="selected") holds. With MHA (OPT) the KV heads
              are exactly the selected heads, no padding.
 
-RoPE is applied as a per-sequence [hd, hd] rotation (``q @ R``, one batched matmul; R built once per step from the
-position), instead of the four elementwise kernels of ``x * cos + rotate_half(x) * sin`` in every layer.
+RoPE: the step's (cos | sin) row per sequence is gathered from a table of every position (built once by the model's
+own ``rope()``, so the same values) by the step's embedding launch (``kernels.fused_ops.embed_fused``), and applied
+to q and K inside the decode attention (``qkv_post`` when unfused), not by elementwise kernels in every layer.
 """
 
 from __future__ import annotations
@@ -116,6 +119,12 @@ class _TritonOps:
     def norm(self, x, kind, w, b, eps, out, init=None, init_bias=None):
         return FO.norm_fused(x, kind, w, b, eps, out=out, init=init, init_bias=init_bias)
 
+    def embed(self, tok, wte, pos, wpe, out, pos_out=None):  # one launch: token row (+ learned position row)
+        return FO.embed_fused(tok, wte, pos, wpe, out=out, pos_out=pos_out)
+
+    def head(self, x, w, idx, norm):  # the LM head with the final norm folded: every row, no activation
+        return K.gather_up(x, w, idx, act="none", norm=norm, validate=False)
+
     def post(self, *a, **kw):
         return FO.qkv_post(*a, **kw)
 
@@ -161,6 +170,12 @@ class _TorchOps:
 
     def norm(self, x, kind, w, b, eps, out, init=None, init_bias=None):
         return FO.norm_fused_ref(x, kind, w, b, eps, out=out, init=init, init_bias=init_bias)
+
+    def embed(self, tok, wte, pos, wpe, out, pos_out=None):
+        return FO.embed_fused_ref(tok, wte, pos, wpe, out=out, pos_out=pos_out)
+
+    def head(self, x, w, idx, norm):
+        return K.gather_up_ref(K.norm_ref(x, norm), w, idx, norm.linear_bias, act="none")
 
     def post(self, *a, **kw):
         return FO.qkv_post_ref(*a, **kw)
@@ -259,6 +274,19 @@ class FastDecoder:
         # folded norms only on the gathers' CUDA-core path (B <= 2); see _fold_norms
         self.fuse_norm = bool(fuse_norm) and B <= 2
         self._fold1, self._fold2 = self._fold_norms() if self.fuse_norm else ([None] * L, [None] * L)
+        # the final norm folded into the LM head too (a row gather over the whole vocabulary instead of the norm kernel
+        # and cuBLAS; fold_final_norm, read at capture; bench/NOTES.md v14)
+        nf, V = model.norm_f, s.vocab_size
+        self.fold_final_norm = True
+        self._fold_f = K.fold_norm(model.lm_head.weight, nf.kind, nf.weight, nf.bias, nf.eps) \
+            if self.fuse_norm and nf.weight is not None else None  # fmt: skip
+        self._vocab = torch.arange(V, **dev) if self._fold_f is not None else None
+        # RoPE: the model's (cos | sin) rows for every position, computed once by its own rope() (so the same values),
+        # and this step's row, gathered by the step's embedding launch instead of built by seven elementwise kernels
+        self._rope_table = self._rope_row = None
+        if s.pos_kind == "rope":
+            self._rope_table = torch.cat(model.rope(torch.arange(self.max_len, **dev), self.dtype), -1).contiguous()
+            self._rope_row = torch.zeros(B, 2 * hd, dtype=self.dtype, **dev)
         self._h = torch.zeros(B, d, dtype=self.dtype, **dev)  # normed activations (reused by both norms)
         self._q = {kh: torch.zeros(B, kh, hd, dtype=self.dtype, **dev)  # RoPE'd q (qkv_post's output)
                    for kh in (set() if self.fuse_attn else set(self.k_heads))}
@@ -266,7 +294,10 @@ class FastDecoder:
         # predictor outputs: first-factor activations per width (fp32); scores per output size, in the model's dtype
         # as the reference LowRank stores them (16-bit keys also halve torch.topk's radix passes), already reduced to
         # the max over the batch (what the batch top-k ranks) by the second factor's epilogue
-        widths = {e["a_t"].shape[0] for e in self._pred if e} if self._pred is not None else set()
+        # (widths: both predictors' first factors stacked, or one predictor's alone where only its half runs)
+        widths = set()
+        for e in filter(None, self._pred or []):
+            widths |= {e["a_t"].shape[0]} | {e[kind][1] - e[kind][0] for kind in ("head", "mlp") if kind in e}
         self._xa = {r: torch.zeros(B, r, dtype=torch.float32, **dev) for r in widths}
         self._scores = {n: torch.zeros(1, n, dtype=self.dtype, **dev) for n in (H, N)}
         # how the neuron top-k runs: "radix-gemv" (16-bit scores, Triton: the scores GEMV fills the histogram in
@@ -282,6 +313,20 @@ class FastDecoder:
         self._topk = "radix-gemv" if self._radix is not None else "torch"
         overlap = cuda and overlap and self.lookahead and predictors is not None
         self._side = torch.cuda.Stream(self.device) if overlap else None  # lookahead predictors run here
+        # layer 0 has no layer before it to hide its prediction behind: its heads are chosen on the main stream (their
+        # own first factor), and its neurons, needed only before its MLP block, on a stream of their own with their
+        # own buffers (it may overlap the side stream's prediction of layer 1) and its own copy of x0, joined before
+        # that block (split_first_prediction, read at capture; bench/NOTES.md v14)
+        self.split_first_prediction = True
+        l0 = self._pred[0] if self._pred is not None else {}
+        self._side0 = None
+        if overlap and "mlp" in l0:
+            lo, hi = l0["mlp"][:2]
+            self._side0 = torch.cuda.Stream(self.device)
+            self._bufs0 = {"x": torch.zeros(B, d, dtype=self.dtype, **dev),
+                           "xa": {hi - lo: torch.zeros(B, hi - lo, dtype=torch.float32, **dev)},
+                           "scores": torch.zeros(1, N, dtype=self.dtype, **dev),
+                           "ws": K.predictor_ops.radix_workspace(self.device) if self._radix is not None else None}
         # side -> main joins, per layer: its heads are needed before its q/k/v gather, its neurons only before its
         # up gather, so the neuron half of the chain gets the attention half of the layer as extra slack
         self._heads_ready = [torch.cuda.Event() for _ in range(L)] if overlap else None
@@ -401,6 +446,10 @@ class FastDecoder:
         nw = 2 if s.norm_kind == "layernorm" else 1
         elem_size = torch.empty((), dtype=self.dtype).element_size()
         n = d * (2 if s.pos_kind == "learned" else 1) + nw * d + s.vocab_size * d  # embed row(s), norm_f, LM head
+        if not dense and self._split0():  # layer 0's split neuron half embeds the token (and position) itself
+            n += d * (2 if s.pos_kind == "learned" else 1)
+        if not dense and self._fold_head() and self._fold_f.rowsum is not None:
+            n += s.vocab_size * 8 // elem_size  # the folded layernorm's two fp32 constants per vocabulary row
         meta = self.predictors.meta if self.predictors is not None else None
         for l in range(s.n_layers):
             kh, km, kkv = (H, N, Hkv) if dense else (self.k_heads[l], self.k_mlp[l], self.k_kv[l])
@@ -436,7 +485,8 @@ class FastDecoder:
                 "fork_at": self.fork_at, "side_pdl": self.side_pdl, "prewait_gathers": self.prewait_gathers,
                 "defer_mlp_finish": any(self._deferred()), "defer_oproj_finish": any(self._deferred_o()),
                 "fuse_norm": self.fuse_norm, "fuse_mlp": any(self._fused_mlp), "fuse_attn": self.fuse_attn,
-                "neuron_topk": self._topk,
+                "neuron_topk": self._topk, "split_first_prediction": self._split0(),
+                "fold_final_norm": self._fold_head(),
                 "k_heads": self.k_heads, "k_mlp": self.k_mlp, "k_kv": self.k_kv,
                 "kernels_per_layer": self._kernel_summary()}
 
@@ -446,7 +496,8 @@ class FastDecoder:
         for p in per:
             key = f"main {p['main']}, side {p['side']}"
             kinds[key] = kinds.get(key, 0) + 1
-        return {"layers": kinds, "main_total": sum(p["main"] for p in per) + 4}  # + embed, norm_f, LM head, pos
+        # + embed, norm_f (unless folded), LM head, pos
+        return {"layers": kinds, "main_total": sum(p["main"] for p in per) + (3 if self._fold_head() else 4)}
 
     # ---- prefill ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -518,15 +569,30 @@ class FastDecoder:
         m, L = self.model, self.spec.n_layers
         pos = self._pos
         x0 = self._x[0]
-        if m.pos_embed is not None:
-            torch.add(m.embed(self._tok), m.pos_embed(pos), out=x0)
-        else:
-            x0.copy_(m.embed(self._tok))
+        main = torch.cuda.current_stream(self.device) if self._side is not None else None
+        split0 = self._split0()
+        if split0:
+            # layer 0's neurons beside its heads, q/k/v gather and attention, joined before its MLP block. The branch
+            # makes its own copy of x0 (its own embedding launch) and so depends on nothing in the step: forked after
+            # the main stream's embedding instead, its first kernel started only once layer 0's gather was running,
+            # 28 us late, and layer 0 ended later on three of four models (H200, bench/NOTES.md v14)
+            self._side0.wait_stream(main)
+            with torch.cuda.stream(self._side0):
+                x0b = self._bufs0["x"]
+                lp = m.pos_embed.weight if m.pos_embed is not None else None
+                self.ops.embed(self._tok, m.embed.weight, pos if lp is not None else None, lp, x0b)
+                self._predict(0, x0b, heads=False, mlp=True, side=True, bufs=self._bufs0)
+                self._mlp_ready[0].record(self._side0)
+        # one launch: x0 = token row (+ learned position row), and with RoPE this step's (cos | sin) row of the table
+        wpe = m.pos_embed.weight if m.pos_embed is not None else self._rope_table
+        self.ops.embed(self._tok, m.embed.weight, pos if wpe is not None else None, wpe, x0, self._rope_row)
         # valid cache length incl. this token, for the unfused attention (the fused one reads pos itself)
         lens = None if self.fuse_attn else (pos + 1).to(torch.int32)
-        rope = m.rope(pos, self.dtype)  # (cos, sin) [B, hd] once per step, applied in qkv_post / the attention; or None
-        main = torch.cuda.current_stream(self.device) if self._side is not None else None
-        if self.lookahead:
+        hd = self.spec.head_dim  # (cos, sin) [B, hd] views, applied in qkv_post / the attention; or None
+        rope = (self._rope_row[:, :hd], self._rope_row[:, hd:]) if self._rope_row is not None else None
+        if split0:
+            self._predict(0, x0, heads=True, mlp=False)
+        elif self.lookahead:
             self._predict(0, x0, heads=True, mlp=True)
         forked = set()  # layers whose selection runs on the side stream in this step (joins only wait on these)
         defer = self._deferred()
@@ -550,16 +616,30 @@ class FastDecoder:
                 self._predict(l, self._x[l], heads=True, mlp=False)
             # prewait_gathers: not layer 0's q/k/v gather, whose selection the step's first prediction (main stream)
             # may write in the kernel right before it
-            self._block(l, lens, rope, mlp_ready=self._mlp_ready[l] if l in forked else None, fork=fork,
+            neurons_side = l in forked or (split0 and l == 0)
+            self._block(l, lens, rope, mlp_ready=self._mlp_ready[l] if neurons_side else None, fork=fork,
                         finish_in=l > 0 and defer[l - 1], finish_out=not defer[l], o_defer=o_defer.get(l),
                         rows_prewait=self.prewait_gathers and self.lookahead and l > 0)  # fmt: skip
         if forked:
             main.wait_stream(self._side)
+        if split0:
+            main.wait_stream(self._side0)
         nf = m.norm_f
-        h = self.ops.norm(self._x[L], nf.kind, nf.weight, nf.bias, nf.eps, self._h)
-        logits = F.linear(h, m.lm_head.weight)
+        if self._fold_head():
+            logits = self.ops.head(self._x[L], m.lm_head.weight, self._vocab, self._fold_f)
+        else:
+            h = self.ops.norm(self._x[L], nf.kind, nf.weight, nf.bias, nf.eps, self._h)
+            logits = F.linear(h, m.lm_head.weight)
         pos.add_(1)
         return logits
+
+    def _fold_head(self) -> bool:
+        """Does the LM head gather run the final norm (``fold_final_norm``)?"""
+        return self.fold_final_norm and self._fold_f is not None
+
+    def _split0(self) -> bool:
+        """Is layer 0's prediction split (its neurons on their own stream; ``split_first_prediction``)?"""
+        return self.lookahead and self.split_first_prediction and self._side0 is not None
 
     def _deferred(self) -> list[bool]:
         """Per layer: does its MLP block leave its sums for the next layer's q/k/v gather (defer_mlp_finish)? Only
@@ -595,27 +675,37 @@ class FastDecoder:
         """Launch context of one part of a side-stream prediction: without PDL if ``side_pdl`` says so."""
         return KC.pdl_suspended() if side and part in SIDE_PDL_OFF[self.side_pdl] else contextlib.nullcontext()
 
-    def _predict(self, l: int, x: torch.Tensor, heads: bool, mlp: bool, heads_done=None, side: bool = False):
+    def _predict(self, l: int, x: torch.Tensor, heads: bool, mlp: bool, heads_done=None, side: bool = False,
+                 bufs=None):  # fmt: skip
         """Score layer l's heads / neurons from x (B, d) and write its fixed-size selections in place.
 
-        One GEMV for both predictors' first factors with LowRank's RMS normalization fused (fp32 out), one GEMV per
-        second factor (+ bias, max over the batch in its epilogue), then the top-k (``select_topk``); the head
-        selection goes straight into the combined q/k/v index (MHA with K/V holes: three offset copies in the same
-        launch), the neuron selection into the layer's index (unsorted: the gathers take any order). ``heads_done``:
-        an event recorded on the current stream once the head selection is written (before the neuron half)."""
+        One GEMV for the first factors with LowRank's RMS normalization fused (fp32 out): both predictors' stacked,
+        or only the one predictor's rows where only its half runs; one GEMV per second factor (+ bias, max over the
+        batch in its epilogue), then the top-k (``select_topk``); the head selection goes straight into the combined
+        q/k/v index (MHA with K/V holes: three offset copies in the same launch), the neuron selection into the
+        layer's index (unsorted: the gathers take any order). ``heads_done``: an event recorded on the current
+        stream once the head selection is written (before the neuron half). ``bufs``: the neuron half's own first
+        factor, scores and radix buffers (``_bufs0``), for a call that may overlap another prediction."""
         ent = self._pred[l] if self._pred is not None else {}
-        if not ((heads and "head" in ent) or (mlp and "mlp" in ent)):
+        do_h, do_m = heads and "head" in ent, mlp and "mlp" in ent
+        if not (do_h or do_m):
             if heads_done is not None:
                 heads_done.record()
             return
         ops = self.ops
+        bufs = bufs or {"xa": self._xa, "scores": self._scores[self.spec.ffn_dim], "ws": self._radix}
+        a, off = ent["a_t"], 0
+        if do_h != do_m:  # one predictor's first factor only: its rows of a_t, its columns of the output
+            off, hi = ent["head" if do_h else "mlp"][:2]
+            a = a[off:hi]
         with self._launch(side, "first"):
-            xa = ops.factor(x, ent["a_t"], None, True, self._xa[ent["a_t"].shape[0]])  # [B, r_h + r_m] fp32
-        if heads and "head" in ent:
+            xa = ops.factor(x, a, None, True, bufs["xa"][a.shape[0]])  # [B, r_h + r_m] (or r_h, r_m) fp32
+        if do_h:
             lo, hi, b, bias = ent["head"]
             kh, idx = self.k_heads[l], self._qkvidx[l]
             with self._launch(side, "heads"):
-                sc = ops.factor(xa[:, lo:hi], b, bias, False, self._scores[self.spec.n_heads], batch_max=True)
+                sc = ops.factor(xa[:, lo - off:hi - off], b, bias, False, self._scores[self.spec.n_heads],
+                                batch_max=True)  # fmt: skip
                 if self.holes[l] and self.spec.group_size == 1:  # [q; k; v] rows of the same heads
                     ops.select(sc, kh, idx, copies=3, offset=self.spec.n_heads)
                 else:
@@ -625,11 +715,11 @@ class FastDecoder:
                         torch.add(kv[None, :], self._kv_offs, out=idx[kh:].view(2, -1))
         if heads_done is not None:
             heads_done.record()
-        if mlp and "mlp" in ent:
+        if do_m:
             lo, hi, b, bias = ent["mlp"]
-            ws, how = self._radix, self._topk
+            ws, how = bufs["ws"], self._topk
             with self._launch(side, "scores"):
-                sc = ops.factor(xa[:, lo:hi], b, bias, False, self._scores[self.spec.ffn_dim], batch_max=True,
+                sc = ops.factor(xa[:, lo - off:hi - off], b, bias, False, bufs["scores"], batch_max=True,
                                 hist=ws["hist"] if how == "radix-gemv" else None)
             with self._launch(side, "select"):
                 ops.select(sc, self.k_mlp[l], self._nidx[l], ws=ws, hist_ready=how == "radix-gemv",
@@ -755,7 +845,11 @@ class FastDecoder:
             side = 0
             ent = self._pred[l] if self._pred is not None else {}
             if ent:
-                side = 1  # first factors with the RMS norm fused
+                # first factors with the RMS norm fused: both in one GEMV, or one each where the halves run apart
+                # (without lookahead; layer 0's split)
+                apart = not self.lookahead or (l == 0 and self._split0())
+                side = 2 if apart and "head" in ent and "mlp" in ent else 1
+                side += 1 if l == 0 and self._split0() else 0  # the split neuron half's own embedding launch
                 if "head" in ent:
                     side += 2  # second factor, top-k (MHA: q/k/v index copies in the same launch)
                     side += 5 if (self.holes[l] and s.group_size > 1) else 0  # KV set: fill, topk, sort, copy, add
