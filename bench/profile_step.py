@@ -35,10 +35,10 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   chunk before their PDL wait (``FastDecoder.prewait_gathers``);
 * the step's start: ``l0_inline`` (layer 0's heads and neurons both chosen on the main stream before its q/k/v
   gather, one stacked first factor: ``FastDecoder.split_first_prediction`` off), ``embed_nopdl`` (the step's
-  embedding launched without PDL), ``embed_torch`` (the embedding as
-  torch lookups and an add instead of ``fused_ops.embed_fused``); its end: ``head_cublas`` (the final norm kernel
-  and a cuBLAS LM head instead of one row gather over the vocabulary with the norm folded:
-  ``FastDecoder.fold_final_norm`` off);
+  embedding launched without PDL), ``embed_torch`` (the embedding by torch ops instead of
+  ``fused_ops.embed_fused``: lookups and an add, or the RoPE tables built by the model's ``rope()``); its end:
+  ``head_cublas`` (the final norm kernel and a cuBLAS LM head instead of one row gather over the vocabulary with the
+  norm folded: ``FastDecoder.fold_final_norm`` off);
 * stream priorities: ``sparse_high_priority`` (the side stream created with priority -1), ``main_priority`` (the step
   captured on a stream of priority -1, ahead of the side stream's: ``FastDecoder.capture_priority``).
 

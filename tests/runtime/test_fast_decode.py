@@ -246,7 +246,7 @@ def test_generate_is_greedy_decode(tiny_llama):
 
 
 def test_bad_input_is_a_value_error(tiny_llama):
-    """(c) batch above 16, max_len exceeded, densities without predictors, wrong shapes."""
+    """(c) batch above 16, max_len exceeded, densities without predictors, wrong shapes, token ids out of range."""
     model = tiny_llama
     with pytest.raises(ValueError, match="batch=17"):
         FastDecoder(model, None, batch=17, max_len=8, backend="torch")
@@ -263,6 +263,9 @@ def test_bad_input_is_a_value_error(tiny_llama):
     with pytest.raises(ValueError, match="batch=1"):
         dec.prefill(torch.zeros(2, 3, dtype=torch.long))
     tok = dec.prefill(ids).argmax(-1)
+    for bad in (-1, model.spec.vocab_size):  # a host tensor is checked (nothing decoded)
+        with pytest.raises(ValueError, match="token ids must be in"):
+            dec.decode_step(torch.tensor([bad]))
     tok = dec.decode_step(tok).argmax(-1)  # position 6
     dec.decode_step(tok)  # position 7: the last slot
     with pytest.raises(ValueError, match="cache full"):

@@ -522,6 +522,12 @@ class FastDecoder:
         """tokens (B,) at the next position -> logits (B, V). Graph replay when captured (captures on first use)."""
         if tokens.shape != (self.batch,):
             raise ValueError(f"tokens must have shape ({self.batch},), got {tuple(tokens.shape)}")
+        if tokens.device.type == "cpu":  # free to check on the host; on the device it would sync every step, and an
+            # id out of range gives NaN logits there instead (kernels.fused_ops.embed_fused)
+            V = self.spec.vocab_size
+            bad = (tokens < 0) | (tokens >= V)
+            if bad.any():
+                raise ValueError(f"token ids must be in [0, {V}) (the model's vocabulary), got {tokens[bad].tolist()}")
         if self._len >= self.max_len:
             raise ValueError(f"KV cache full: {self._len} positions used of max_len={self.max_len}")
         self._tok.copy_(tokens)
