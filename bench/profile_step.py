@@ -3,6 +3,8 @@
 For OPT-13B-shaped random fp16 weights at batch 1: ours-dense and ours-sparse (0.1, 0.5), plus sparse variants that
 isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+side_pdl_on``):
 
+* ``dense_gathers``: ours-dense with its MLP parts as the row gathers over every neuron, norm folded, instead of
+  the norm kernel and cuBLAS (``FastDecoder(dense_mlp="gathers")``);
 * ``nopred``: selections fixed, predictor calls skipped; ``inline``: lookahead predictors on the main stream;
 * ``unfused``: the norms as kernels of their own instead of folded into the gathers; ``fold_forced``: folded norms
   at B > 2 too;
@@ -194,8 +196,9 @@ def main():
     ap.add_argument("--model", default="opt-13b")
     ap.add_argument("--point", default="0.1,0.5")
     ap.add_argument("--variants", default="dense,sparse,nopred,inline",
-                    help="comma-separated subset of dense,sparse,unfused,nopred,inline,sparse_high_priority,torch_topk,"
-                         "fold_forced,radix_torch_hist,unfused_mlp,unfused_attn,epilogue_2048,"
+                    help="comma-separated subset of dense,dense_gathers,sparse,unfused,nopred,inline,"
+                         "sparse_high_priority,torch_topk,fold_forced,radix_torch_hist,unfused_mlp,unfused_attn,"
+                         "epilogue_2048,"
                          "attn_split_128,attn_split_256,down_ctas_1,down_ctas_4,"
                          "side_pdl_{on,off,first,heads,scores,mlp},"
                          "nopdl_{rows,attn,combine,oproj,mlp},mlp_maxnreg_128,gemv_cap_{32,64,132,264,396,528},"
@@ -219,6 +222,7 @@ def main():
            "pdl": os.environ.get("DEJAVU_PDL", "1") != "0"}
     variants = {
         "dense": dict(predictors=None, mlp_density=1.0, head_density=1.0, kv_policy="all"),
+        "dense_gathers": dict(predictors=None, mlp_density=1.0, head_density=1.0, kv_policy="all", dense_mlp="gathers"),
         "sparse": dict(predictors=preds, mlp_density=md, head_density=hd),
         "unfused": dict(predictors=preds, mlp_density=md, head_density=hd, fuse_norm=False),
         "nopred": dict(predictors=preds, mlp_density=md, head_density=hd),

@@ -54,6 +54,23 @@ def test_dense_decode_equals_model(tiny):
     assert max(errs) < TOL, errs
 
 
+@pytest.mark.parametrize("B", [1, 3])
+def test_dense_mlp_gathers_equal_model(tiny, B):
+    """dense_mlp="gathers": the dense MLP parts run as the row gathers over every neuron (the norm folded in at
+    B <= 2, the tensor-core path above); the step still equals model.forward with a KV cache (fp32), with fewer
+    launches a layer at B <= 2; a bad value is a ValueError."""
+    model = tiny[1].to(DEV)
+    dec = FastDecoder(model, None, batch=B, max_len=16, backend="triton", dense_mlp="gathers")
+    errs, _ = _compare(model, dec, None, "all", B=B, steps=2)
+    assert max(errs) < TOL, errs
+    assert dec.describe()["dense_mlp"] == "gathers" and not any(dec._cublas_mlp)
+    if B == 1:
+        cublas = FastDecoder(model, None, batch=B, max_len=16, backend="torch")
+        assert all(a["main"] < b["main"] for a, b in zip(dec.kernels_per_layer(), cublas.kernels_per_layer()))
+    with pytest.raises(ValueError, match="dense_mlp"):
+        FastDecoder(model, None, batch=1, max_len=8, backend="torch", dense_mlp="triton")
+
+
 @pytest.mark.parametrize("kv_policy", ["all", "selected"])
 def test_sparse_batch1_equals_reference_policy(tiny, kv_policy):
     """(b) batch 1: the runtime's batch top-k is the reference's per-token top-k, so the logits agree."""

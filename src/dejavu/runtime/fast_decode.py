@@ -21,7 +21,8 @@ Per layer l (``_block``), with ``x`` the residual stream entering the block:
   (bias, residual, cast) into its consumer, which streams all of that activation anyway (``kernels.XSum``):
   ``defer_oproj_finish`` (o_proj's split-k reduction, into the MLP block) and ``defer_mlp_finish`` (the MLP block's,
   into the next layer's q/k/v gather). A middle layer then has no last-program pass on its critical path.
-A part at density 1 uses dense cuBLAS GEMVs, and a layer at density 1 runs no predictor. ``predictors=None`` is the
+A part at density 1 uses dense cuBLAS GEMVs (an MLP part can take the row gathers over every neuron instead:
+``dense_mlp``), and a layer at density 1 runs no predictor. ``predictors=None`` is the
 all-dense runtime ("ours-dense": same graph, cuBLAS GEMVs, the decode-attention kernel over all heads), our stand-in
 for FasterTransformer / gpt-fast.
 
@@ -71,6 +72,9 @@ FORK_POINTS = ("start", "qkv", "attn", "oproj")
 """FastDecoder.fork_at: the side stream's prediction of layer l+1 forks from x_l at the start of layer l (its first
 kernel then shares the previous MLP block as predecessor with the q/k/v gather), or after layer l's q/k/v gather,
 attention (with its combine) or o_proj."""
+DENSE_MLP = ("cublas", "gathers")
+"""FastDecoder(dense_mlp=...): how an MLP part at density 1 runs (cuBLAS GEMVs, or the sparse path's row gathers over
+every neuron)."""
 SIDE_PDL_OFF = {"on": (), "off": ("first", "heads", "scores", "select"), "first": ("first",), "heads": ("heads",),
                 "scores": ("scores",), "mlp": ("scores", "select")}
 """FastDecoder.side_pdl -> the parts of a side-stream prediction launched without PDL (the first factors, the head
@@ -196,7 +200,8 @@ class FastDecoder:
 
     def __init__(self, model: DecoderLM, predictors=None, mlp_density=1.0, head_density=1.0, batch: int = 1,
                  max_len: int = 256, kv_policy: str = "selected", use_graph: bool = True, backend: str = "triton",
-                 overlap: bool = True, fuse_norm: bool = True, fuse_mlp: bool = True, fuse_attn: bool = True):
+                 overlap: bool = True, fuse_norm: bool = True, fuse_mlp: bool = True, fuse_attn: bool = True,
+                 dense_mlp: str = "cublas"):  # fmt: skip
         s = model.spec
         L, H, Hkv, N = s.n_layers, s.n_heads, s.n_kv_heads, s.ffn_dim
         if not 1 <= int(batch) <= K.MAX_BATCH:
@@ -210,6 +215,8 @@ class FastDecoder:
             raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {kv_policy!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if dense_mlp not in DENSE_MLP:
+            raise ValueError(f"dense_mlp must be one of {DENSE_MLP}, got {dense_mlp!r}")
         if backend == "triton" and not K.HAS_TRITON:
             raise ValueError("backend='triton' needs Triton (pip install triton); use backend='torch'")
         md, hd_ = per_layer(mlp_density, L, "mlp_density"), per_layer(head_density, L, "head_density")
@@ -257,7 +264,10 @@ class FastDecoder:
         # the sparse MLP block in one launch (kernels.sparse_mlp) at B <= 2. Not at density 1: in the OPT-13B step on an
         # H200 (profile_step, same call) ours-dense took 7.84 ms with it against 7.40 with cuBLAS (bench/NOTES.md, v5)
         self._fused_mlp = [bool(fuse_mlp) and B <= 2 and km < N for km in self.k_mlp]
-        self._cublas_mlp = [km == N for km in self.k_mlp]  # dense MLP parts: cuBLAS GEMVs
+        # dense MLP parts: cuBLAS GEMVs, or (dense_mlp="gathers") the row gathers over every neuron, so the norm
+        # before them folds in and the ReLU / bias / residual fuse (not measured on a GPU yet: bench/NOTES.md v14)
+        self.dense_mlp = dense_mlp
+        self._cublas_mlp = [km == N and dense_mlp == "cublas" for km in self.k_mlp]
         # two workspaces, layer l using l % 2: with defer_mlp_finish one holds layer l's unfinished sums while the
         # other is cleared
         fused_blocks = backend == "triton" and any(self._fused_mlp)
@@ -485,7 +495,7 @@ class FastDecoder:
                 "fork_at": self.fork_at, "side_pdl": self.side_pdl, "prewait_gathers": self.prewait_gathers,
                 "defer_mlp_finish": any(self._deferred()), "defer_oproj_finish": any(self._deferred_o()),
                 "fuse_norm": self.fuse_norm, "fuse_mlp": any(self._fused_mlp), "fuse_attn": self.fuse_attn,
-                "neuron_topk": self._topk, "split_first_prediction": self._split0(),
+                "neuron_topk": self._topk, "split_first_prediction": self._split0(), "dense_mlp": self.dense_mlp,
                 "fold_final_norm": self._fold_head(),
                 "k_heads": self.k_heads, "k_mlp": self.k_mlp, "k_kv": self.k_kv,
                 "kernels_per_layer": self._kernel_summary()}
