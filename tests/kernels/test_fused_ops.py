@@ -84,7 +84,8 @@ def test_embed_fused_bad_input():
     tok, pos = torch.tensor([3, 10, -1], device=DEV), torch.tensor([0, 1, 2], device=DEV)
     out = FO.embed_fused(tok, wte, pos, wpe, out=torch.empty(3, 32, device=DEV))
     assert out[1:].isnan().all() and torch.equal(out[0], wte[3] + wpe[0])
-    for kw, msg in ((dict(tok=tok[:, None]), "1-D"), (dict(out=torch.empty(3, 32, dtype=torch.float16, device=DEV)),
+    for kw, msg in ((dict(tok=tok[:, None]), "1-D"), (dict(pos=pos.float()), "pos must be a 1-D"),
+                    (dict(wte=wte[0]), "2-D table"), (dict(out=torch.empty(3, 32, dtype=torch.float16, device=DEV)),
                     "out must be"), (dict(wpe=None), "together"), (dict(pos=pos[:2]), "pos must be"),
                     (dict(wpe=torch.randn(8, 16, device=DEV)), "pos must be"),
                     (dict(pos_out=torch.empty(3, 31, device=DEV)), "pos_out must be"),

@@ -2,7 +2,7 @@
 
 At batch <= 16 a decode step is ~10 big weight streams per layer plus many tiny ops (norms, bias adds, RoPE,
 cache writes); in a CUDA graph each tiny op still costs ~2 us (launch, ramp, dependency gap), so 10 of them per
-layer is ~1 ms per token on a 40-layer model. Two kernels fold them:
+layer is ~1 ms per token on a 40-layer model. These kernels fold them:
 
 * :func:`norm_fused`: LayerNorm / RMSNorm of ``x [B, d]`` (fp32 statistics, the model's rounding), and in the same
   pass an optional ``init = x + bias`` (the residual + output bias a following in-place ``addmm_`` accumulates
@@ -250,9 +250,13 @@ def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, pout_ptr, V, D, D
 
 
 def _check_embed(op, tok, wte, pos, wpe, out, pos_out):
-    if tok.dim() != 1 or tok.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{op}: tok must be a 1-D int32/int64 tensor of token ids, got {tuple(tok.shape)} "
-                         f"{tok.dtype}")  # fmt: skip
+    for name, t in (("tok", tok), ("pos", pos)):
+        if t is not None and (t.dim() != 1 or t.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"{op}: {name} must be a 1-D int32/int64 tensor (one id per sequence), got "
+                             f"{tuple(t.shape)} {t.dtype}")  # fmt: skip
+    for name, t in (("wte", wte), ("wpe", wpe)):
+        if t is not None and t.dim() != 2:
+            raise ValueError(f"{op}: {name} must be a 2-D table [rows, width], got {tuple(t.shape)}")
     B, D = tok.shape[0], wte.shape[1]
     if out.shape != (B, D) or out.dtype != wte.dtype or out.stride(-1) != 1:
         raise ValueError(f"{op}: out must be a [{B}, {D}] {wte.dtype} tensor with contiguous rows, got "
