@@ -262,6 +262,23 @@ def test_generate_is_greedy_decode(tiny_llama):
     assert (tok == res.tokens[:, 8]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rope_table_is_the_models_rope(tiny_llama, dtype):
+    """The step's RoPE row comes from a table built once: bitwise the model's rope() at each position, and the step's
+    embedding launch puts position p's row in place (cos, sin the two halves the attention reads)."""
+    model = tiny_llama.to(DEV, dtype)
+    dec = FastDecoder(model, None, batch=2, max_len=12, backend="triton")
+    hd = model.spec.head_dim
+    for p in (0, 5, 11):
+        cos, sin = model.rope(torch.tensor([p], device=DEV), dtype)
+        assert torch.equal(dec._rope_table[p], torch.cat((cos[0], sin[0])))
+    pos, tok = torch.tensor([3, 7], device=DEV), torch.tensor([1, 2], device=DEV)
+    dec.ops.embed(tok, model.embed.weight, pos, dec._rope_table, dec._x[0], dec._rope_row)
+    cos, sin = model.rope(pos, dtype)
+    assert torch.equal(dec._rope_row[:, :hd], cos) and torch.equal(dec._rope_row[:, hd:], sin)
+    assert torch.equal(dec._x[0], model.embed.weight[tok])
+
+
 def test_bad_input_is_a_value_error(tiny_llama):
     """(c) batch above 16, max_len exceeded, densities without predictors, wrong shapes, token ids out of range."""
     model = tiny_llama
