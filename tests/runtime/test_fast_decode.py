@@ -218,7 +218,7 @@ def test_radix_neuron_selection_16bit(arch):
     sc, idx, k = dec._scores[spec.ffn_dim][0].float(), dec._nidx[-1], dec.k_mlp[-1]  # the last layer scored
     assert len(set(idx.tolist())) == k
     assert torch.equal(torch.sort(sc[idx], descending=True).values, torch.sort(sc, descending=True).values[:k])
-    for ws in (dec._radix, dec._bufs0["ws"] if dec._split0() else dec._radix):
+    for ws in [dec._radix] + ([dec._bufs0["ws"]] if dec._split0() else []):
         assert int(ws["hist"].abs().sum()) == 0 and int(ws["counters"].abs().sum()) == 0
     wide = FastDecoder(model, preds, 0.25, 0.5, batch=3, max_len=12, backend="triton")  # B > 2: torch.topk
     assert wide._radix is None and wide._topk == "torch"

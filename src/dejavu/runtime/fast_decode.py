@@ -329,7 +329,7 @@ class FastDecoder:
         # that block (split_first_prediction, read at capture; bench/NOTES.md v14)
         self.split_first_prediction = True
         l0 = self._pred[0] if self._pred is not None else {}
-        self._side0 = None
+        self._side0 = self._bufs0 = None
         if overlap and "mlp" in l0:
             lo, hi = l0["mlp"][:2]
             self._side0 = torch.cuda.Stream(self.device)
