@@ -3,8 +3,9 @@
 For OPT-13B-shaped random fp16 weights at batch 1: ours-dense and ours-sparse (0.1, 0.5), plus sparse variants that
 isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+side_pdl_on``):
 
-* ``dense_gathers``: ours-dense with its MLP parts as the row gathers over every neuron, norm folded, instead of
-  the norm kernel and cuBLAS (``FastDecoder(dense_mlp="gathers")``);
+* ``dense_cublas``: ours-dense with its MLP parts as a norm kernel, cuBLAS GEMVs and activation kernels
+  (``FastDecoder(dense_mlp="cublas")``) instead of the up projection as a row gather over every neuron with the
+  norm folded in (``dense``);
 * ``nopred``: selections fixed, predictor calls skipped; ``inline``: lookahead predictors on the main stream;
 * ``unfused``: the norms as kernels of their own instead of folded into the gathers; ``fold_forced``: folded norms
   at B > 2 too;
@@ -41,6 +42,8 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   ``fused_ops.embed_fused``: lookups and an add, or the RoPE tables built by the model's ``rope()``); its end:
   ``head_cublas`` (the final norm kernel and a cuBLAS LM head instead of one row gather over the vocabulary with the
   norm folded: ``FastDecoder.fold_final_norm`` off);
+* ``fma_max_1``: batch 2 on the tensor-core paths like batch > 2 (``kernels._checks.FMA_MAX_BATCH`` = 1, set while
+  the decoder is built and captured) instead of the CUDA-core FMA paths and the runtime features built on them;
 * stream priorities: ``sparse_high_priority`` (the side stream created with priority -1), ``main_priority`` (the step
   captured on a stream of priority -1, ahead of the side stream's: ``FastDecoder.capture_priority``).
 
@@ -196,7 +199,7 @@ def main():
     ap.add_argument("--model", default="opt-13b")
     ap.add_argument("--point", default="0.1,0.5")
     ap.add_argument("--variants", default="dense,sparse,nopred,inline",
-                    help="comma-separated subset of dense,dense_gathers,sparse,unfused,nopred,inline,"
+                    help="comma-separated subset of dense,dense_cublas,sparse,unfused,nopred,inline,"
                          "sparse_high_priority,torch_topk,fold_forced,radix_torch_hist,unfused_mlp,unfused_attn,"
                          "epilogue_2048,"
                          "attn_split_128,attn_split_256,down_ctas_1,down_ctas_4,"
@@ -204,7 +207,7 @@ def main():
                          "nopdl_{rows,attn,combine,oproj,mlp},mlp_maxnreg_128,gemv_cap_{32,64,132,264,396,528},"
                          "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},mlp_rows_{8,32},"
                          "rows_narrow,fork_{start,qkv,attn,oproj},main_priority,finish_mlp,finish_o,"
-                         "prewait_gathers,attn_pipelined,l0_inline,embed_nopdl,embed_torch,head_cublas; "
+                         "prewait_gathers,attn_pipelined,l0_inline,embed_nopdl,embed_torch,head_cublas,fma_max_1; "
                          "join several with '+'")
     ap.add_argument("--tag", default="", help="suffix of the output file name (e.g. _pdl0 for an A/B run)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per variant (median)")
@@ -222,7 +225,7 @@ def main():
            "pdl": os.environ.get("DEJAVU_PDL", "1") != "0"}
     variants = {
         "dense": dict(predictors=None, mlp_density=1.0, head_density=1.0, kv_policy="all"),
-        "dense_gathers": dict(predictors=None, mlp_density=1.0, head_density=1.0, kv_policy="all", dense_mlp="gathers"),
+        "dense_cublas": dict(predictors=None, mlp_density=1.0, head_density=1.0, kv_policy="all", dense_mlp="cublas"),
         "sparse": dict(predictors=preds, mlp_density=md, head_density=hd),
         "unfused": dict(predictors=preds, mlp_density=md, head_density=hd, fuse_norm=False),
         "nopred": dict(predictors=preds, mlp_density=md, head_density=hd),
@@ -256,6 +259,10 @@ def main():
         ("rows", "_gather_rows_kernel"), ("attn", "_decode_attn_kernel"), ("combine", "_decode_attn_combine_kernel"),
         ("oproj", "_gather_down_kernel"), ("mlp", "_sparse_mlp_kernel"))})
     variants.update({name: dict(predictors=preds, mlp_density=md, head_density=hd) for name in knobs})
+    # knobs read when the decoder is built (and by the kernels at capture): set around construction and capture
+    build_knobs = {"fma_max_1": (C, "FMA_MAX_BATCH", 1)}
+    variants.update({name: dict(predictors=preds, mlp_density=md, head_density=hd) for name in build_knobs})
+    knobs.update(build_knobs)
     chosen = args.variants.split(",")  # a variant may combine several, joined by "+" (e.g. fork_qkv+side_pdl_off)
     unknown = {p for name in chosen for p in name.split("+")} - set(variants)
     if unknown:
@@ -263,15 +270,22 @@ def main():
     decs = {}
     for name in chosen:
         parts = name.split("+")
-        dec = FastDecoder(model, batch=args.batch, max_len=200, **variants[parts[0]])
+        set_knobs = [knobs[p] for p in parts if p in knobs]
+        saved = [getattr(mod, attr) for mod, attr, _ in set_knobs]
+        for mod, attr, value in set_knobs:
+            if (mod, attr, value) in build_knobs.values():
+                setattr(mod, attr, value)
+        try:
+            dec = FastDecoder(model, batch=args.batch, max_len=200, **variants[parts[0]])
+        finally:
+            for (mod, attr, _), value in zip(set_knobs, saved):
+                setattr(mod, attr, value)
         for part in parts:
             _setup(dec, part)
         dec.prefill(ids)
         epi = MB.EPILOGUE_COLS
         if "epilogue_2048" in parts:  # A/B: the MLP block's epilogue in 2048-column steps (read at capture)
             MB.EPILOGUE_COLS = 2048
-        set_knobs = [knobs[p] for p in parts if p in knobs]
-        saved = [getattr(mod, attr) for mod, attr, _ in set_knobs]
         for mod, attr, value in set_knobs:
             setattr(mod, attr, value)
         try:

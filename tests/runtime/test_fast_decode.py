@@ -55,20 +55,24 @@ def test_dense_decode_equals_model(tiny):
 
 
 @pytest.mark.parametrize("B", [1, 3])
-def test_dense_mlp_gathers_equal_model(tiny, B):
-    """dense_mlp="gathers": the dense MLP parts run as the row gathers over every neuron (the norm folded in at
-    B <= 2, the tensor-core path above); the step still equals model.forward with a KV cache (fp32), with fewer
-    launches a layer at B <= 2; a bad value is a ValueError."""
+@pytest.mark.parametrize("dense_mlp", ["cublas", "up_gather"])
+def test_dense_mlp_modes_equal_model(tiny, B, dense_mlp):
+    """dense_mlp: "cublas" (norm kernel, GEMVs, activation kernels) and "up_gather" (at B = 1 the up projection is
+    the row gather over every neuron with the norm folded in; cuBLAS above) both equal model.forward with a KV cache
+    (fp32); up_gather runs fewer launches a layer at B = 1; a bad value is a ValueError."""
     model = tiny[1].to(DEV)
-    dec = FastDecoder(model, None, batch=B, max_len=16, backend="triton", dense_mlp="gathers")
+    dec = FastDecoder(model, None, batch=B, max_len=16, backend="triton", dense_mlp=dense_mlp)
     errs, _ = _compare(model, dec, None, "all", B=B, steps=2)
     assert max(errs) < TOL, errs
-    assert dec.describe()["dense_mlp"] == "gathers" and not any(dec._cublas_mlp)
-    if B == 1:
-        cublas = FastDecoder(model, None, batch=B, max_len=16, backend="torch")
+    assert dec.describe()["dense_mlp"] == dense_mlp
+    assert any(dec._up_gather) == (dense_mlp == "up_gather" and B == 1)
+    assert all(dec._cublas_mlp) == (not any(dec._up_gather))
+    if dense_mlp == "up_gather" and B == 1:
+        assert all(f is not None for f in dec._fold2)
+        cublas = FastDecoder(model, None, batch=B, max_len=16, backend="torch", dense_mlp="cublas")
         assert all(a["main"] < b["main"] for a, b in zip(dec.kernels_per_layer(), cublas.kernels_per_layer()))
     with pytest.raises(ValueError, match="dense_mlp"):
-        FastDecoder(model, None, batch=1, max_len=8, backend="torch", dense_mlp="triton")
+        FastDecoder(model, None, batch=1, max_len=8, backend="torch", dense_mlp="gathers")
 
 
 @pytest.mark.parametrize("kv_policy", ["all", "selected"])
@@ -126,7 +130,10 @@ def test_folded_norms_equal_separate_norm_kernels(tiny):
     assert fused._kernel_summary()["main_total"] == plain._kernel_summary()["main_total"] - 1 - sum(
         (f1 is not None) + (f2 is not None) for f1, f2 in zip(fused._fold1, fused._fold2))
     assert [f is not None for f in fused._fold1] == [kh < model.spec.n_heads for kh in fused.k_heads]
-    assert [f is not None for f in fused._fold2] == [km < model.spec.ffn_dim for km in fused.k_mlp]
+    # the MLP norm also folds into a dense layer's up gather (dense_mlp="up_gather", the default at B = 1)
+    assert [f is not None for f in fused._fold2] == [km < model.spec.ffn_dim or ug
+                                                     for km, ug in zip(fused.k_mlp, fused._up_gather)]
+    assert fused._up_gather == [km == model.spec.ffn_dim for km in fused.k_mlp]
     fewer = [b["main"] - a["main"] for a, b in zip(fused.kernels_per_layer(), plain.kernels_per_layer())]
     assert fewer == [(f1 is not None) + (f2 is not None) for f1, f2 in zip(fused._fold1, fused._fold2)]
     extra = fused.bytes_per_token() - plain.bytes_per_token()
@@ -325,8 +332,10 @@ def test_bytes_accounting(tiny):
     if s.tie_embeddings:  # the tied LM head is read through lm_head, not as an embedding table
         weights += model.lm_head.weight.numel()
     extra = s.d_model * (2 if s.pos_kind == "learned" else 1)  # the embedding row(s) of one token
-    fold = 8 * s.vocab_size if s.norm_kind == "layernorm" else 0  # the final layernorm folded into the LM head
-    assert dense.describe()["fold_final_norm"]
+    # a folded layernorm's two fp32 constants per row: the final one into the LM head, and each MLP norm into the dense
+    # up gather (dense_mlp="up_gather"), where they replace fc1's bias
+    fold = 8 * s.vocab_size + s.n_layers * s.ffn_dim * (8 - 4 * s.mlp_bias) if s.norm_kind == "layernorm" else 0
+    assert dense.describe()["fold_final_norm"] and all(dense._up_gather)
     assert dense.dense_bytes_per_token() == dense.bytes_per_token() - fold == 4 * (weights + extra)
     sparse = FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=8, kv_policy="all", backend="torch")
     ref = bytes_summary(s, [k / s.ffn_dim for k in sparse.k_mlp], [k / s.n_heads for k in sparse.k_heads],

@@ -21,8 +21,9 @@ Per layer l (``_block``), with ``x`` the residual stream entering the block:
   (bias, residual, cast) into its consumer, which streams all of that activation anyway (``kernels.XSum``):
   ``defer_oproj_finish`` (o_proj's split-k reduction, into the MLP block) and ``defer_mlp_finish`` (the MLP block's,
   into the next layer's q/k/v gather). A middle layer then has no last-program pass on its critical path.
-A part at density 1 uses dense cuBLAS GEMVs (an MLP part can take the row gathers over every neuron instead:
-``dense_mlp``), and a layer at density 1 runs no predictor. ``predictors=None`` is the
+A part at density 1 uses dense cuBLAS GEMVs (at batch 1 an MLP part's up projection can be the row gather over
+every neuron instead, with the norm folded in and the activation fused: ``dense_mlp``), and a layer at density 1 runs
+no predictor. ``predictors=None`` is the
 all-dense runtime ("ours-dense": same graph, cuBLAS GEMVs, the decode-attention kernel over all heads), our stand-in
 for FasterTransformer / gpt-fast.
 
@@ -72,9 +73,10 @@ FORK_POINTS = ("start", "qkv", "attn", "oproj")
 """FastDecoder.fork_at: the side stream's prediction of layer l+1 forks from x_l at the start of layer l (its first
 kernel then shares the previous MLP block as predecessor with the q/k/v gather), or after layer l's q/k/v gather,
 attention (with its combine) or o_proj."""
-DENSE_MLP = ("cublas", "gathers")
-"""FastDecoder(dense_mlp=...): how an MLP part at density 1 runs (cuBLAS GEMVs, or the sparse path's row gathers over
-every neuron)."""
+DENSE_MLP = ("cublas", "up_gather")
+"""FastDecoder(dense_mlp=...): how an MLP part at density 1 runs: "cublas" (norm kernel, cuBLAS GEMVs, activation
+kernels), or "up_gather" at batch 1 (the up projection as the sparse path's row gather over every neuron, with the
+norm folded in and ReLU / SwiGLU fused, then the residual copy and the cuBLAS down projection; "cublas" above)."""
 SIDE_PDL_OFF = {"on": (), "off": ("first", "heads", "scores", "select"), "first": ("first",), "heads": ("heads",),
                 "scores": ("scores",), "mlp": ("scores", "select")}
 """FastDecoder.side_pdl -> the parts of a side-stream prediction launched without PDL (the first factors, the head
@@ -201,7 +203,7 @@ class FastDecoder:
     def __init__(self, model: DecoderLM, predictors=None, mlp_density=1.0, head_density=1.0, batch: int = 1,
                  max_len: int = 256, kv_policy: str = "selected", use_graph: bool = True, backend: str = "triton",
                  overlap: bool = True, fuse_norm: bool = True, fuse_mlp: bool = True, fuse_attn: bool = True,
-                 dense_mlp: str = "cublas"):  # fmt: skip
+                 dense_mlp: str = "up_gather"):  # fmt: skip
         s = model.spec
         L, H, Hkv, N = s.n_layers, s.n_heads, s.n_kv_heads, s.ffn_dim
         if not 1 <= int(batch) <= K.MAX_BATCH:
@@ -264,10 +266,13 @@ class FastDecoder:
         # the sparse MLP block in one launch (kernels.sparse_mlp) at B <= 2. Not at density 1: in the OPT-13B step on an
         # H200 (profile_step, same call) ours-dense took 7.84 ms with it against 7.40 with cuBLAS (bench/NOTES.md, v5)
         self._fused_mlp = [bool(fuse_mlp) and B <= 2 and km < N for km in self.k_mlp]
-        # dense MLP parts: cuBLAS GEMVs, or (dense_mlp="gathers") the row gathers over every neuron, so the norm
-        # before them folds in and the ReLU / bias / residual fuse (not measured on a GPU yet: bench/NOTES.md v14)
+        # dense MLP parts: cuBLAS GEMVs, or (dense_mlp="up_gather", B = 1) the up projection as the row gather over
+        # every neuron, so the norm before it folds in and the activation fuses, then cuBLAS down. Not the down
+        # projection as a gather too (OPT-13B on an H200: 133 us in the step against cuBLAS's 55), nor at B = 2
+        # (the gather 280 us against 55) (bench/NOTES.md v15)
         self.dense_mlp = dense_mlp
-        self._cublas_mlp = [km == N and dense_mlp == "cublas" for km in self.k_mlp]
+        self._up_gather = [km == N and dense_mlp == "up_gather" and B == 1 for km in self.k_mlp]
+        self._cublas_mlp = [km == N and not ug for km, ug in zip(self.k_mlp, self._up_gather)]
         # two workspaces, layer l using l % 2: with defer_mlp_finish one holds layer l's unfinished sums while the
         # other is cleared
         fused_blocks = backend == "triton" and any(self._fused_mlp)
@@ -767,7 +772,7 @@ class FastDecoder:
         B, H, Hkv, hd = self.batch, s.n_heads, s.n_kv_heads, s.head_dim
         x, x_next, mid = self._x[l], self._x[l + 1], self._mid
         kh, kkv = self.k_heads[l], self.k_kv[l]
-        dense_heads, dense_mlp = kh == H, self._cublas_mlp[l]
+        dense_heads, dense_mlp, up_gather = kh == H, self._cublas_mlp[l], self._up_gather[l]
         n1, n2, fold1, fold2 = blk.norm1, blk.norm2, self._fold1[l], self._fold2[l]
         # norm1 (unless folded into the q/k/v gather); a dense o_proj accumulates in place into mid, so
         # mid = x + bo is written here in the same pass
@@ -824,6 +829,14 @@ class FastDecoder:
             else:
                 act = F.silu(F.linear(h2, mlp.w1)) * F.linear(h2, mlp.w3)
             x_next.addmm_(act, mlp.w2t)
+        elif up_gather:  # every neuron's up row (norm folded, activation fused), then x_next = mid + b2 + act @ w2t
+            xin, b1 = (h2, mlp.b1) if fold2 is None else (mid, None)
+            act = ops.up(xin, mlp.w1, mlp.w3, self._nidx[l], b1, norm=fold2)
+            if mlp.b2 is None:
+                x_next.copy_(mid)
+            else:
+                torch.add(mid, mlp.b2, out=x_next)
+            x_next.addmm_(act, mlp.w2t)
         else:
             if mlp_ready is not None:  # the lookahead neuron selection of this layer is written
                 torch.cuda.current_stream(self.device).wait_event(mlp_ready)
@@ -856,6 +869,8 @@ class FastDecoder:
             n += 0 if self._fold2[l] is not None else 1  # norm2 (+ residual init), unless folded
             if dense_m:
                 n += (3 if s.mlp_bias else 2) + 1 if s.mlp_kind == "relu" else 5  # fc1 (+bias copy), relu, fc2
+            elif self._up_gather[l]:
+                n += 3  # the up gather over every neuron, the residual copy (+ b2), fc2
             else:  # sparse_mlp, or gather_up / gather_swiglu + gather_down (split-k reduced in the same launch)
                 n += 1 if self._fused_mlp[l] else 2
             side = 0
