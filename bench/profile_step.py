@@ -42,8 +42,9 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   ``fused_ops.embed_fused``: lookups and an add, or the RoPE tables built by the model's ``rope()``); its end:
   ``head_cublas`` (the final norm kernel and a cuBLAS LM head instead of one row gather over the vocabulary with the
   norm folded: ``FastDecoder.fold_final_norm`` off);
-* ``fma_max_1``: batch 2 on the tensor-core paths like batch > 2 (``kernels._checks.FMA_MAX_BATCH`` = 1, set while
-  the decoder is built and captured) instead of the CUDA-core FMA paths and the runtime features built on them;
+* ``fma_max_2``: batch 2 on the kernels' CUDA-core FMA paths, with the runtime features built on them, as up to v14
+  (``kernels._checks.FMA_MAX_BATCH`` = 2, set while the decoder is built and captured), instead of the tensor-core
+  paths of batch > 2;
 * stream priorities: ``sparse_high_priority`` (the side stream created with priority -1), ``main_priority`` (the step
   captured on a stream of priority -1, ahead of the side stream's: ``FastDecoder.capture_priority``).
 
@@ -207,7 +208,7 @@ def main():
                          "nopdl_{rows,attn,combine,oproj,mlp},mlp_maxnreg_128,gemv_cap_{32,64,132,264,396,528},"
                          "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},mlp_rows_{8,32},"
                          "rows_narrow,fork_{start,qkv,attn,oproj},main_priority,finish_mlp,finish_o,"
-                         "prewait_gathers,attn_pipelined,l0_inline,embed_nopdl,embed_torch,head_cublas,fma_max_1; "
+                         "prewait_gathers,attn_pipelined,l0_inline,embed_nopdl,embed_torch,head_cublas,fma_max_2; "
                          "join several with '+'")
     ap.add_argument("--tag", default="", help="suffix of the output file name (e.g. _pdl0 for an A/B run)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per variant (median)")
@@ -260,7 +261,7 @@ def main():
         ("oproj", "_gather_down_kernel"), ("mlp", "_sparse_mlp_kernel"))})
     variants.update({name: dict(predictors=preds, mlp_density=md, head_density=hd) for name in knobs})
     # knobs read when the decoder is built (and by the kernels at capture): set around construction and capture
-    build_knobs = {"fma_max_1": (C, "FMA_MAX_BATCH", 1)}
+    build_knobs = {"fma_max_2": (C, "FMA_MAX_BATCH", 2)}
     variants.update({name: dict(predictors=preds, mlp_density=md, head_density=hd) for name in build_knobs})
     knobs.update(build_knobs)
     chosen = args.variants.split(",")  # a variant may combine several, joined by "+" (e.g. fork_qkv+side_pdl_off)

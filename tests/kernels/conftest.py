@@ -83,3 +83,12 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_kernels: runs a Triton launcher (GPU or interpreter)")
+
+
+@pytest.fixture
+def fma_batch_2(monkeypatch):
+    """B = 2 on the kernels' CUDA-core FMA paths (the A/B knob ``kernels._checks.FMA_MAX_BATCH``; by default only B = 1
+    runs there), for tests of what only those paths do (X_SUM, unfinished sums, their tiles) at B = 2."""
+    from dejavu.kernels import _checks
+
+    monkeypatch.setattr(_checks, "FMA_MAX_BATCH", 2)

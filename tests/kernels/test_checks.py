@@ -121,6 +121,8 @@ _COMPILE_SCRIPT = """
 import torch
 from dejavu.kernels import gather_mlp as G, decode_attention as A, fused_ops as FO, predictor_ops as P, mlp_block as MB
 from dejavu.kernels.offline import compile_for
+from dejavu.kernels import _checks
+_checks.FMA_MAX_BATCH = 2  # B = 2 on the FMA paths too (an A/B knob; the runtime's default serves only B = 1 there)
 
 def build(kernel, args, num_warps, num_stages, early=False):
     args = dict(args, PDL=True)  # the Hopper launch path: grid-dependency wait/launch_dependents compiled in

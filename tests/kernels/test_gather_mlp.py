@@ -112,9 +112,22 @@ def test_gather_swiglu_folded_rmsnorm(B, dtype):
     check_against(res, ref, (x, wg, wu, idx, gain), dtype=dtype)
 
 
+@pytest.mark.parametrize("fma_max", [1, 2])
+def test_fma_max_batch_picks_the_path(fma_max, monkeypatch):
+    """kernels._checks.FMA_MAX_BATCH (1 by default): the gathers' CUDA-core FMA path up to it, the tensor-core path
+    (batch padded to 16) above; read at launch time."""
+    monkeypatch.setattr(G._checks, "FMA_MAX_BATCH", fma_max)
+    cpu = torch.device("cpu")
+    for B in (1, 2, 3):
+        rows, down = G._rows_config(B, 2048, 5120, False, cpu), G._down_config(B, 2048, 5120, cpu, None)
+        assert rows["USE_DOT"] == down["USE_DOT"] == (B > fma_max), (B, rows, down)
+        assert rows["BLOCK_B"] == (16 if B > fma_max else B)
+
+
+@pytest.mark.usefixtures("fma_batch_2")
 def test_rows_config_wide_tiles(monkeypatch):
-    """ROWS_WIDE: 16-row programs at B = 1 where they make 2-4 programs per SM, else the 8- / 4-row ones; the fp32
-    accumulator stays within 64 registers a thread."""
+    """ROWS_WIDE: 16-row programs at B = 1 where they make 2-4 programs per SM, else the 8- / 4-row ones (B = 2 on the
+    FMA path by the knob); the fp32 accumulator stays within 64 registers a thread."""
     cpu = torch.device("cpu")
     sms = G.num_sms(cpu)
     for wide in (False, True):

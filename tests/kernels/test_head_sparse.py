@@ -64,6 +64,7 @@ def test_head_gather_gemv_folded_norm(kind, B, dtype):
     check_against(res, ref, (x, w, gain, shift, bias), dtype=dtype)
 
 
+@pytest.mark.usefixtures("fma_batch_2")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B", [1, 2])
 @pytest.mark.parametrize("kind,has_b2", [("layernorm", True), ("rmsnorm", False)])
@@ -98,7 +99,7 @@ def test_head_gather_gemv_x_sum_rejects():
     w = randn(H * hd, d, dtype=torch.float16)
     idx = torch.tensor([0, 2], device=DEVICE)
     ok = XSum(torch.zeros(1, d, device=DEVICE), None, torch.zeros(1, d, dtype=torch.float16, device=DEVICE))
-    with pytest.raises(ValueError, match="batch <= 2"):
+    with pytest.raises(ValueError, match=r"batch <= \d"):
         xs3 = XSum(torch.zeros(3, d, device=DEVICE), None, torch.zeros(3, d, dtype=torch.float16, device=DEVICE))
         head_gather_gemv(torch.zeros(3, d, dtype=torch.float16, device=DEVICE), w, idx, hd, x_sum=xs3)
     with pytest.raises(ValueError, match="x_sum.sums"):

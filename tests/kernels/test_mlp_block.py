@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 from kernel_helpers import DEVICE, DTYPES, check_against, make_gen, poisoned, rand_index, randn  # noqa: E402
 
 from dejavu.kernels import XSum, fold_norm, mlp_workspace, sparse_mlp, sparse_mlp_ref, x_sum_ref  # noqa: E402
+from dejavu.kernels import _checks  # noqa: E402
 from dejavu.kernels import mlp_block as SM  # noqa: E402
 
 pytestmark = pytest.mark.needs_kernels
@@ -81,6 +82,7 @@ def test_sparse_mlp_folded_norm(kind, swiglu, B, dtype):
     check_against(got, sparse_mlp_ref, (x, w1, w2t, idx, None, b2, x), {"w3": w3, "norm": fold}, dtype=dtype)
 
 
+@pytest.mark.usefixtures("fma_batch_2")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B", [1, 2])
 @pytest.mark.parametrize("swiglu", [False, True], ids=["relu", "swiglu"])
@@ -113,6 +115,7 @@ def test_sparse_mlp_unfinished_rejects():
         sparse_mlp(**a, workspace=ws, zero=ws["acc"])
 
 
+@pytest.mark.usefixtures("fma_batch_2")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B", [1, 2])
 @pytest.mark.parametrize("finish", [True, False], ids=["finished", "unfinished"])
@@ -144,6 +147,7 @@ def test_sparse_mlp_x_sum(kind, swiglu, finish, B, dtype):
         check_against(got.to(dtype), sparse_mlp_ref, (made, w1, w2t, idx), {"w3": w3, "norm": fold}, dtype=dtype)
 
 
+@pytest.mark.usefixtures("fma_batch_2")
 def test_sparse_mlp_x_sum_rejects():
     a, _ = _args()
     x = a["x"]
@@ -153,7 +157,7 @@ def test_sparse_mlp_x_sum_rejects():
     ok = XSum(xs.sums, None, x.clone())
     with pytest.raises(ValueError, match="another buffer"):
         sparse_mlp(**a, x_sum=ok, out=x)
-    with pytest.raises(ValueError, match="batch <= 2"):
+    with pytest.raises(ValueError, match=r"batch <= \d"):
         x3 = randn(3, 64, dtype=torch.float16)
         sparse_mlp(**dict(a, x=x3), x_sum=XSum(torch.zeros(3, 64, device=DEVICE), None, x3.clone()))
 
@@ -174,14 +178,17 @@ def test_sparse_mlp_rows_knob(rows, swiglu, monkeypatch):
     check_against(got, sparse_mlp_ref, (x, w1, w2t, idx, b1), {"w3": w3}, dtype=torch.float32)
 
 
-def test_sparse_mlp_config():
-    """B <= 2: CUDA-core FMA, the accumulators [B, BLOCK_N, BLOCK_D] (twice for SwiGLU) and [B, BLOCK_N, BLOCK_O]
-    within 64 fp32 registers a thread; B > 2: tensor cores (tl.dot needs 16 rows and 16 neurons)."""
+@pytest.mark.parametrize("fma_max", [1, 2])
+def test_sparse_mlp_config(fma_max, monkeypatch):
+    """B <= FMA_MAX_BATCH (1 by default; 2 as an A/B knob): CUDA-core FMA, the accumulators [B, BLOCK_N, BLOCK_D]
+    (twice for SwiGLU) and [B, BLOCK_N, BLOCK_O] within 64 fp32 registers a thread; above: tensor cores (tl.dot needs
+    16 rows and 16 neurons)."""
+    monkeypatch.setattr(_checks, "FMA_MAX_BATCH", fma_max)
     for B in (1, 2, 3, 16):
         for swiglu in (False, True):
             c = SM._mlp_config(B, 2048, 5120, swiglu, torch.device("cpu"))
-            assert c["BLOCK_B"] >= B and c["USE_DOT"] == (B > 2)
-            if B > 2:
+            assert c["BLOCK_B"] >= B and c["USE_DOT"] == (B > fma_max)
+            if B > fma_max:
                 assert c["BLOCK_B"] >= 16 and c["BLOCK_N"] >= 16
                 continue
             assert c["BLOCK_B"] * c["BLOCK_N"] * c["BLOCK_D"] * (2 if swiglu else 1) <= 64 * 32 * c["num_warps"]

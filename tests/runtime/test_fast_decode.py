@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("triton")
 
 from dejavu.accounting import bytes_summary, predictor_params  # noqa: E402
+from dejavu.kernels import _checks as KC  # noqa: E402
 from dejavu.predictors.model import PredictorSet  # noqa: E402
 from dejavu.runtime.fast_decode import FastDecoder  # noqa: E402
 from dejavu.runtime.policy import PredictorPolicy  # noqa: E402
@@ -146,7 +147,6 @@ def test_folded_norms_equal_separate_norm_kernels(tiny):
 def test_side_stream_pdl_modes(tiny):
     """side_pdl names the parts of a side-stream prediction launched without PDL; inline predictions (main stream)
     always keep it."""
-    from dejavu.kernels import _checks as KC
     from dejavu.runtime.fast_decode import SIDE_PDL_OFF
 
     model = tiny[1].to(DEV)
@@ -163,18 +163,20 @@ def test_side_stream_pdl_modes(tiny):
 
 
 def test_fused_mlp_block_equals_two_gathers(tiny):
-    """fuse_mlp (the default at B <= 2): a sparse MLP block is one sparse_mlp launch; same logits as the up and
-    down gathers (fp32), one launch fewer per sparse MLP layer, and the shared workspace is left zeroed."""
+    """fuse_mlp (the default at B = 1, kernels._checks.FMA_MAX_BATCH): a sparse MLP block is one sparse_mlp launch;
+    same logits as the up and down gathers (fp32), one launch fewer per sparse MLP layer, and the shared workspace is
+    left zeroed."""
     model = tiny[1].to(DEV)
     p = _predictors(model.spec)
-    fused, plain = _on_and_off(model, p, "fuse_mlp", B=2, seed=4)
+    fused, plain = _on_and_off(model, p, "fuse_mlp", B=1, seed=4)
     assert fused._fused_mlp == [km < model.spec.ffn_dim for km in fused.k_mlp] and not any(plain._fused_mlp)
     fewer = [b["main"] - a["main"] for a, b in zip(fused.kernels_per_layer(), plain.kernels_per_layer())]
     assert fewer == [int(f) for f in fused._fused_mlp]
     assert not any(ws["acc"].any() or ws["cnt"].any() for ws in fused._mlp_ws)
     assert fused.describe()["fuse_mlp"] and not plain.describe()["fuse_mlp"]
-    wide = FastDecoder(model, p, MLP_D, HEAD_D, batch=3, max_len=12, backend="torch")  # tensor-core path: two
-    assert not any(wide._fused_mlp)
+    for B in (2, 3):  # the tensor-core paths: two launches
+        wide = FastDecoder(model, p, MLP_D, HEAD_D, batch=B, max_len=12, backend="torch")
+        assert not any(wide._fused_mlp)
 
 
 def test_fused_attention_equals_post_and_attention_kernels(tiny, monkeypatch):
@@ -186,7 +188,7 @@ def test_fused_attention_equals_post_and_attention_kernels(tiny, monkeypatch):
     monkeypatch.setattr(DA, "_attn_config", lambda *a: cfg(*a[:-1], 3))
     model = tiny[1].to(DEV)
     p = _predictors(model.spec)
-    fused, plain = _on_and_off(model, p, "fuse_attn", B=2, seed=5)
+    fused, plain = _on_and_off(model, p, "fuse_attn", B=1, seed=5)
     for cf, cp in zip(fused.caches, plain.caches):
         n = 5 + 2  # prompt + two steps
         torch.testing.assert_close(cf.k[:, :, :n], cp.k[:, :, :n], rtol=TOL, atol=TOL)
@@ -195,8 +197,8 @@ def test_fused_attention_equals_post_and_attention_kernels(tiny, monkeypatch):
     fewer = [b["main"] - a["main"] for a, b in zip(fused.kernels_per_layer(), plain.kernels_per_layer())]
     assert fewer == [1] * model.spec.n_layers
     assert fused.describe()["fuse_attn"] and not plain.describe()["fuse_attn"]
-    wide = FastDecoder(model, p, MLP_D, HEAD_D, batch=3, max_len=12, backend="torch")  # measured slower at B=4
-    assert not wide.fuse_attn
+    for B in (2, 3):  # measured slower at B=4
+        assert not FastDecoder(model, p, MLP_D, HEAD_D, batch=B, max_len=12, backend="torch").fuse_attn
 
 
 @pytest.mark.parametrize("arch", ["opt", "llama"])
@@ -487,10 +489,12 @@ def _attr_on_and_off(model, p, md, hd, attr, B, max_len=12, steps=3, seed=11):
 
 
 @pytest.mark.parametrize("B", [1, 2])
-def test_deferred_oproj_finish_equal(tiny, B):
+def test_deferred_oproj_finish_equal(tiny, B, monkeypatch):
     """defer_oproj_finish: o_proj adds its part into fp32 sums and the fused MLP block makes the residual after
     attention from them (and writes it); same logits as the finished o_projs over three steps (fp32), and each
-    unfinished o_proj clears the sums of the one before it (so only the last one's are left after a step)."""
+    unfinished o_proj clears the sums of the one before it (so only the last one's are left after a step). B = 2 on
+    the FMA paths by the knob kernels._checks.FMA_MAX_BATCH (by default B = 2 runs as B > 2)."""
+    monkeypatch.setattr(KC, "FMA_MAX_BATCH", B)
     model = tiny[1].to(DEV)
     dec, ref = _attr_on_and_off(model, _predictors(model.spec), O_MLP_D, O_HEAD_D, "defer_oproj_finish", B)
     assert dec._deferred_o() == [True, True, False] and not any(ref._deferred_o())

@@ -47,6 +47,12 @@ except ImportError:  # pragma: no cover - exercised by a subprocess test
 MAX_BATCH = 16
 """Largest decode batch the kernels are designed (and tested) for: memory-bound GEMV regime."""
 
+FMA_MAX_BATCH = 1
+"""Largest batch the gathers and the MLP block serve on their CUDA-core FMA paths; above it they take the tensor-core
+paths (the batch padded to 16). The decode runtime's features built on the FMA paths (folded norms, the one-launch MLP
+block, deferred finishes, the fused q/k/v finish) follow it. Read at launch time by the kernels' configurations and
+when a ``FastDecoder`` is built (A/B knob: ``bench/profile_step.py``'s ``fma_max_2``; bench/NOTES.md v15)."""
+
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 DEFAULT_NUM_SMS = 132  # H100 SXM; used when no CUDA device can be queried (interpreter).
@@ -180,7 +186,7 @@ def rows_of(r0, r1, offs_b):
 def sum_rows(a0, a1, offs_b, AXIS: tl.constexpr, BLOCK_B: tl.constexpr):
     """[BLOCK_B, n]: the FMA paths' per-sequence 2-D accumulators a0 (and a1 when BLOCK_B == 2) summed over AXIS.
 
-    At B <= 2 the gathers keep one [rows, d-chunk] fp32 accumulator per sequence instead of one 3-D [B, rows,
+    On the FMA path the gathers keep one [rows, d-chunk] fp32 accumulator per sequence instead of one 3-D [B, rows,
     d-chunk] product: a 2-D product takes the weight load's layout (8 contiguous fp16 a thread, 16-byte reads of the
     staged tile), while Triton gives the 3-D one its default layout, one fp16 a thread along d, read from shared
     memory two bytes at a time (SASS ``LDS.U16``; bench/NOTES.md v11)."""

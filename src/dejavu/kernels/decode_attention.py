@@ -26,7 +26,7 @@ every softmax row has at least one term). A tile, or a whole split, may then hol
 position: the online softmax keeps its exp2 arguments finite (the running max is clamped to 0
 while it is still -inf), so such tiles add exactly nothing and an empty split gets weight 0.
 
-Fused q/k/v finish (:func:`qkv_decode_attention`, the decode step's path at batch <= 2): the same kernel reads the raw
+Fused q/k/v finish (:func:`qkv_decode_attention`, the decode step's path at batch 1): the same kernel reads the raw
 fused projection ``[B, kh + 2 kkv, hd]`` instead of ``q`` and also does what ``fused_ops.qkv_post`` did in a launch
 of its own: RoPE on q and K, the K/V rows written into the cache at the current position, the hole mask there.
 Nothing inside the launch waits for those writes: every program reads cache positions below the current one only,

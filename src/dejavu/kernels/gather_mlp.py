@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import _checks
 from ._checks import (
     check_batch,
     check_index,
@@ -97,7 +98,7 @@ def _gather_rows_kernel(
     BLOCK_B: tl.constexpr,  # batch tile (B padded); 16 on the tensor-core path
     BLOCK_K: tl.constexpr,  # output columns (weight rows) per program
     BLOCK_D: tl.constexpr,  # reduction chunk along d
-    USE_DOT: tl.constexpr,  # tensor-core tl.dot (B > 2) vs. CUDA-core FMA (B <= 2)
+    USE_DOT: tl.constexpr,  # tensor-core tl.dot vs. CUDA-core FMA (B <= FMA_MAX_BATCH)
     DOT_FP32: tl.constexpr,  # upcast dot operands to fp32 (fp32 inputs, or the interpreter)
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the d loop
     X_SUM: tl.constexpr,  # x = round(xs + xb + xr), written to x_ptr by program 0 (FMA path; see XSum)
@@ -202,8 +203,8 @@ def _rows_tile(x_ptr, w_ptr, w2_ptr, bias_ptr, g_ptr, rg_ptr, rows, c_mask, B, D
     x_rows = x_ptr + offs_b[:, None] * stride_xb  # [BLOCK_B, 1]
 
     if USE_DOT:
-        tl.static_assert(not X_SUM, "X_SUM is on the FMA path (B <= 2) only")
-        tl.static_assert(not PREWAIT, "PREWAIT is on the FMA path (B <= 2) only")
+        tl.static_assert(not X_SUM, "X_SUM is on the FMA path only")
+        tl.static_assert(not PREWAIT, "PREWAIT is on the FMA path only")
         # [BLOCK_B, BLOCK_D] @ [BLOCK_D, BLOCK_K] on tensor cores; padding rows of x are zero.
         acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
@@ -230,7 +231,7 @@ def _rows_tile(x_ptr, w_ptr, w2_ptr, bias_ptr, g_ptr, rg_ptr, rows, c_mask, B, D
                 else:
                     acc2 = tl.dot(x, tl.trans(w2), acc2)
     else:
-        # B <= 2: one [BLOCK_K, BLOCK_D] fp32 accumulator per sequence (two at B = 2), multiplied elementwise and
+        # FMA path: one [BLOCK_K, BLOCK_D] fp32 accumulator per sequence (two at B = 2), multiplied elementwise and
         # reduced over d once after the loop; 2-D for the weight load's layout (_checks.sum_rows says why). PREWAIT:
         # the caller has not waited for its PDL predecessor; the first chunk is peeled.
         a0 = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
@@ -280,7 +281,7 @@ def _rows_tile(x_ptr, w_ptr, w2_ptr, bias_ptr, g_ptr, rg_ptr, rows, c_mask, B, D
 
 
 ROWS_FMA_TILE = None
-"""(BLOCK_K, BLOCK_D) of :func:`_gather_rows_kernel`'s FMA path (B <= 2) instead of the heuristic's (A/B knob, read at
+"""(BLOCK_K, BLOCK_D) of :func:`_gather_rows_kernel`'s FMA path instead of the heuristic's (A/B knob, read at
 launch time; ``bench/profile_step.py``'s ``rows_tile_<k>_<d>``)."""
 ROWS_WIDE = True
 """At B = 1, 16-row programs (16 x 512 tiles) where that makes 2 to 4 programs per SM (the q/k/v gathers of OPT-13B at
@@ -291,16 +292,16 @@ time; ``bench/profile_step.py``'s ``rows_narrow``; bench/NOTES.md v9)."""
 def _rows_config(batch: int, n_out: int, d: int, two_mats: bool, device: torch.device) -> dict:
     """Tile sizes for :func:`_gather_rows_kernel` (a heuristic, no autotuning).
 
-    B <= 2: FMA path, 4 or 8 rows per program so that even k ~ 1000 gives about one program
+    B <= FMA_MAX_BATCH: FMA path, 4 or 8 rows per program so that even k ~ 1000 gives about one program
     per SM or more, 16 at B = 1 where that still gives 2-4 programs per SM (ROWS_WIDE; at 128 registers
     a thread 4 fit on an SM, so one wave; H100 and H200: 1-5% off the step where it applies, slower with
     a second wave, bench/NOTES.md v8-v9);
     d-chunks up to 512 (1 KiB of fp16 per row and stage) with the fp32 accumulator held to <= 64
-    registers/thread. B > 2: tensor-core path, the batch padded to 16 (tl.dot's minimum), 16 or 32
+    registers/thread. Above the FMA batch: tensor-core path, the batch padded to 16 (tl.dot's minimum), 16 or 32
     rows per program, 128-wide d chunks, 4 pipeline stages.
     """
     sms = num_sms(device)
-    if batch <= 2:
+    if batch <= _checks.FMA_MAX_BATCH:
         block_b = next_pow2(batch)
         block_k = 8 if cdiv(n_out, 8) >= sms else 4
         if ROWS_WIDE and batch == 1 and 2 * sms <= cdiv(n_out, 16) <= 4 * sms:
@@ -324,7 +325,7 @@ def _launch_gather_rows(x, w, w2, idx, bias, act: int, rows_per_idx: int, out, n
                         prewait=False):  # fmt: skip
     """Shared launch for gather_up / gather_swiglu / head_gather_gemv (inputs already checked; with ``norm`` a
     checked NormFold, whose bias replaces ``bias``; with ``x_sum`` a checked XSum, x then being written;
-    ``prewait``: see head_gather_gemv; only on the FMA path, B <= 2)."""
+    ``prewait``: see head_gather_gemv; only on the FMA path)."""
     B, D = x.shape
     n_out = out.shape[1]
     cfg = _rows_config(B, n_out, D, act == ACT_SWIGLU, x.device)
@@ -368,16 +369,16 @@ class XSum:
 
 
 def _check_x_sum(op, x_sum, x):
-    """An XSum for the FMA path (B <= 2): fp32 contiguous sums, bias and residual in x's dtype and shape."""
+    """An XSum for the FMA path (B <= FMA_MAX_BATCH): fp32 contiguous sums, bias and residual in x's dtype and shape."""
     if x_sum is None:
         return
     if not isinstance(x_sum, XSum):
         raise ValueError(f"{op}: x_sum must be an XSum (the unfinished projection before this one), got "
                          f"{type(x_sum).__name__}.")  # fmt: skip
     B, D = x.shape
-    if B > 2:
-        raise ValueError(f"{op}: x_sum is supported at batch <= 2 (the FMA path), got batch {B}; finish the "
-                         "projection before (finish=True) instead.")  # fmt: skip
+    if B > _checks.FMA_MAX_BATCH:
+        raise ValueError(f"{op}: x_sum is supported at batch <= {_checks.FMA_MAX_BATCH} (the FMA path), got batch "
+                         f"{B}; finish the projection before (finish=True) instead.")  # fmt: skip
     check_tensor(op, "x_sum.sums", x_sum.sums, ndim=2, dtype=torch.float32, device=x.device, shape=(B, D),
                  contiguous=True)  # fmt: skip
     if x_sum.bias is not None:
@@ -645,7 +646,7 @@ def _gather_down_kernel(
 
     if USE_DOT:
         acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-    else:  # B <= 2: one 3-D [BLOCK_B, BLOCK_J, BLOCK_D] product (bench/NOTES.md v11-v12: the 2-D forms were slower)
+    else:  # FMA path: one 3-D [BLOCK_B, BLOCK_J, BLOCK_D] product (bench/NOTES.md v11-v12: the 2-D forms were slower)
         acc = tl.zeros([BLOCK_B, BLOCK_J, BLOCK_D], dtype=tl.float32)
     acc = _down_h_step(acc, w, h_ptr, grp, within, j_mask, offs_b, b_mask, stride_hb, stride_hg, stride_hr, USE_DOT,
                        DOT_FP32)  # fmt: skip
@@ -775,7 +776,7 @@ def _down_config_v1(batch: int, n_in: int, d: int, device: torch.device, split_k
     Measured on H200 (OPT-30B): ~2x roofline at density 1, 2.3x at 0.1: 64-byte row segments and only
     d/32 programs do not stream HBM well. Kept for A/B (``DEJAVU_DOWN_SCHEDULE=slab``).
     """
-    if batch <= 2:  # fp32 accumulator [B, 128, 32]: 32 (B=1) or 64 (B=2) registers/thread
+    if batch <= _checks.FMA_MAX_BATCH:  # fp32 accumulator [B, 128, 32]: 32 (B=1) or 64 (B=2) registers/thread
         block_b, block_j, use_dot, stages = next_pow2(batch), 128, False, 4
     else:
         block_b, block_j, use_dot, stages = 16, 128, True, 4
@@ -799,7 +800,7 @@ DOWN_PROGRAMS_PER_SM = 2
 def _down_config(batch: int, n_in: int, d: int, device: torch.device, split_k: int | None) -> dict:
     """Tile sizes and split count for :func:`_gather_down_kernel` (v2, "split").
 
-    Wide column slabs (256 columns = 512-byte contiguous runs per row at B <= 2; 128 on the tensor-core path) so
+    Wide column slabs (256 columns = 512-byte contiguous runs per row on the FMA path; 128 on the tensor-core path) so
     each row read is several full 128-byte lines, and the *rows* split over ~2 programs per SM to fill the GPU.
     The partial sums are combined inside the same launch (``FUSED_REDUCE``: the last-arriving program of a slab
     adds the fp32 partials in split order, then the fused bias/residual epilogue), so split-k costs no second
@@ -807,7 +808,8 @@ def _down_config(batch: int, n_in: int, d: int, device: torch.device, split_k: i
     """
     if DOWN_SCHEDULE == "slab":
         return _down_config_v1(batch, n_in, d, device, split_k)
-    if batch <= 2:  # FMA path: fp32 accumulator [B, 16, 256] = 32 registers/thread (4 warps at B=1, 8 at B=2).
+    # FMA path: fp32 accumulator [B, 16, 256] = 32 registers/thread (4 warps at B=1, 8 at B=2).
+    if batch <= _checks.FMA_MAX_BATCH:
         # 16 rows per step (was 32): bench/tune_tiles.py, H200, graph replay: OPT-13B o_proj 12.6 -> 11.0 us, fc2
         # 10.4 -> 9.9 us, OPT-30B o_proj 18.9 -> 16.9 us (fc2 within run-to-run noise)
         block_b, block_j, block_d, use_dot, warps = next_pow2(batch), 16, 256, False, 4 if batch == 1 else 8

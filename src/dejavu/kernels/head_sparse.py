@@ -58,10 +58,10 @@ def head_gather_gemv(x, w, head_idx, head_dim, bias=None, *, norm=None, validate
         bias: optional full ``[H*head_dim]`` bias (OPT has one; LLaMA does not).
         norm: optional :class:`~dejavu.kernels.gather_mlp.NormFold` of the block's input norm, folded for ``w``:
             x is then the raw residual stream (the projection's bias comes from the fold).
-        x_sum: optional :class:`~dejavu.kernels.gather_mlp.XSum` (B <= 2): x is not read but made from the
+        x_sum: optional :class:`~dejavu.kernels.gather_mlp.XSum` (the FMA path): x is not read but made from the
             unfinished MLP block before this projection and written into ``x`` (the layer's residual stream).
         prewait: a promise that the kernel before this one in the stream writes neither ``head_idx`` nor ``w``. With
-            programmatic dependent launch (B <= 2), the selection and the first weight chunk are then read before the
+            programmatic dependent launch (FMA path), the selection and the first weight chunk are then read before the
             PDL wait, while that kernel still runs.
 
     Returns:

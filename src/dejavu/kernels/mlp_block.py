@@ -1,6 +1,6 @@
 """The whole sparse MLP block in one launch: up gather, activation, down gather, bias and residual.
 
-At batch <= 2 the two sparse MLP projections of a decode step are each a few microseconds of weight reads (OPT-13B
+At batch 1 the two sparse MLP projections of a decode step are each a few microseconds of weight reads (OPT-13B
 at density 0.1: 21 MB each, ~5 us at 4.2 TB/s), so each launch's ramp and tail weigh about as much as its reads.
 Here one program owns ``BLOCK_N`` selected neurons end to end:
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _checks
 from ._checks import (
     MAX_BATCH,
     check_batch,
@@ -108,7 +109,7 @@ def _sparse_mlp_kernel(
     BLOCK_D: tl.constexpr,  # reduction chunk of the up phase
     BLOCK_O: tl.constexpr,  # output columns per step of the down phase
     BLOCK_F: tl.constexpr,  # output columns per step of the last program's epilogue
-    USE_DOT: tl.constexpr,  # tensor cores (B > 2, the batch padded to 16) vs. CUDA-core FMA (B <= 2)
+    USE_DOT: tl.constexpr,  # tensor cores (the batch padded to 16) vs. CUDA-core FMA (B <= FMA_MAX_BATCH)
     DOT_FP32: tl.constexpr,  # fp32 operands for tl.dot (fp32 inputs, or the interpreter)
     NUM_STAGES: tl.constexpr,
     FENCE: tl.constexpr,  # per-thread GPU fence before the arrival (off in the interpreter)
@@ -208,13 +209,13 @@ def _mlp_finish(acc_ptr, cnt_ptr, b2_ptr, res_ptr, out_ptr, offs_b, b_mask, D, s
         tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
 
 
-EPILOGUE_COLS = 8192  # columns x batch rows per step of the last program's epilogue (B <= 2): one pass to d = 8192
+EPILOGUE_COLS = 8192  # columns x batch rows per step of the last program's epilogue (FMA path): one pass to d = 8192
 DOWN_COLS = None
-"""Output columns per down-phase step at B <= 2 (BLOCK_O; None: 512). Each step ends in one vector atomic add per
+"""Output columns per down-phase step on the FMA path (BLOCK_O; None: 512). Each step ends in one vector atomic add per
 thread (512 columns over 8 warps: two fp32 a thread); A/B knob, read at launch time (``bench/profile_step.py``'s
 ``mlp_cols_<n>``)."""
 ROWS = None
-"""Neurons per program at B <= 2 (BLOCK_N; None: 16). A/B knob, read at launch time (``bench/profile_step.py``'s
+"""Neurons per program on the FMA path (BLOCK_N; None: 16). A/B knob, read at launch time (``bench/profile_step.py``'s
 ``mlp_rows_<n>``)."""
 MAXNREG = None
 """Register cap per thread for the block's launch (None: the compiler's choice; offline sm_90 compile at B=1: 144
@@ -222,14 +223,14 @@ with the finish, 128 without). A/B knob, read at launch time."""
 
 
 def _mlp_config(batch: int, k: int, d: int, swiglu: bool, device: torch.device) -> dict:
-    """Tiles for :func:`_sparse_mlp_kernel` (a heuristic). B <= 2: CUDA-core FMA, 16 neurons a program (every
-    program adds a full [B, d] row of atomics, so not fewer), 512-column down slabs, 8 warps: the best of
+    """Tiles for :func:`_sparse_mlp_kernel` (a heuristic). B <= FMA_MAX_BATCH: CUDA-core FMA, 16 neurons a program
+    (every program adds a full [B, d] row of atomics, so not fewer), 512-column down slabs, 8 warps: the best of
     bench/mlp_micro.py's candidates at OPT-13B and Llama-2-7B shapes, density 0.1 (H100, bench/NOTES.md v5); 4
     pipeline stages and a one-pass epilogue (H200, v6: OPT-13B 18.00 -> 17.59 us, Llama-2-7B 15.33 -> 14.72 us,
     OPT-30B within noise; epilogue 2048 -> 8192 columns 18.52 -> 18.00 / 35.81 -> 34.71 us). The up
-    phase's fp32 accumulator [B, 16, BLOCK_D] (twice for SwiGLU) stays <= 64 registers a thread. B > 2: tensor
+    phase's fp32 accumulator [B, 16, BLOCK_D] (twice for SwiGLU) stays <= 64 registers a thread. Above: tensor
     cores, the batch padded to 16, 128-wide chunks in both phases (as the gathers' tensor-core path)."""
-    if batch > 2:
+    if batch > _checks.FMA_MAX_BATCH:
         return dict(BLOCK_B=16, BLOCK_N=16, BLOCK_D=max(16, min(128, next_pow2(d))),
                     BLOCK_O=max(16, min(128, next_pow2(d))),
                     BLOCK_F=max(16, min(512, next_pow2(d))), USE_DOT=True, NUM_STAGES=3, num_warps=4)  # fmt: skip
@@ -260,16 +261,16 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
     ``norm``: a :class:`~dejavu.kernels.gather_mlp.NormFold` of the norm before the block, folded for ``w1``
     (SwiGLU: rmsnorm only); x is then the raw residual stream and ``b1`` comes from the fold.
     ``workspace``: from :func:`mlp_workspace` (default: a fresh one per call, which costs a memset launch).
-    ``finish=False`` (B <= 2): no last-program pass; the fp32 sums ``act(..) @ w2t[idx]`` stay in the workspace and
+    ``finish=False`` (FMA path): no last-program pass; the fp32 sums ``act(..) @ w2t[idx]`` stay in the workspace and
     are returned as a [B, d] view (b2 and residual must be None: the consumer adds them, see
     :class:`~dejavu.kernels.gather_mlp.XSum`); the workspace is then not zero until ``zero`` clears it in a later
     launch. ``zero``: an fp32 contiguous tensor the launch sets to 0 (after waiting for its predecessor), e.g. the
     other workspace whose sums the kernel before this one consumed.
-    ``x_sum``: a :class:`~dejavu.kernels.gather_mlp.XSum` (B <= 2): x is not read but made from the unfinished
+    ``x_sum``: a :class:`~dejavu.kernels.gather_mlp.XSum` (the FMA path): x is not read but made from the unfinished
     o_proj before the block (``head_gather_down(finish=False)``) and written into ``x``; ``residual`` may be that
     same ``x`` (the last program reads it after every program has arrived).
     ``prewait``: a promise that the kernel before this one in the stream writes neither ``idx`` nor the weights:
-    with programmatic dependent launch (B <= 2), the selection and the first up chunk are then read before the PDL
+    with programmatic dependent launch (the FMA path), the selection and the first up chunk are then read before the PDL
     wait, while that kernel still runs.
     """
     op = "sparse_mlp"
@@ -312,8 +313,9 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
             and acc.is_contiguous() and acc.numel() >= B * D and isinstance(cnt, torch.Tensor)
             and cnt.dtype == torch.int32 and cnt.device == x.device and cnt.numel() >= 1):
         raise ValueError(f"{op}: workspace must come from mlp_workspace(d={D}, device, batch>={B}).")
-    if not finish and (B > 2 or b2 is not None or residual is not None):
-        raise ValueError(f"{op}: finish=False leaves the sums for the next gather to finish (XSum): batch <= 2, and "
+    if not finish and (B > _checks.FMA_MAX_BATCH or b2 is not None or residual is not None):
+        raise ValueError(f"{op}: finish=False leaves the sums for the next gather to finish (XSum): batch <= "
+                         f"{_checks.FMA_MAX_BATCH}, and "
                          "pass b2=None, residual=None (the consumer adds them).")  # fmt: skip
     k = idx.shape[0]
     cfg = _mlp_config(B, k, D, w3 is not None, x.device)

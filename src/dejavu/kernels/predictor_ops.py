@@ -28,7 +28,7 @@ threshold to the lowest indices (:func:`topk_select_ref`, a stable sort, defines
 and one launch -- but on one SM, so it only wins for short vectors. :func:`radix_select` spreads the
 work over N/1024 programs and takes its first level from the GEMV's histogram (3.57 -> 3.30 ms per
 OPT-13B step at batch 1; slower than torch.topk inside the batch-4 graph, so the runtime uses it at
-batch <= 2; bench/NOTES.md, v4).
+batch 1; bench/NOTES.md, v4).
 """
 
 from __future__ import annotations

@@ -10,29 +10,30 @@ updated inside the graph, so one captured step replays for every token.
 
 Per layer l (``_block``), with ``x`` the residual stream entering the block:
   norm1 -> q (selected heads, ``head_gather_gemv``; OPT bias) and K/V (see kv_policy) -> RoPE (Llama) ->
-  write K/V at the current position -> ``sparse_decode_attention`` over the selected heads (at batch <= 2 these
+  write K/V at the current position -> ``sparse_decode_attention`` over the selected heads (at batch 1 these
   three are one launch, ``qkv_decode_attention``; ``fuse_attn``) -> ``head_gather_down`` with the residual fused
-  -> norm2 -> the MLP block. At batch <= 2 a sparse MLP block is one launch, ``sparse_mlp`` (up rows, ReLU /
+  -> norm2 -> the MLP block. At batch 1 a sparse MLP block is one launch, ``sparse_mlp`` (up rows, ReLU /
   SwiGLU, down rows, bias and residual; ``fuse_mlp``); above, ``gather_up`` (OPT: bias + ReLU) or ``gather_swiglu``
-  then ``gather_down`` with bias and residual fused. At batch <= 2 each norm before a gather is also folded into it
+  then ``gather_down`` with bias and residual fused. At batch 1 each norm before a gather is also folded into it
   (``fuse_norm``, ``kernels.fold_norm``): a sparse layer is then five kernels (q/k/v gather, attention, split
   combine, o_proj, MLP block). On Hopper every Triton kernel is launched with programmatic dependent launch
   (``kernels._checks.use_pdl``). Two switches, on by default where they apply, move a producer's finishing pass
   (bias, residual, cast) into its consumer, which streams all of that activation anyway (``kernels.XSum``):
   ``defer_oproj_finish`` (o_proj's split-k reduction, into the MLP block) and ``defer_mlp_finish`` (the MLP block's,
   into the next layer's q/k/v gather). A middle layer then has no last-program pass on its critical path.
+  "At batch 1" is ``kernels._checks.FMA_MAX_BATCH``, the kernels' CUDA-core path; batch 2 runs as batch > 2, on the
+  tensor-core paths (measured: bench/NOTES.md v15).
 A part at density 1 uses dense cuBLAS GEMVs (at batch 1 an MLP part's up projection can be the row gather over
-every neuron instead, with the norm folded in and the activation fused: ``dense_mlp``), and a layer at density 1 runs
-no predictor. ``predictors=None`` is the
-all-dense runtime ("ours-dense": same graph, cuBLAS GEMVs, the decode-attention kernel over all heads), our stand-in
-for FasterTransformer / gpt-fast.
+every neuron instead, with the norm folded in and the activation fused: ``dense_mlp``, the default), and a layer at
+density 1 runs no predictor. ``predictors=None`` is the all-dense runtime ("ours-dense": same graph, dense GEMVs, the
+decode-attention kernel over all heads), our stand-in for FasterTransformer / gpt-fast.
 
 Predictors (``policy.PredictorPolicy`` semantics): with lookahead, layer l+1's heads and neurons are scored from
 layer l's input; layer 0 from its own. On CUDA that lookahead runs on a side stream (forked and joined inside the
 graph), so it overlaps layer l instead of sitting on the critical path, which is the point of lookahead; it forks
-after layer l's attention at batch <= 2 and at its start above (``fork_at``, measured), and the heads are joined
+after layer l's attention at batch 1 and at its start above (``fork_at``, measured), and the heads are joined
 before layer l+1's q/k/v gather, the neurons before its up gather. The neuron top-k is a radix select
-fed by the scores GEMV's histogram at batch <= 2, ``torch.topk`` above (measured, see ``_topk``). Layer 0's
+fed by the scores GEMV's histogram at batch 1, ``torch.topk`` above (measured, see ``_topk``). Layer 0's
 prediction has no layer before it to hide behind: its heads are chosen on the main stream and its neurons on a
 stream of their own, beside layer 0's q/k/v gather and attention (``split_first_prediction``). Without
 lookahead the heads are scored from the layer input and the neurons from the residual after attention, inline.
@@ -239,6 +240,8 @@ class FastDecoder:
         self.use_graph = bool(use_graph) and cuda
         self.ops = _TritonOps() if backend == "triton" else _TorchOps()
         B, hd, d = self.batch, s.head_dim, s.d_model
+        # the kernels' CUDA-core FMA paths serve B <= FMA_MAX_BATCH; the features built on them follow (measured there)
+        fma = B <= KC.FMA_MAX_BATCH
         g = s.group_size
         # fixed KV-head count per layer: all, or min(k, H_kv) under "selected" (MHA: exactly the selected heads)
         self.k_kv = [Hkv if (kv_policy == "all" or kh == H) else (kh if g == 1 else min(kh, Hkv))
@@ -263,9 +266,9 @@ class FastDecoder:
             self._hidx.append(idx[:kh])
             self._kvidx.append(idx[:kh] if (g == 1 and self.holes[l]) else kv)  # MHA: KV heads == q heads
         self._nidx = [torch.arange(km, **dev) for km in self.k_mlp]
-        # the sparse MLP block in one launch (kernels.sparse_mlp) at B <= 2. Not at density 1: in the OPT-13B step on an
+        # the sparse MLP block in one launch (kernels.sparse_mlp) at B = 1. Not at density 1: in the OPT-13B step on an
         # H200 (profile_step, same call) ours-dense took 7.84 ms with it against 7.40 with cuBLAS (bench/NOTES.md, v5)
-        self._fused_mlp = [bool(fuse_mlp) and B <= 2 and km < N for km in self.k_mlp]
+        self._fused_mlp = [bool(fuse_mlp) and fma and km < N for km in self.k_mlp]
         # dense MLP parts: cuBLAS GEMVs, or (dense_mlp="up_gather", B = 1) the up projection as the row gather over
         # every neuron, so the norm before it folds in and the activation fuses, then cuBLAS down. Not the down
         # projection as a gather too (OPT-13B on an H200: 133 us in the step against cuBLAS's 55), nor at B = 2
@@ -280,14 +283,14 @@ class FastDecoder:
         # per layer, fp32 sums of an unfinished o_proj (defer_oproj_finish): [L, B * d], zero between uses
         self._o_ws = torch.zeros(L, B * d, dtype=torch.float32, **dev) if fused_blocks else None
         # the q/k/v finish (RoPE, cache write, hole mask) inside the decode attention (kernels.qkv_decode_attention):
-        # one launch fewer per layer. Only at B <= 2: OPT-13B (0.1, 0.5) on an H200, same calls, B=1 3.155 / 3.138
+        # one launch fewer per layer. Only at B = 1: OPT-13B (0.1, 0.5) on an H200, same calls, B=1 3.155 / 3.138
         # against 3.289 / 3.282 ms per step, but B=4 4.436 against 4.263 (bench/NOTES.md, v6)
-        self.fuse_attn = bool(fuse_attn) and B <= 2
+        self.fuse_attn = bool(fuse_attn) and fma
         self._all_kv = torch.arange(Hkv, **dev)
         self._kv_offs = torch.tensor([[H], [H + Hkv]], **dev)
         self._wqkv, self._bqkv = self._fuse_qkv()
-        # folded norms only on the gathers' CUDA-core path (B <= 2); see _fold_norms
-        self.fuse_norm = bool(fuse_norm) and B <= 2
+        # folded norms only on the gathers' CUDA-core path (B = 1); see _fold_norms
+        self.fuse_norm = bool(fuse_norm) and fma
         self._fold1, self._fold2 = self._fold_norms() if self.fuse_norm else ([None] * L, [None] * L)
         # the final norm folded into the LM head too (a row gather over the whole vocabulary instead of the norm kernel
         # and cuBLAS; fold_final_norm, read at capture; bench/NOTES.md v14)
@@ -320,10 +323,10 @@ class FastDecoder:
         # layers, whose selections run one after another on one stream), "radix-torch" (the histogram by torch
         # ops) or "torch" (torch.topk). A/B in bench/profile_step.py, OPT-13B (0.1, 0.5), H200, graph replay:
         # B=1 3.30 / 4.09 / 3.57 ms, B=4 5.26 / 4.35 / 4.22 ms (bench/NOTES.md, v4): the radix select only at
-        # B <= 2, where it wins; at B=4 it loses inside the graph though it wins alone
+        # B = 1, where it wins; at B=4 it loses inside the graph though it wins alone
         self._radix = None
         if backend == "triton" and predictors is not None and N > K.predictor_ops.SMALL_N and min(md) < 1.0 \
-                and B <= 2 and K.predictor_ops.radix_ok(self._scores[N]):
+                and fma and K.predictor_ops.radix_ok(self._scores[N]):
             self._radix = K.predictor_ops.radix_workspace(self.device)
         self._topk = "radix-gemv" if self._radix is not None else "torch"
         overlap = cuda and overlap and self.lookahead and predictors is not None
@@ -353,7 +356,7 @@ class FastDecoder:
         # gather then starts ~4 us after the block ends instead of early; forked after the attention, with PDL off
         # on the side, the B=1 step took 5-13% less on the H200 (OPT-6.7B/13B/30B), while at B=4 any later fork lost
         # (bench/profile_step.py fork_* variants, bench/NOTES.md v8)
-        self.fork_at, self.side_pdl = ("attn", "off") if B <= 2 else ("start", "on")
+        self.fork_at, self.side_pdl = ("attn", "off") if fma else ("start", "on")
         # priority of the stream the step is captured on (CUDA: lower is more urgent; the side stream has 0), so
         # that the main stream's programs are placed ahead of the predictors' where both wait for SM slots
         self.capture_priority = 0
@@ -395,7 +398,7 @@ class FastDecoder:
         part is dense, the norm has no gain, or a layernorm precedes a SwiGLU): the gather then reads the raw
         residual stream and normalizes in its epilogue, so a sparse part runs no norm kernel.
 
-        Only at batch <= 2 (the gathers' CUDA-core path): on the tensor-core path (B > 2) the gain multiply puts x
+        Only at batch 1 (the gathers' CUDA-core path): on the tensor-core path (B > 1) the gain multiply puts x
         through registers before tl.dot, and OPT-13B (0.1, 0.5) at B=4 measured 10.9 ms per step against 7.8 ms
         dense (H200), where the norm kernel + plain gather had given 1.5x over dense (bench/NOTES.md, v4)."""
         f1, f2 = [], []
@@ -669,17 +672,17 @@ class FastDecoder:
         a side stream forking after it (not ``start``), lookahead predictors. Never the last layer."""
         L, H = self.spec.n_layers, self.spec.n_heads
         ok = (self.defer_mlp_finish and self._mlp_ws is not None and self._side is not None and self.lookahead
-              and self.fork_at != "start" and self.batch <= 2)  # fmt: skip
+              and self.fork_at != "start" and self.batch <= KC.FMA_MAX_BATCH)  # fmt: skip
         return [ok and l + 1 < L and self._fused_mlp[l] and self._fused_mlp[l + 1] and self._fold1[l + 1] is not None
                 and self.k_heads[l + 1] < H for l in range(L)]  # fmt: skip
 
     def _deferred_o(self) -> list[bool]:
         """Per layer: does its o_proj leave its sums for its MLP block (defer_oproj_finish)? Where the o_proj is the
         sparse one, the MLP block the fused one with its norm folded (it reads all of the residual after attention,
-        and nothing else does: lookahead predictors, B <= 2). Each unfinished o_proj clears the previous one's sums,
+        and nothing else does: lookahead predictors, B = 1). Each unfinished o_proj clears the previous one's sums,
         so it takes at least two such layers (else none)."""
         H = self.spec.n_heads
-        ok = self.defer_oproj_finish and self._o_ws is not None and self.lookahead and self.batch <= 2
+        ok = self.defer_oproj_finish and self._o_ws is not None and self.lookahead and self.batch <= KC.FMA_MAX_BATCH
         on = [ok and self.k_heads[l] < H and self._fused_mlp[l] and self._fold2[l] is not None
               for l in range(self.spec.n_layers)]  # fmt: skip
         return on if sum(on) >= 2 else [False] * len(on)
