@@ -76,6 +76,24 @@ def test_dense_mlp_modes_equal_model(tiny, B, dense_mlp):
         FastDecoder(model, None, batch=1, max_len=8, backend="torch", dense_mlp="gathers")
 
 
+@pytest.mark.parametrize("B", [1, 3])
+def test_dense_attn_qkv_gather_equals_model(tiny, B):
+    """dense_attn="qkv_gather" (the default): at B = 1 the dense attention's projections are the sparse path's gathers over every
+    head (norm folded into the q/k/v gather); the step equals model.forward with a KV cache (fp32) with one launch
+    fewer a layer; cuBLAS above B = 1; a bad value is a ValueError."""
+    model = tiny[1].to(DEV)
+    dec = FastDecoder(model, None, batch=B, max_len=16, backend="triton", dense_attn="qkv_gather")
+    errs, _ = _compare(model, dec, None, "all", B=B, steps=2)
+    assert max(errs) < TOL, errs
+    assert dec.describe()["dense_attn"] == "qkv_gather" and all(dec._qkv_gather) == (B == 1)
+    assert [f is not None for f in dec._fold1] == [B == 1] * model.spec.n_layers
+    if B == 1:
+        cublas = FastDecoder(model, None, batch=B, max_len=16, backend="torch", dense_attn="cublas")
+        assert all(a["main"] < b["main"] for a, b in zip(dec.kernels_per_layer(), cublas.kernels_per_layer()))
+    with pytest.raises(ValueError, match="dense_attn"):
+        FastDecoder(model, None, batch=1, max_len=8, backend="torch", dense_attn="gathers")
+
+
 @pytest.mark.parametrize("kv_policy", ["all", "selected"])
 def test_sparse_batch1_equals_reference_policy(tiny, kv_policy):
     """(b) batch 1: the runtime's batch top-k is the reference's per-token top-k, so the logits agree."""
@@ -130,7 +148,9 @@ def test_folded_norms_equal_separate_norm_kernels(tiny):
     assert fused._fold_head() and not plain._fold_head()
     assert fused._kernel_summary()["main_total"] == plain._kernel_summary()["main_total"] - 1 - sum(
         (f1 is not None) + (f2 is not None) for f1, f2 in zip(fused._fold1, fused._fold2))
-    assert [f is not None for f in fused._fold1] == [kh < model.spec.n_heads for kh in fused.k_heads]
+    # the attention norm also folds into a dense layer's q/k/v gather (dense_attn="qkv_gather", the default at B = 1)
+    assert [f is not None for f in fused._fold1] == [kh < model.spec.n_heads or qg
+                                                     for kh, qg in zip(fused.k_heads, fused._qkv_gather)]
     # the MLP norm also folds into a dense layer's up gather (dense_mlp="up_gather", the default at B = 1)
     assert [f is not None for f in fused._fold2] == [km < model.spec.ffn_dim or ug
                                                      for km, ug in zip(fused.k_mlp, fused._up_gather)]
@@ -334,10 +354,13 @@ def test_bytes_accounting(tiny):
     if s.tie_embeddings:  # the tied LM head is read through lm_head, not as an embedding table
         weights += model.lm_head.weight.numel()
     extra = s.d_model * (2 if s.pos_kind == "learned" else 1)  # the embedding row(s) of one token
-    # a folded layernorm's two fp32 constants per row: the final one into the LM head, and each MLP norm into the dense
-    # up gather (dense_mlp="up_gather"), where they replace fc1's bias
-    fold = 8 * s.vocab_size + s.n_layers * s.ffn_dim * (8 - 4 * s.mlp_bias) if s.norm_kind == "layernorm" else 0
-    assert dense.describe()["fold_final_norm"] and all(dense._up_gather)
+    # a folded layernorm's two fp32 constants per row: the final one into the LM head, each MLP norm into the dense up
+    # gather (dense_mlp="up_gather") and each attention norm into the q/k/v gather (dense_attn="qkv_gather"), where
+    # they replace the rows' bias
+    qkv_rows = (s.n_heads + 2 * s.n_kv_heads) * s.head_dim
+    fold = 8 * s.vocab_size + s.n_layers * (s.ffn_dim * (8 - 4 * s.mlp_bias) + qkv_rows * (8 - 4 * s.attn_bias)) \
+        if s.norm_kind == "layernorm" else 0  # fmt: skip
+    assert dense.describe()["fold_final_norm"] and all(dense._up_gather) and all(dense._qkv_gather)
     assert dense.dense_bytes_per_token() == dense.bytes_per_token() - fold == 4 * (weights + extra)
     sparse = FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=8, kv_policy="all", backend="torch")
     ref = bytes_summary(s, [k / s.ffn_dim for k in sparse.k_mlp], [k / s.n_heads for k in sparse.k_heads],

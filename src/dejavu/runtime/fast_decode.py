@@ -78,6 +78,10 @@ DENSE_MLP = ("cublas", "up_gather")
 """FastDecoder(dense_mlp=...): how an MLP part at density 1 runs: "cublas" (norm kernel, cuBLAS GEMVs, activation
 kernels), or "up_gather" at batch 1 (the up projection as the sparse path's row gather over every neuron, with the
 norm folded in and ReLU / SwiGLU fused, then the residual copy and the cuBLAS down projection; "cublas" above)."""
+DENSE_ATTN = ("cublas", "qkv_gather")
+"""FastDecoder(dense_attn=...): how attention's projections run where every head is read: "cublas" (norm kernel,
+cuBLAS q/k/v and o_proj GEMVs), or "qkv_gather" at batch 1 (the sparse path's q/k/v row gather and o_proj column
+gather over every head, the norm folded into the first)."""
 SIDE_PDL_OFF = {"on": (), "off": ("first", "heads", "scores", "select"), "first": ("first",), "heads": ("heads",),
                 "scores": ("scores",), "mlp": ("scores", "select")}
 """FastDecoder.side_pdl -> the parts of a side-stream prediction launched without PDL (the first factors, the head
@@ -204,7 +208,7 @@ class FastDecoder:
     def __init__(self, model: DecoderLM, predictors=None, mlp_density=1.0, head_density=1.0, batch: int = 1,
                  max_len: int = 256, kv_policy: str = "selected", use_graph: bool = True, backend: str = "triton",
                  overlap: bool = True, fuse_norm: bool = True, fuse_mlp: bool = True, fuse_attn: bool = True,
-                 dense_mlp: str = "up_gather"):  # fmt: skip
+                 dense_mlp: str = "up_gather", dense_attn: str = "qkv_gather"):  # fmt: skip
         s = model.spec
         L, H, Hkv, N = s.n_layers, s.n_heads, s.n_kv_heads, s.ffn_dim
         if not 1 <= int(batch) <= K.MAX_BATCH:
@@ -220,6 +224,8 @@ class FastDecoder:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if dense_mlp not in DENSE_MLP:
             raise ValueError(f"dense_mlp must be one of {DENSE_MLP}, got {dense_mlp!r}")
+        if dense_attn not in DENSE_ATTN:
+            raise ValueError(f"dense_attn must be one of {DENSE_ATTN}, got {dense_attn!r}")
         if backend == "triton" and not K.HAS_TRITON:
             raise ValueError("backend='triton' needs Triton (pip install triton); use backend='torch'")
         md, hd_ = per_layer(mlp_density, L, "mlp_density"), per_layer(head_density, L, "head_density")
@@ -276,6 +282,9 @@ class FastDecoder:
         self.dense_mlp = dense_mlp
         self._up_gather = [km == N and dense_mlp == "up_gather" and B == 1 for km in self.k_mlp]
         self._cublas_mlp = [km == N and not ug for km, ug in zip(self.k_mlp, self._up_gather)]
+        # dense attention parts: cuBLAS, or (dense_attn="qkv_gather", B = 1) the sparse path's gathers over every head
+        self.dense_attn = dense_attn
+        self._qkv_gather = [kh == H and dense_attn == "qkv_gather" and B == 1 for kh in self.k_heads]
         # two workspaces, layer l using l % 2: with defer_mlp_finish one holds layer l's unfinished sums while the
         # other is cleared
         fused_blocks = backend == "triton" and any(self._fused_mlp)
@@ -404,7 +413,7 @@ class FastDecoder:
         f1, f2 = [], []
         for l, blk in enumerate(self.model.layers):
             n1, n2, mlp = blk.norm1, blk.norm2, blk.mlp
-            ok1 = self.k_heads[l] < self.spec.n_heads and n1.weight is not None
+            ok1 = (self.k_heads[l] < self.spec.n_heads or self._qkv_gather[l]) and n1.weight is not None
             ok2 = not self._cublas_mlp[l] and n2.weight is not None and \
                 (mlp.w3 is None or n2.kind == "rmsnorm")
             f1.append(K.fold_norm(self._wqkv[l], n1.kind, n1.weight, n1.bias, n1.eps, self._bqkv[l]) if ok1 else None)
@@ -504,6 +513,7 @@ class FastDecoder:
                 "defer_mlp_finish": any(self._deferred()), "defer_oproj_finish": any(self._deferred_o()),
                 "fuse_norm": self.fuse_norm, "fuse_mlp": any(self._fused_mlp), "fuse_attn": self.fuse_attn,
                 "neuron_topk": self._topk, "split_first_prediction": self._split0(), "dense_mlp": self.dense_mlp,
+                "dense_attn": self.dense_attn,
                 "fold_final_norm": self._fold_head(),
                 "k_heads": self.k_heads, "k_mlp": self.k_mlp, "k_kv": self.k_kv,
                 "kernels_per_layer": self._kernel_summary()}
@@ -775,7 +785,7 @@ class FastDecoder:
         B, H, Hkv, hd = self.batch, s.n_heads, s.n_kv_heads, s.head_dim
         x, x_next, mid = self._x[l], self._x[l + 1], self._mid
         kh, kkv = self.k_heads[l], self.k_kv[l]
-        dense_heads, dense_mlp, up_gather = kh == H, self._cublas_mlp[l], self._up_gather[l]
+        dense_heads, dense_mlp, up_gather = kh == H and not self._qkv_gather[l], self._cublas_mlp[l], self._up_gather[l]
         n1, n2, fold1, fold2 = blk.norm1, blk.norm2, self._fold1[l], self._fold2[l]
         # norm1 (unless folded into the q/k/v gather); a dense o_proj accumulates in place into mid, so
         # mid = x + bo is written here in the same pass
@@ -864,7 +874,7 @@ class FastDecoder:
         s, out = self.spec, []
         bias = s.attn_bias
         for l in range(s.n_layers):
-            dense_h, dense_m = self.k_heads[l] == s.n_heads, self._cublas_mlp[l]
+            dense_h, dense_m = self.k_heads[l] == s.n_heads and not self._qkv_gather[l], self._cublas_mlp[l]
             n = 0 if self._fold1[l] is not None else 1  # norm1 (+ residual init), unless folded
             n += (2 if bias else 1) if dense_h else 1  # fused qkv GEMV (+ cuBLAS bias copy at M = 1) / one gather
             n += 2 if self.fuse_attn else 3  # [qkv_post (RoPE, q, K/V cache write, hole mask)], attention, combine
