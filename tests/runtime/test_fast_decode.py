@@ -78,9 +78,9 @@ def test_dense_mlp_modes_equal_model(tiny, B, dense_mlp):
 
 @pytest.mark.parametrize("B", [1, 3])
 def test_dense_attn_qkv_gather_equals_model(tiny, B):
-    """dense_attn="qkv_gather" (the default): at B = 1 the dense attention's projections are the sparse path's gathers over every
-    head (norm folded into the q/k/v gather); the step equals model.forward with a KV cache (fp32) with one launch
-    fewer a layer; cuBLAS above B = 1; a bad value is a ValueError."""
+    """dense_attn="qkv_gather" (the default): at B = 1 the dense attention's projections are the sparse path's
+    gathers over every head (norm folded into the q/k/v gather); the step equals model.forward with a KV cache (fp32)
+    with one launch fewer a layer; cuBLAS above B = 1; a bad value is a ValueError."""
     model = tiny[1].to(DEV)
     dec = FastDecoder(model, None, batch=B, max_len=16, backend="triton", dense_attn="qkv_gather")
     errs, _ = _compare(model, dec, None, "all", B=B, steps=2)

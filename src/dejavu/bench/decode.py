@@ -8,7 +8,9 @@ configured size, which is all the speed depends on. Per (model, batch):
   hf-eager     transformers ``generate`` (dynamic cache, eager)
   hf-compile   ``generate(cache_implementation="static")`` + torch.compile "reduce-overhead", in a subprocess
                with a time limit (see ``hf_baseline.py``)
-  ours-dense   FastDecoder without predictors: cuBLAS GEMVs + our decode attention, one CUDA graph per step
+  ours-dense   FastDecoder without predictors: dense GEMVs (at batch 1 the attention's projections and the MLP's up
+               projection as our gathers over every row, the norms folded in, the down projection cuBLAS; cuBLAS
+               above) + our decode attention, one CUDA graph per step
   ours-sparse  FastDecoder at (mlp, head) density points, kv_policy "selected" by default
 
 Each row: median ms per decode step (one step = one token for each of the B sequences) and p10/p90 over all timed

@@ -23,9 +23,11 @@ Per layer l (``_block``), with ``x`` the residual stream entering the block:
   into the next layer's q/k/v gather). A middle layer then has no last-program pass on its critical path.
   "At batch 1" is ``kernels._checks.FMA_MAX_BATCH``, the kernels' CUDA-core path; batch 2 runs as batch > 2, on the
   tensor-core paths (measured: bench/NOTES.md v15).
-A part at density 1 uses dense cuBLAS GEMVs (at batch 1 an MLP part's up projection can be the row gather over
-every neuron instead, with the norm folded in and the activation fused: ``dense_mlp``, the default), and a layer at
-density 1 runs no predictor. ``predictors=None`` is the all-dense runtime ("ours-dense": same graph, dense GEMVs, the
+A part at density 1 reads every row. At batch 1, by default, it runs the sparse path's gathers over every row where
+that measured faster than cuBLAS in the step: the attention's projections (``dense_attn``, the norm folded into the
+q/k/v gather) and the MLP's up projection (``dense_mlp``, the norm folded in, the activation fused; the down
+projection stays cuBLAS); above batch 1, or with "cublas", it uses cuBLAS GEMVs. A layer at density 1 runs no
+predictor. ``predictors=None`` is the all-dense runtime ("ours-dense": same graph, dense GEMVs, the
 decode-attention kernel over all heads), our stand-in for FasterTransformer / gpt-fast.
 
 Predictors (``policy.PredictorPolicy`` semantics): with lookahead, layer l+1's heads and neurons are scored from
