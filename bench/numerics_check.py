@@ -4,8 +4,9 @@ Random-weight OPT (default opt-6.7b shape, so that an fp32 copy fits beside the 
 decode (model.forward with a KV cache) is the reference; every fp16 path decodes the same tokens, and per step the
 error is max |logits - ref| / max |ref|. The yardstick (flash-attention idiom) is the fp16 model.forward itself: a
 fused kernel that rounds differently is fine when its error is of the same size. Paths: ours-dense as shipped (the
-q/k/v finish inside the decode attention, the up projections as row gathers), with ``qkv_post`` + attention +
-combine kernels (``fuse_attn=False``), and with the MLP as a norm kernel and cuBLAS GEMVs (``dense_mlp="cublas"``).
+q/k/v finish inside the decode attention, the attention's projections and the up projection as gathers over every
+row), with ``qkv_post`` + attention + combine kernels (``fuse_attn=False``), with the MLP as a norm kernel and cuBLAS
+GEMVs (``dense_mlp="cublas"``), and with the attention's projections by cuBLAS (``dense_attn="cublas"``).
 The sparse kernels at the model's shapes (layer 0): the o_proj of half of the heads and ``sparse_mlp`` at 10% of the
 neurons, each against an fp32 reference from the same fp16 inputs, next to torch fp16.
 
@@ -58,7 +59,8 @@ def main():
                                           for t in range(n)]
     for name, kw in {"ours-dense (fused attention)": {},
                      "ours-dense (qkv_post + attention + combine)": dict(fuse_attn=False),
-                     "ours-dense (cuBLAS MLP)": dict(dense_mlp="cublas")}.items():
+                     "ours-dense (cuBLAS MLP)": dict(dense_mlp="cublas"),
+                     "ours-dense (cuBLAS attention)": dict(dense_attn="cublas")}.items():
         dec = FastDecoder(m16, None, batch=1, max_len=T + n + 1, kv_policy="all", **kw)
         dec.prefill(ids)
         res["paths"][name] = [rel(dec.decode_step(toks[t]), ref[t + 1]) for t in range(n)]

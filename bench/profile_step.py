@@ -3,8 +3,9 @@
 For OPT-13B-shaped random fp16 weights at batch 1: ours-dense and ours-sparse (0.1, 0.5), plus sparse variants that
 isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+side_pdl_on``):
 
-* ``dense_qkv_gather``: ours-dense with its attention projections as the sparse path's gathers over every head,
-  the norm folded into the q/k/v gather (``FastDecoder(dense_attn="qkv_gather")``);
+* ``dense_attn_cublas``: ours-dense with its attention as a norm kernel and cuBLAS q/k/v and o_proj GEMVs
+  (``FastDecoder(dense_attn="cublas")``) instead of the sparse path's gathers over every head with the norm folded
+  into the q/k/v gather (``dense``);
 * ``dense_cublas``: ours-dense with its MLP parts as a norm kernel, cuBLAS GEMVs and activation kernels
   (``FastDecoder(dense_mlp="cublas")``) instead of the up projection as a row gather over every neuron with the
   norm folded in (``dense``);
@@ -202,7 +203,7 @@ def main():
     ap.add_argument("--model", default="opt-13b")
     ap.add_argument("--point", default="0.1,0.5")
     ap.add_argument("--variants", default="dense,sparse,nopred,inline",
-                    help="comma-separated subset of dense,dense_cublas,dense_qkv_gather,sparse,unfused,nopred,inline,"
+                    help="comma-separated subset of dense,dense_cublas,dense_attn_cublas,sparse,unfused,nopred,inline,"
                          "sparse_high_priority,torch_topk,fold_forced,radix_torch_hist,unfused_mlp,unfused_attn,"
                          "epilogue_2048,"
                          "attn_split_128,attn_split_256,down_ctas_1,down_ctas_4,"
@@ -229,8 +230,8 @@ def main():
     variants = {
         "dense": dict(predictors=None, mlp_density=1.0, head_density=1.0, kv_policy="all"),
         "dense_cublas": dict(predictors=None, mlp_density=1.0, head_density=1.0, kv_policy="all", dense_mlp="cublas"),
-        "dense_qkv_gather": dict(predictors=None, mlp_density=1.0, head_density=1.0, kv_policy="all",
-                                 dense_attn="qkv_gather"),
+        "dense_attn_cublas": dict(predictors=None, mlp_density=1.0, head_density=1.0, kv_policy="all",
+                                  dense_attn="cublas"),
         "sparse": dict(predictors=preds, mlp_density=md, head_density=hd),
         "unfused": dict(predictors=preds, mlp_density=md, head_density=hd, fuse_norm=False),
         "nopred": dict(predictors=preds, mlp_density=md, head_density=hd),
