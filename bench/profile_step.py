@@ -278,9 +278,9 @@ def main():
         parts = name.split("+")
         set_knobs = [knobs[p] for p in parts if p in knobs]
         saved = [getattr(mod, attr) for mod, attr, _ in set_knobs]
-        for mod, attr, value in set_knobs:
-            if (mod, attr, value) in build_knobs.values():
-                setattr(mod, attr, value)
+        for p in parts:
+            if p in build_knobs:
+                setattr(*build_knobs[p])
         try:
             dec = FastDecoder(model, batch=args.batch, max_len=200, **variants[parts[0]])
         finally:

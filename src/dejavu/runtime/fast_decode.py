@@ -249,7 +249,7 @@ class FastDecoder:
         self.ops = _TritonOps() if backend == "triton" else _TorchOps()
         B, hd, d = self.batch, s.head_dim, s.d_model
         # the kernels' CUDA-core FMA paths serve B <= FMA_MAX_BATCH; the features built on them follow (measured there)
-        fma = B <= KC.FMA_MAX_BATCH
+        self._fma = fma = B <= KC.FMA_MAX_BATCH  # read once: the knob may change after construction
         g = s.group_size
         # fixed KV-head count per layer: all, or min(k, H_kv) under "selected" (MHA: exactly the selected heads)
         self.k_kv = [Hkv if (kv_policy == "all" or kh == H) else (kh if g == 1 else min(kh, Hkv))
@@ -684,7 +684,7 @@ class FastDecoder:
         a side stream forking after it (not ``start``), lookahead predictors. Never the last layer."""
         L, H = self.spec.n_layers, self.spec.n_heads
         ok = (self.defer_mlp_finish and self._mlp_ws is not None and self._side is not None and self.lookahead
-              and self.fork_at != "start" and self.batch <= KC.FMA_MAX_BATCH)  # fmt: skip
+              and self.fork_at != "start" and self._fma)  # fmt: skip
         return [ok and l + 1 < L and self._fused_mlp[l] and self._fused_mlp[l + 1] and self._fold1[l + 1] is not None
                 and self.k_heads[l + 1] < H for l in range(L)]  # fmt: skip
 
@@ -694,7 +694,7 @@ class FastDecoder:
         and nothing else does: lookahead predictors, B = 1). Each unfinished o_proj clears the previous one's sums,
         so it takes at least two such layers (else none)."""
         H = self.spec.n_heads
-        ok = self.defer_oproj_finish and self._o_ws is not None and self.lookahead and self.batch <= KC.FMA_MAX_BATCH
+        ok = self.defer_oproj_finish and self._o_ws is not None and self.lookahead and self._fma
         on = [ok and self.k_heads[l] < H and self._fused_mlp[l] and self._fold2[l] is not None
               for l in range(self.spec.n_layers)]  # fmt: skip
         return on if sum(on) >= 2 else [False] * len(on)
