@@ -51,10 +51,11 @@ def cases():
     down = G._down_config(1, KH * HD, D, cpu, None)
     splits, rps, _ = down.pop("splits"), down.pop("rows_per_split"), down.pop("fused")
     yield "o_proj (head_gather_down)", G._gather_down_kernel, dict(
-        h_ptr=F16, w_ptr=F16, idx_ptr=I64, bias_ptr=F16, res_ptr=F16, out_ptr=F32, part_ptr=F32, cnt_ptr=I32,
-        zero_ptr=F32, B=1, n_in=KH * HD, D=D, rows_per_split=rps, n_splits=splits, n_zero=D, stride_hb=KH * HD,
-        stride_hg=HD, stride_hr=1, stride_wn=D, stride_rb=D, stride_ob=D, ROWS_PER_IDX=HD, HAS_BIAS=False,
-        HAS_RES=False, WRITE_PARTIAL=False, FUSED_REDUCE=False, FENCE=False, ACCUMULATE=True, ZERO=True,
+        h_ptr=F16, w_ptr=F16, idx_ptr=I64, bias_ptr=F16, res_ptr=F16, out_ptr=F32, out2_ptr=F16, bias2_ptr=F16,
+        part_ptr=F32, cnt_ptr=I32, zero_ptr=F32, B=1, n_in=KH * HD, D=D, rows_per_split=rps, n_splits=splits,
+        n_zero=D, stride_hb=KH * HD, stride_hg=HD, stride_hr=1, stride_wn=D, stride_rb=D, stride_ob=D, stride_o2b=D,
+        ROWS_PER_IDX=HD, HAS_BIAS=False, HAS_RES=False, OUT2=False, HAS_BIAS2=False, WRITE_PARTIAL=False,
+        FUSED_REDUCE=False, FENCE=False, ACCUMULATE=True, ZERO=True,
         PREWAIT=True, BLOCK_Z=next_pow2(cdiv(D, splits * cdiv(D, down["BLOCK_D"]))), DOT_FP32=False, **down), {}
     mlp = MB._mlp_config(1, KM, D, False, cpu)
     mlp_args = dict(

@@ -6,6 +6,8 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
 * ``dense_attn_cublas``: ours-dense with its attention as a norm kernel and cuBLAS q/k/v and o_proj GEMVs
   (``FastDecoder(dense_attn="cublas")``) instead of the sparse path's gathers over every head with the norm folded
   into the q/k/v gather (``dense``);
+* ``add_launch``: ours-dense with x_next = mid + b2 (the residual cuBLAS adds fc2 into) made by an elementwise
+  launch instead of the o_proj's epilogue (``FastDecoder.oproj_writes_next`` off);
 * ``dense_cublas``: ours-dense with its MLP parts as a norm kernel, cuBLAS GEMVs and activation kernels
   (``FastDecoder(dense_mlp="cublas")``) instead of the up projection as a row gather over every neuron with the
   norm folded in (``dense``);
@@ -192,6 +194,8 @@ def _setup(dec: FastDecoder, name: str) -> None:
     if name == "embed_torch":  # A/B: the step's embedding as torch lookups and an add instead of one launch
         dec.ops = _TorchEmbed()
         dec.ops.model = dec.model
+    if name == "add_launch":  # A/B: the dense MLP part's x_next = mid + b2 by an elementwise launch, not the o_proj
+        dec.oproj_writes_next = False
     if name == "fold_forced":  # A/B: folded norms also at B > 2 (the tensor-core path), which the runtime skips
         dec.fuse_norm = True
         dec._fold1, dec._fold2 = dec._fold_norms()
@@ -249,6 +253,7 @@ def main():
         **{name: dict(predictors=preds, mlp_density=md, head_density=hd)
            for name in ("finish_mlp", "finish_o", "prewait_gathers", "l0_inline", "embed_nopdl", "embed_torch",
                          "head_cublas")},
+        "add_launch": dict(predictors=None, mlp_density=1.0, head_density=1.0, kv_policy="all"),
         **{f"fork_{m}": dict(predictors=preds, mlp_density=md, head_density=hd) for m in FORK_POINTS},
     }
     knobs = {  # A/B of launch heuristics, set while the step is captured: (module, name, value)

@@ -153,10 +153,12 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
         nw, s, rps, fused = cfg.pop("num_warps"), cfg.pop("splits"), cfg.pop("rows_per_split"), cfg.pop("fused")
         part = s > 1 and not acc
         build(G._gather_down_kernel, dict(h_ptr=dt, w_ptr=dt, idx_ptr=torch.int64, bias_ptr=dt, res_ptr=dt,
-              out_ptr=torch.float32 if acc else dt, part_ptr=torch.float32, cnt_ptr=torch.int32,
+              out_ptr=torch.float32 if acc else dt, out2_ptr=dt, bias2_ptr=dt, part_ptr=torch.float32,
+              cnt_ptr=torch.int32,
               zero_ptr=torch.float32, B=B, n_in=2048, D=5120, rows_per_split=rps, n_splits=s, n_zero=5120,
               stride_hb=2048, stride_hg=128, stride_hr=1, stride_wn=5120, stride_rb=5120, stride_ob=5120,
-              ROWS_PER_IDX=128, HAS_BIAS=not acc, HAS_RES=not acc, WRITE_PARTIAL=part, FUSED_REDUCE=fused and part,
+              stride_o2b=5120, ROWS_PER_IDX=128, HAS_BIAS=not acc, HAS_RES=not acc, OUT2=not acc,
+              HAS_BIAS2=not acc and B == 1, WRITE_PARTIAL=part, FUSED_REDUCE=fused and part,
               FENCE=fused and part, ACCUMULATE=acc, ZERO=acc, BLOCK_Z=64, PREWAIT=acc or B == 16,
               DOT_FP32=dt == torch.float32, **cfg), nw, cfg["NUM_STAGES"], early=acc or B == 16)
     for B, act in ((1, 1), (2, 2), (16, 1)):  # the whole MLP block; OPT with a folded layernorm, SwiGLU rmsnorm
@@ -195,8 +197,8 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
               BLOCK_KQ=16, HAS_VALID=splits > 1, FROM_QKV=qkv, HAS_ROPE=qkv and splits > 1, PREWAIT=qkv, **cfg), nw,
               cfg["NUM_STAGES"], early=qkv)
 build(G._reduce_splits_kernel, dict(part_ptr=torch.float32, bias_ptr=torch.float16, res_ptr=torch.float16,
-      out_ptr=torch.float16, B=2, D=5120, splits=4, stride_rb=5120, stride_ob=5120, HAS_BIAS=True, HAS_RES=True,
-      BLOCK_D=256), 2, 1)
+      out_ptr=torch.float16, out2_ptr=torch.float16, bias2_ptr=torch.float16, B=2, D=5120, splits=4, stride_rb=5120,
+      stride_ob=5120, stride_o2b=5120, HAS_BIAS=True, HAS_RES=True, OUT2=True, HAS_BIAS2=True, BLOCK_D=256), 2, 1)
 build(A._decode_attn_combine_kernel, dict(part_o_ptr=torch.float32, part_lse_ptr=torch.float32, out_ptr=torch.bfloat16,
       KH=4, HD=128, stride_ob=512, stride_oh=128, NUM_SPLITS=8, BLOCK_SPLITS=8, BLOCK_H=128), 4, 1)
 for B, n, d, norm, bmax, loop in ((1, 640, 5120, True, False, False), (16, 20480, 320, False, True, False),

@@ -172,6 +172,48 @@ def test_head_gather_down_unfinished_rejects():
         head_gather_down(a, wo_t, idx, hd, out=sums, finish=False, zero=torch.zeros(4, 4, device=DEVICE))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("split_k", [None, 1, 3])
+@pytest.mark.parametrize("schedule", ["split", "slab"])
+def test_head_gather_down_out2(schedule, split_k, B, dtype, monkeypatch):
+    """out2 = out + bias2, rounded as torch.add rounds it (bit for bit from the kernel's own out), on both split-k
+    reductions (in the launch: "split"; a second kernel: "slab"), with and without bias2; out as without out2."""
+    from dejavu.kernels import gather_mlp as GM
+
+    monkeypatch.setattr(GM, "DOWN_SCHEDULE", schedule)
+    d, H, hd, kh = 600, 6, 24, 4  # d over two column slabs
+    g = make_gen("o-out2", schedule, split_k, B, dtype)
+    a, wo_t = randn(B, kh, hd, dtype=dtype, gen=g), randn(H * hd, d, dtype=dtype, gen=g, scale=0.2)
+    idx = rand_index(H, kh, gen=g)
+    bias, res, bias2 = randn(d, dtype=dtype, gen=g), randn(B, d, dtype=dtype, gen=g), randn(d, dtype=dtype, gen=g)
+    alone = head_gather_down(a, wo_t, idx, hd, bias, res, split_k=split_k)
+    for b2 in (bias2, None):
+        out2 = poisoned((B, d), dtype)
+        out = head_gather_down(a, wo_t, idx, hd, bias, res, split_k=split_k, out2=out2, bias2=b2, prewait=True)
+        torch.testing.assert_close(out, alone, rtol=0, atol=0)
+        assert torch.equal(out2, out + b2 if b2 is not None else out)
+
+
+def test_head_gather_down_out2_rejects():
+    d, H, hd, B = 64, 4, 16, 2
+    a, wo_t = randn(B, 2, hd, dtype=torch.float16), randn(H * hd, d, dtype=torch.float16)
+    idx = torch.tensor([0, 2], device=DEVICE)
+    out, b2 = torch.empty(B, d, dtype=torch.float16, device=DEVICE), torch.zeros(d, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="bias2"):
+        head_gather_down(a, wo_t, idx, hd, bias2=b2)
+    with pytest.raises(ValueError, match="another buffer"):
+        head_gather_down(a, wo_t, idx, hd, out=out, out2=out)
+    with pytest.raises(ValueError, match="out2"):
+        head_gather_down(a, wo_t, idx, hd, out2=torch.empty(B, d, device=DEVICE))  # fp32
+    with pytest.raises(ValueError, match="out2"):
+        head_gather_down(a, wo_t, idx, hd, out2=torch.empty(B + 1, d, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="bias2"):
+        head_gather_down(a, wo_t, idx, hd, out2=out, bias2=b2[:-1])
+    with pytest.raises(ValueError, match="finish=True"):
+        head_gather_down(a, wo_t, idx, hd, out=torch.zeros(B, d, device=DEVICE), finish=False, out2=out)
+
+
 def test_default_alloc_and_views():
     d, H, hd, kh, B = 40, 5, 24, 2, 2
     g = make_gen("alloc")

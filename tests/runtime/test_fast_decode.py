@@ -94,6 +94,22 @@ def test_dense_attn_qkv_gather_equals_model(tiny, B):
         FastDecoder(model, None, batch=1, max_len=8, backend="torch", dense_attn="gathers")
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_oproj_writes_next_residual(tiny, backend):
+    """At B = 1 the dense MLP part (up_gather) follows the o_proj gather over every head, whose epilogue also writes
+    x_next = mid + b2 for cuBLAS to add fc2 into: the step equals model.forward with a KV cache (fp32), as it does
+    with that residual made by an elementwise launch (oproj_writes_next off), which is one launch more a layer."""
+    model = tiny[1].to(DEV)
+    on = FastDecoder(model, None, batch=1, max_len=16, backend=backend)
+    off = FastDecoder(model, None, batch=1, max_len=16, backend=backend)
+    off.oproj_writes_next = False
+    assert all(on._up_gather) and all(on._qkv_gather)
+    for dec in (on, off):
+        errs, _ = _compare(model, dec, None, "all", B=1, steps=2)
+        assert max(errs) < TOL, errs
+    assert [a["main"] + 1 for a in on.kernels_per_layer()] == [b["main"] for b in off.kernels_per_layer()]
+
+
 @pytest.mark.parametrize("kv_policy", ["all", "selected"])
 def test_sparse_batch1_equals_reference_policy(tiny, kv_policy):
     """(b) batch 1: the runtime's batch top-k is the reference's per-token top-k, so the logits agree."""

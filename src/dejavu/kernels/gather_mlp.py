@@ -583,6 +583,8 @@ def _gather_down_kernel(
     bias_ptr,  # [D] or dummy
     res_ptr,  # [B, D] residual or dummy
     out_ptr,  # [B, D]
+    out2_ptr,  # OUT2: [B, D] second output, out (rounded) + bias2, else dummy
+    bias2_ptr,  # OUT2: [D] its bias, or dummy
     part_ptr,  # [SPLITS, B, D] fp32 partial sums (only when WRITE_PARTIAL)
     cnt_ptr,  # [cdiv(D, BLOCK_D)] int32 arrival counters, zero between launches (FUSED_REDUCE)
     zero_ptr,  # ZERO: [n_zero] fp32 to zero, else dummy
@@ -600,10 +602,13 @@ def _gather_down_kernel(
     stride_wn,
     stride_rb,
     stride_ob,
+    stride_o2b,
     # meta-parameters
     ROWS_PER_IDX: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
+    OUT2: tl.constexpr,  # also store out + bias2 into out2 (the next residual for a cuBLAS GEMV to add into)
+    HAS_BIAS2: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr,  # split-k: store fp32 partials, a second kernel finishes
     FUSED_REDUCE: tl.constexpr,  # split-k in one launch: the last program of a column slab sums the partials
     FENCE: tl.constexpr,  # per-thread GPU fence before the arrival (FUSED_REDUCE; off in the interpreter)
@@ -678,12 +683,12 @@ def _gather_down_kernel(
                 for s in range(0, n_splits):
                     tot += tl.load(part_ptr + (s * B + offs_b[:, None]) * D + offs_d[None, :], mask=bd_mask,
                                    other=0.0, cache_modifier=".cg")  # fmt: skip
-                _down_epilogue(tot, bias_ptr, res_ptr, out_ptr, offs_b, offs_d, d_mask, bd_mask, stride_rb,
-                               stride_ob, HAS_BIAS, HAS_RES)  # fmt: skip
+                _down_epilogue(tot, bias_ptr, res_ptr, out_ptr, out2_ptr, bias2_ptr, offs_b, offs_d, d_mask, bd_mask,
+                               stride_rb, stride_ob, stride_o2b, HAS_BIAS, HAS_RES, OUT2, HAS_BIAS2)  # fmt: skip
                 tl.atomic_xchg(cnt_ptr + pid_d, 0, sem="relaxed", scope="gpu")
     else:
-        _down_epilogue(acc, bias_ptr, res_ptr, out_ptr, offs_b, offs_d, d_mask, bd_mask, stride_rb, stride_ob,
-                       HAS_BIAS, HAS_RES)  # fmt: skip
+        _down_epilogue(acc, bias_ptr, res_ptr, out_ptr, out2_ptr, bias2_ptr, offs_b, offs_d, d_mask, bd_mask, stride_rb,
+                       stride_ob, stride_o2b, HAS_BIAS, HAS_RES, OUT2, HAS_BIAS2)  # fmt: skip
 
 
 @jit
@@ -721,15 +726,27 @@ def _down_h_step(acc, w, h_ptr, grp, within, j_mask, offs_b, b_mask, stride_hb, 
 
 
 @jit
-def _down_epilogue(acc, bias_ptr, res_ptr, out_ptr, offs_b, offs_d, d_mask, bd_mask, stride_rb, stride_ob,
-                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):  # fmt: skip
+def _down_epilogue(acc, bias_ptr, res_ptr, out_ptr, out2_ptr, bias2_ptr, offs_b, offs_d, d_mask, bd_mask, stride_rb,
+                   stride_ob, stride_o2b, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, OUT2: tl.constexpr,
+                   HAS_BIAS2: tl.constexpr):  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
         res = tl.load(res_ptr + offs_b[:, None] * stride_rb + offs_d[None, :], mask=bd_mask, other=0.0)
         acc += res.to(tl.float32)
-    out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_d[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=bd_mask)
+    y = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_d[None, :], y, mask=bd_mask)
+    if OUT2:
+        _store_out2(y, out2_ptr, bias2_ptr, offs_b, offs_d, d_mask, bd_mask, stride_o2b, HAS_BIAS2)
+
+
+@jit
+def _store_out2(y, out2_ptr, bias2_ptr, offs_b, offs_d, d_mask, bd_mask, stride_o2b, HAS_BIAS2: tl.constexpr):
+    """out2 = y + bias2 from the stored (rounded) output y, rounded again: what ``torch.add(out, bias2)`` gives."""
+    y2 = y.to(tl.float32)
+    if HAS_BIAS2:
+        y2 += tl.load(bias2_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out2_ptr + offs_b[:, None] * stride_o2b + offs_d[None, :], y2.to(out2_ptr.dtype.element_ty), mask=bd_mask)
 
 
 @jit
@@ -739,6 +756,8 @@ def _reduce_splits_kernel(
     bias_ptr,
     res_ptr,
     out_ptr,
+    out2_ptr,
+    bias2_ptr,
     # sizes
     B,
     D,
@@ -746,9 +765,12 @@ def _reduce_splits_kernel(
     # strides
     stride_rb,
     stride_ob,
+    stride_o2b,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
+    OUT2: tl.constexpr,
+    HAS_BIAS2: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -764,7 +786,11 @@ def _reduce_splits_kernel(
         acc += tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
     if HAS_RES:
         acc += tl.load(res_ptr + pid_b * stride_rb + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + pid_b * stride_ob + offs_d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+    y = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + pid_b * stride_ob + offs_d, y, mask=d_mask)
+    if OUT2:
+        _store_out2(y[None, :], out2_ptr + pid_b * stride_o2b, bias2_ptr, tl.zeros([1], dtype=tl.int32), offs_d,
+                    d_mask, d_mask[None, :], 0, HAS_BIAS2)  # fmt: skip
 
 
 DOWN_SCHEDULE = os.environ.get("DEJAVU_DOWN_SCHEDULE", "split")  # "split" (v2) or "slab" (v1); for A/B sweeps
@@ -845,10 +871,10 @@ def _counters(device, n: int) -> torch.Tensor:
 
 
 def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out, split_k, finish=True, zero=None,
-                        op="gather_down", prewait=False):  # fmt: skip
+                        op="gather_down", prewait=False, out2=None, bias2=None):  # fmt: skip
     """Shared launch for gather_down / head_gather_down (inputs already checked). ``finish=False``: out holds fp32
     sums the programs add into (the split-k partials summed by atomics instead, no bias or residual); ``zero``: an
-    fp32 tensor set to 0 after the PDL wait (checked here)."""
+    fp32 tensor set to 0 after the PDL wait (checked here); ``out2``: a second output, out + ``bias2`` (checked)."""
     B, D = out.shape
     n_in = idx.shape[0] * rows_per_idx
     cfg = _down_config(B, n_in, D, w.device, split_k)
@@ -862,11 +888,14 @@ def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out,
     grid = (n_d, splits)
     n_zero, block_z = check_zero(op, zero, out, "output", n_d * splits)
     pdl = use_pdl(_gather_down_kernel, w.device)
+    o2 = out2 if out2 is not None else out
+    b2 = bias2 if bias2 is not None else w
     _gather_down_kernel[grid](
-        h, w, idx, bias if bias is not None else w, res, out, part, cnt, zero if zero is not None else part,
+        h, w, idx, bias if bias is not None else w, res, out, o2, b2, part, cnt, zero if zero is not None else part,
         B, n_in, D, rows_per_split, splits, n_zero,
-        *h_strides, w.stride(0), res.stride(0), out.stride(0),
+        *h_strides, w.stride(0), res.stride(0), out.stride(0), o2.stride(0),
         ROWS_PER_IDX=rows_per_idx, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        OUT2=out2 is not None, HAS_BIAS2=bias2 is not None,
         WRITE_PARTIAL=partial, FUSED_REDUCE=fused, FENCE=fused and not is_interpreted(_gather_down_kernel),
         ACCUMULATE=not finish, ZERO=n_zero > 0, BLOCK_Z=block_z, PREWAIT=pdl and prewait,
         DOT_FP32=w.dtype == torch.float32 or is_interpreted(_gather_down_kernel), PDL=pdl, launch_pdl=pdl,
@@ -875,11 +904,26 @@ def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out,
     if partial and not fused:
         block = 256
         _reduce_splits_kernel[(B, cdiv(D, block))](
-            part, bias if bias is not None else w, res, out, B, D, splits, res.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, HAS_RES=residual is not None, BLOCK_D=block, PDL=pdl, launch_pdl=pdl,
+            part, bias if bias is not None else w, res, out, o2, b2, B, D, splits, res.stride(0), out.stride(0),
+            o2.stride(0), HAS_BIAS=bias is not None, HAS_RES=residual is not None, OUT2=out2 is not None,
+            HAS_BIAS2=bias2 is not None, BLOCK_D=block, PDL=pdl, launch_pdl=pdl,
             num_warps=2,
         )  # fmt: skip
     return out
+
+
+def _check_out2(op, out2, bias2, out, w, B, D):
+    """``out2`` / ``bias2`` of a down projection (``out`` already made): the second output must be its own [B, d]
+    buffer of the weights' dtype and device; ``bias2`` only with it."""
+    if out2 is None:
+        if bias2 is not None:
+            raise ValueError(f"{op}: bias2 is added into out2; pass out2 too (or neither).")
+        return
+    check_tensor(op, "out2", out2, ndim=2, dtype=w.dtype, device=w.device, shape=(B, D), contiguous=True)
+    if out2.data_ptr() == out.data_ptr():
+        raise ValueError(f"{op}: out2 must be another buffer than out.")
+    if bias2 is not None:
+        check_tensor(op, "bias2", bias2, ndim=1, dtype=w.dtype, device=w.device, shape=(D,), contiguous=True)
 
 
 def _check_down_epilogue(op, bias, residual, w, B, D):

@@ -30,6 +30,7 @@ from .gather_mlp import (
     _check_bias,
     _check_down_epilogue,
     _check_norm,
+    _check_out2,
     _check_rows_inputs,
     _check_x_sum,
     _gather_down_kernel,
@@ -94,7 +95,7 @@ def head_gather_gemv_ref(x, w, head_idx, head_dim, bias=None):
 
 
 def head_gather_down(a, wo_t, head_idx, head_dim, bias=None, residual=None, *, validate=True, out=None,
-                     split_k=None, finish=True, zero=None, prewait=False):  # fmt: skip
+                     split_k=None, finish=True, zero=None, prewait=False, out2=None, bias2=None):  # fmt: skip
     """Output projection restricted to the selected heads -> ``[B, d]``.
 
     ``out[b] = sum_j a[b, j] . wo_t[head_idx[j]*hd : (head_idx[j]+1)*hd] (+ bias) (+ residual)``
@@ -114,6 +115,9 @@ def head_gather_down(a, wo_t, head_idx, head_dim, bias=None, residual=None, *, v
             stream started (the decode step: the selection is joined before the q/k/v gather, two kernels earlier).
             With programmatic dependent launch, the first step's selection and weights are then read before the PDL
             wait.
+        out2: a second ``[B, d]`` output, ``out + bias2`` (``bias2``: optional ``[d]``), rounded as
+            ``torch.add(out, bias2)`` rounds it: the dense decode step's next residual, into which cuBLAS then adds
+            the MLP's down projection, written here instead of by an elementwise launch of its own.
     """
     op = "head_gather_down"
     require_triton(op)
@@ -138,9 +142,12 @@ def head_gather_down(a, wo_t, head_idx, head_dim, bias=None, residual=None, *, v
         out = torch.empty((B, D), dtype=wo_t.dtype, device=wo_t.device)
     else:
         check_out(op, out, shape=(B, D), dtype=wo_t.dtype, device=wo_t.device)
+    if out2 is not None and not finish:
+        raise ValueError(f"{op}: out2 is written from the finished output; it needs finish=True.")
+    _check_out2(op, out2, bias2, out, wo_t, B, D)
     strides = (a.stride(0), a.stride(1), a.stride(2))
     return _launch_gather_down(a, strides, wo_t, head_idx, bias, residual, head_dim, out, split_k, finish, zero, op,
-                               prewait=bool(prewait))  # fmt: skip
+                               prewait=bool(prewait), out2=out2, bias2=bias2)  # fmt: skip
 
 
 def head_gather_down_ref(a, wo_t, head_idx, head_dim, bias=None, residual=None):

@@ -104,9 +104,9 @@ class _TritonOps:
     def rows(self, x, w, idx, hd, bias, norm=None, x_sum=None, prewait=False):  # -> [B, k, hd]; norm: x raw stream
         return K.head_gather_gemv(x, w, idx, hd, bias, norm=norm, validate=False, x_sum=x_sum, prewait=prewait)
 
-    def oproj(self, a, wo_t, idx, hd, bias, res, out, finish=True, zero=None, prewait=False):
+    def oproj(self, a, wo_t, idx, hd, bias, res, out, finish=True, zero=None, prewait=False, out2=None, bias2=None):
         return K.head_gather_down(a, wo_t, idx, hd, bias, res, validate=False, out=out, finish=finish, zero=zero,
-                                  prewait=prewait)  # fmt: skip
+                                  prewait=prewait, out2=out2, bias2=bias2)  # fmt: skip
 
     def up(self, x, w1, w3, idx, bias, norm=None):  # -> [B, k]
         if w3 is None:
@@ -161,8 +161,11 @@ class _TorchOps:
             x, bias = K.norm_ref(x, norm), norm.linear_bias
         return K.head_gather_gemv_ref(x, w, idx, hd, bias)
 
-    def oproj(self, a, wo_t, idx, hd, bias, res, out, prewait=False):
-        return out.copy_(K.head_gather_down_ref(a, wo_t, idx, hd, bias, res))
+    def oproj(self, a, wo_t, idx, hd, bias, res, out, prewait=False, out2=None, bias2=None):
+        out.copy_(K.head_gather_down_ref(a, wo_t, idx, hd, bias, res))
+        if out2 is not None:
+            out2.copy_(out if bias2 is None else out + bias2)
+        return out
 
     def up(self, x, w1, w3, idx, bias, norm=None):
         if norm is not None:
@@ -384,6 +387,10 @@ class FastDecoder:
         # passes the GPU tests, but the H200 step moved -1.6% to +2.4% by model, and the gathers alone or the
         # blocks alone are no more uniform (bench/NOTES.md v13), so it stays off
         self.prewait_gathers = False
+        # a dense MLP part after the sparse path's o_proj (dense_mlp="up_gather", qkv_gather): the o_proj's epilogue
+        # also writes x_next = mid + b2, into which cuBLAS adds fc2, instead of an elementwise launch of its own
+        # (A/B, read at capture; bench/profile_step.py's add_launch)
+        self.oproj_writes_next = True
         self._graph, self._graph_out, self._len = None, None, 0
 
     # ---- setup ------------------------------------------------------------------------------------------------------
@@ -823,10 +830,14 @@ class FastDecoder:
             fork()
         # o_proj's prewait: the kernels just before it (attention, combine) write only a, and the selection was joined
         # before the q/k/v gather, which has completed once they run
+        # up_gather: the o_proj also writes x_next = mid + b2, into which cuBLAS adds fc2
+        next_by_oproj = up_gather and self.oproj_writes_next and not dense_heads and o_defer is None
         if dense_heads:
             mid.addmm_(a.reshape(B, H * hd), at.wo_t)
         elif o_defer is not None:  # mid = (sums + bo) + x, made by the MLP block
             ops.oproj(a, at.wo_t, hidx, hd, None, None, o_defer[0], finish=False, zero=o_defer[1], prewait=True)
+        elif next_by_oproj:
+            ops.oproj(a, at.wo_t, hidx, hd, at.bo, x, mid, prewait=True, out2=x_next, bias2=mlp.b2)
         else:
             ops.oproj(a, at.wo_t, hidx, hd, at.bo, x, mid, prewait=True)
         if point == "oproj":
@@ -847,10 +858,11 @@ class FastDecoder:
         elif up_gather:  # every neuron's up row (norm folded, activation fused), then x_next = mid + b2 + act @ w2t
             xin, b1 = (h2, mlp.b1) if fold2 is None else (mid, None)
             act = ops.up(xin, mlp.w1, mlp.w3, self._nidx[l], b1, norm=fold2)
-            if mlp.b2 is None:
-                x_next.copy_(mid)
-            else:
-                torch.add(mid, mlp.b2, out=x_next)
+            if not next_by_oproj:  # (else the o_proj has written x_next = mid + b2)
+                if mlp.b2 is None:
+                    x_next.copy_(mid)
+                else:
+                    torch.add(mid, mlp.b2, out=x_next)
             x_next.addmm_(act, mlp.w2t)
         else:
             if mlp_ready is not None:  # the lookahead neuron selection of this layer is written
@@ -884,8 +896,8 @@ class FastDecoder:
             n += 0 if self._fold2[l] is not None else 1  # norm2 (+ residual init), unless folded
             if dense_m:
                 n += (3 if s.mlp_bias else 2) + 1 if s.mlp_kind == "relu" else 5  # fc1 (+bias copy), relu, fc2
-            elif self._up_gather[l]:
-                n += 3  # the up gather over every neuron, the residual copy (+ b2), fc2
+            elif self._up_gather[l]:  # the up gather over every neuron, [the residual copy (+ b2)], fc2
+                n += 2 if self.oproj_writes_next and not dense_h else 3
             else:  # sparse_mlp, or gather_up / gather_swiglu + gather_down (split-k reduced in the same launch)
                 n += 1 if self._fused_mlp[l] else 2
             side = 0
