@@ -522,7 +522,7 @@ class FastDecoder:
                 "defer_mlp_finish": any(self._deferred()), "defer_oproj_finish": any(self._deferred_o()),
                 "fuse_norm": self.fuse_norm, "fuse_mlp": any(self._fused_mlp), "fuse_attn": self.fuse_attn,
                 "neuron_topk": self._topk, "split_first_prediction": self._split0(), "dense_mlp": self.dense_mlp,
-                "dense_attn": self.dense_attn,
+                "dense_attn": self.dense_attn, "oproj_writes_next": self.oproj_writes_next and any(self._up_gather),
                 "fold_final_norm": self._fold_head(),
                 "k_heads": self.k_heads, "k_mlp": self.k_mlp, "k_kv": self.k_kv,
                 "kernels_per_layer": self._kernel_summary()}
