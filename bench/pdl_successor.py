@@ -52,11 +52,10 @@ def main():
 
         def second():
             if succ == "qkv":  # the real next kernel; PDL off by name for it alone
-                C.PDL_EXCLUDE.clear()
                 if not pdl:
                     C.PDL_EXCLUDE.add("_gather_rows_kernel")
                 head_gather_gemv(x, wqkv, qidx, 128, validate=False)
-                C.PDL_EXCLUDE.clear()
+                C.PDL_EXCLUDE.discard("_gather_rows_kernel")
             elif succ:
                 _waiter[(succ,)](buf, buf.numel(), PDL=pdl, WIDTH=width, num_warps=4, launch_pdl=pdl)
 

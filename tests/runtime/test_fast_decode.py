@@ -105,6 +105,8 @@ def test_oproj_writes_next_residual(tiny, backend):
     off.oproj_writes_next = False
     assert all(on._up_gather) and all(on._qkv_gather)
     assert on.describe()["oproj_writes_next"] and not off.describe()["oproj_writes_next"]
+    cublas_attn = FastDecoder(model, None, batch=1, max_len=16, backend=backend, dense_attn="cublas")
+    assert not cublas_attn.describe()["oproj_writes_next"]  # its o_proj is cuBLAS: the elementwise launch stays
     for dec in (on, off):
         errs, _ = _compare(model, dec, None, "all", B=1, steps=2)
         assert max(errs) < TOL, errs

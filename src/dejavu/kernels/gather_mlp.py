@@ -737,16 +737,18 @@ def _down_epilogue(acc, bias_ptr, res_ptr, out_ptr, out2_ptr, bias2_ptr, offs_b,
     y = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_d[None, :], y, mask=bd_mask)
     if OUT2:
-        _store_out2(y, out2_ptr, bias2_ptr, offs_b, offs_d, d_mask, bd_mask, stride_o2b, HAS_BIAS2)
+        _store_out2(y, out2_ptr + offs_b[:, None] * stride_o2b + offs_d[None, :], bias2_ptr, offs_d, d_mask, bd_mask,
+                    HAS_BIAS2)  # fmt: skip
 
 
 @jit
-def _store_out2(y, out2_ptr, bias2_ptr, offs_b, offs_d, d_mask, bd_mask, stride_o2b, HAS_BIAS2: tl.constexpr):
-    """out2 = y + bias2 from the stored (rounded) output y, rounded again: what ``torch.add(out, bias2)`` gives."""
+def _store_out2(y, out2_ptrs, bias2_ptr, offs_d, d_mask, mask, HAS_BIAS2: tl.constexpr):
+    """out2 = y + bias2 from the stored (rounded) output y (its last axis the columns offs_d), rounded again: what
+    ``torch.add(out, bias2)`` gives."""
     y2 = y.to(tl.float32)
     if HAS_BIAS2:
-        y2 += tl.load(bias2_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out2_ptr + offs_b[:, None] * stride_o2b + offs_d[None, :], y2.to(out2_ptr.dtype.element_ty), mask=bd_mask)
+        y2 += tl.load(bias2_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    tl.store(out2_ptrs, y2.to(out2_ptrs.dtype.element_ty), mask=mask)
 
 
 @jit
@@ -789,8 +791,7 @@ def _reduce_splits_kernel(
     y = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + pid_b * stride_ob + offs_d, y, mask=d_mask)
     if OUT2:
-        _store_out2(y[None, :], out2_ptr + pid_b * stride_o2b, bias2_ptr, tl.zeros([1], dtype=tl.int32), offs_d,
-                    d_mask, d_mask[None, :], 0, HAS_BIAS2)  # fmt: skip
+        _store_out2(y, out2_ptr + pid_b * stride_o2b + offs_d, bias2_ptr, offs_d, d_mask, d_mask, HAS_BIAS2)
 
 
 DOWN_SCHEDULE = os.environ.get("DEJAVU_DOWN_SCHEDULE", "split")  # "split" (v2) or "slab" (v1); for A/B sweeps

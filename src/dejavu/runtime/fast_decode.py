@@ -522,7 +522,8 @@ class FastDecoder:
                 "defer_mlp_finish": any(self._deferred()), "defer_oproj_finish": any(self._deferred_o()),
                 "fuse_norm": self.fuse_norm, "fuse_mlp": any(self._fused_mlp), "fuse_attn": self.fuse_attn,
                 "neuron_topk": self._topk, "split_first_prediction": self._split0(), "dense_mlp": self.dense_mlp,
-                "dense_attn": self.dense_attn, "oproj_writes_next": self.oproj_writes_next and any(self._up_gather),
+                "dense_attn": self.dense_attn,
+                "oproj_writes_next": any(map(self._oproj_writes_next, range(self.spec.n_layers))),
                 "fold_final_norm": self._fold_head(),
                 "k_heads": self.k_heads, "k_mlp": self.k_mlp, "k_kv": self.k_kv,
                 "kernels_per_layer": self._kernel_summary()}
@@ -695,6 +696,13 @@ class FastDecoder:
         return [ok and l + 1 < L and self._fused_mlp[l] and self._fused_mlp[l + 1] and self._fold1[l + 1] is not None
                 and self.k_heads[l + 1] < H for l in range(L)]  # fmt: skip
 
+    def _oproj_writes_next(self, l: int) -> bool:
+        """Does layer l's o_proj also write x_next = mid + b2 (oproj_writes_next)? Where the MLP part is the dense
+        up_gather and the o_proj is the column gather with its epilogue (not cuBLAS; never the unfinished o_proj of
+        _deferred_o, which is a sparse MLP block's)."""
+        return self.oproj_writes_next and self._up_gather[l] and (self.k_heads[l] < self.spec.n_heads
+                                                                  or self._qkv_gather[l])
+
     def _deferred_o(self) -> list[bool]:
         """Per layer: does its o_proj leave its sums for its MLP block (defer_oproj_finish)? Where the o_proj is the
         sparse one, the MLP block the fused one with its norm folded (it reads all of the residual after attention,
@@ -830,8 +838,7 @@ class FastDecoder:
             fork()
         # o_proj's prewait: the kernels just before it (attention, combine) write only a, and the selection was joined
         # before the q/k/v gather, which has completed once they run
-        # up_gather: the o_proj also writes x_next = mid + b2, into which cuBLAS adds fc2
-        next_by_oproj = up_gather and self.oproj_writes_next and not dense_heads and o_defer is None
+        next_by_oproj = self._oproj_writes_next(l)  # and x_next = mid + b2, into which cuBLAS adds fc2
         if dense_heads:
             mid.addmm_(a.reshape(B, H * hd), at.wo_t)
         elif o_defer is not None:  # mid = (sums + bo) + x, made by the MLP block
@@ -897,7 +904,7 @@ class FastDecoder:
             if dense_m:
                 n += (3 if s.mlp_bias else 2) + 1 if s.mlp_kind == "relu" else 5  # fc1 (+bias copy), relu, fc2
             elif self._up_gather[l]:  # the up gather over every neuron, [the residual copy (+ b2)], fc2
-                n += 2 if self.oproj_writes_next and not dense_h else 3
+                n += 2 if self._oproj_writes_next(l) else 3
             else:  # sparse_mlp, or gather_up / gather_swiglu + gather_down (split-k reduced in the same launch)
                 n += 1 if self._fused_mlp[l] else 2
             side = 0
