@@ -6,6 +6,8 @@ o_proj), launched with PDL as the decode step launches them, so that A lets its 
 programs run. B, right after it, is either the q/k/v gather over every head (960 programs, the dense step's next
 kernel) or a kernel that only waits for A and then reads a few values (``n`` programs, ``width`` fp32 each), each with
 and without PDL. A CUDA graph of 40 (A, B) pairs is replayed; printed: us per pair (median of 5 replays) and A alone.
+(In the decode step the ``gather_down`` fc2 turned out to be slowed by its own programs, placed early beside the up
+gather, not by its successor's: bench/NOTES.md v17.)
 
     PYTHONPATH=src python bench/pdl_successor.py
 """

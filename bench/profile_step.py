@@ -32,7 +32,11 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
 * programmatic dependent launch (PDL): ``nopdl_<kernel>`` (one main-stream kernel without it:
   ``kernels._checks.PDL_EXCLUDE``), ``side_pdl_<on|off|first|heads|scores|mlp>`` (the side stream's predictor
   launches with it, or without it for all / the first factors' GEMV / the head scores and top-k / the neuron scores
-  GEMV / the neuron scores and top-k: ``FastDecoder.side_pdl``);
+  GEMV / the neuron scores and top-k: ``FastDecoder.side_pdl``); where a kernel signals its successor's launch
+  (``kernels._checks.use_pdl``'s modes): ``signal_exit_<rows|attn|combine|oproj|mlp|gemv>`` (not at all: the
+  successor launches as its programs exit, ``PDL_LATE``), ``oproj_signal_after_loop`` (the column gathers after
+  their main loop, ``PDL_MID``), ``mlp_signal_early`` (the MLP block right after its wait instead of after its up
+  phase: ``mlp_block.SIGNAL_AFTER_UP`` off);
 * the side stream: ``fork_<start|qkv|attn|oproj>`` (the prediction of layer l+1 forked at the start of layer l or
   after its q/k/v gather / attention / o_proj: ``FastDecoder.fork_at``; the default at B <= 2 is ``attn`` with
   ``side_pdl_off``, at B > 2 ``start`` with ``side_pdl_on``);
@@ -212,7 +216,8 @@ def main():
                          "epilogue_2048,"
                          "attn_split_128,attn_split_256,down_ctas_1,down_ctas_4,"
                          "side_pdl_{on,off,first,heads,scores,mlp},"
-                         "nopdl_{rows,attn,combine,oproj,mlp},mlp_maxnreg_128,gemv_cap_{32,64,132,264,396,528},"
+                         "nopdl_{rows,attn,combine,oproj,mlp},signal_exit_{rows,attn,combine,oproj,mlp,gemv},"
+                         "oproj_signal_after_loop,mlp_signal_early,mlp_maxnreg_128,gemv_cap_{32,64,132,264,396,528},"
                          "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},mlp_rows_{8,32},"
                          "rows_narrow,fork_{start,qkv,attn,oproj},main_priority,finish_mlp,finish_o,"
                          "prewait_gathers,attn_pipelined,l0_inline,embed_nopdl,embed_torch,head_cublas,fma_max_2; "
@@ -265,10 +270,15 @@ def main():
     knobs.update({f"mlp_cols_{n}": (MB, "DOWN_COLS", n) for n in (256, 1024)})
     knobs.update({f"mlp_rows_{n}": (MB, "ROWS", n) for n in (8, 32)})
     knobs["rows_narrow"] = (GM, "ROWS_WIDE", False)
+    knobs["mlp_signal_early"] = (MB, "SIGNAL_AFTER_UP", False)
     knobs.update({f"rows_tile_{k}_{d}": (GM, "ROWS_FMA_TILE", (k, d)) for k, d in ((16, 256), (16, 512), (8, 256))})
     knobs.update({f"nopdl_{k}": (C, "PDL_EXCLUDE", {v}) for k, v in (
         ("rows", "_gather_rows_kernel"), ("attn", "_decode_attn_kernel"), ("combine", "_decode_attn_combine_kernel"),
         ("oproj", "_gather_down_kernel"), ("mlp", "_sparse_mlp_kernel"))})
+    knobs.update({f"signal_exit_{k}": (C, "PDL_LATE", {v}) for k, v in (
+        ("rows", "_gather_rows_kernel"), ("attn", "_decode_attn_kernel"), ("combine", "_decode_attn_combine_kernel"),
+        ("oproj", "_gather_down_kernel"), ("mlp", "_sparse_mlp_kernel"), ("gemv", "_lowrank_gemv_kernel"))})
+    knobs["oproj_signal_after_loop"] = (C, "PDL_MID", {"_gather_down_kernel"})
     variants.update({name: dict(predictors=preds, mlp_density=md, head_density=hd) for name in knobs})
     # knobs read when the decoder is built (and by the kernels at capture): set around construction and capture
     build_knobs = {"fma_max_2": (C, "FMA_MAX_BATCH", 2)}
@@ -281,7 +291,11 @@ def main():
     decs = {}
     for name in chosen:
         parts = name.split("+")
-        set_knobs = [knobs[p] for p in parts if p in knobs]
+        merged = {}  # knobs that set one name: the last wins, but sets of kernel names (PDL_*) are joined
+        for mod, attr, value in (knobs[p] for p in parts if p in knobs):
+            prev = merged.get((mod, attr))
+            merged[(mod, attr)] = prev | value if isinstance(prev, set) and isinstance(value, set) else value
+        set_knobs = [(mod, attr, value) for (mod, attr), value in merged.items()]
         saved = [getattr(mod, attr) for mod, attr, _ in set_knobs]
         for p in parts:
             if p in build_knobs:

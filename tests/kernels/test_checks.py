@@ -34,7 +34,8 @@ def test_no_data_checks_while_capturing(monkeypatch):
 
 
 def test_use_pdl_switches(monkeypatch):
-    """PDL on a Hopper device unless DEJAVU_PDL=0, inside pdl_suspended(), or for a kernel named in PDL_EXCLUDE."""
+    """PDL on a Hopper device unless DEJAVU_PDL=0, inside pdl_suspended(), or for a kernel named in PDL_EXCLUDE;
+    mode 1 (signal after the wait) unless the kernel is named in PDL_LATE (2) or PDL_MID (3)."""
 
     def compiled_kernel():  # stands in for a (not interpreted) Triton kernel
         pass
@@ -48,8 +49,12 @@ def test_use_pdl_switches(monkeypatch):
         with _checks.pdl_suspended():
             assert not _checks.use_pdl(compiled_kernel, cuda)
         assert not _checks.use_pdl(compiled_kernel, cuda)  # nested: still suspended
-    assert _checks.use_pdl(compiled_kernel, cuda)
-    monkeypatch.setattr(_checks, "PDL_EXCLUDE", {"compiled_kernel"})
+    assert _checks.use_pdl(compiled_kernel, cuda) == 1
+    monkeypatch.setattr(_checks, "PDL_LATE", {"compiled_kernel"})
+    assert _checks.use_pdl(compiled_kernel, cuda) == 2
+    monkeypatch.setattr(_checks, "PDL_MID", {"compiled_kernel"})
+    assert _checks.use_pdl(compiled_kernel, cuda) == 3
+    monkeypatch.setattr(_checks, "PDL_EXCLUDE", {"compiled_kernel"})  # no PDL wins over either
     assert not _checks.use_pdl(compiled_kernel, cuda)
     monkeypatch.setattr(_checks, "PDL_EXCLUDE", set())
     monkeypatch.setenv(_checks.PDL_ENV, "0")
@@ -124,13 +129,21 @@ from dejavu.kernels.offline import compile_for
 from dejavu.kernels import _checks
 _checks.FMA_MAX_BATCH = 2  # B = 2 on the FMA paths too (an A/B knob; the runtime's default serves only B = 1 there)
 
-def build(kernel, args, num_warps, num_stages, early=False):
-    args = dict(args, PDL=True)  # the Hopper launch path: grid-dependency wait/launch_dependents compiled in
+def loads(ptx):
+    return "ld.global" in ptx or "cp.async" in ptx
+
+def build(kernel, args, num_warps, num_stages, early=False, mode=1):
+    args = dict(args, PDL=mode)  # the Hopper launch path: grid-dependency wait/launch_dependents compiled in
     k = compile_for(kernel, args, num_warps, num_stages, launch_pdl=True)
     ptx = k.asm["ptx"]
     assert "griddepcontrol.wait" in ptx, kernel.__name__
-    before = ptx[:ptx.index("griddepcontrol.wait")]  # global loads before the wait: with PREWAIT only
-    assert early == ("ld.global" in before or "cp.async" in before), kernel.__name__
+    wait = ptx.index("griddepcontrol.wait")
+    assert early == loads(ptx[:wait]), kernel.__name__  # global loads before the wait: with PREWAIT only
+    signal = ptx.find("griddepcontrol.launch_dependents")
+    if mode == 2:  # use_pdl's modes: 2 signals nowhere (the programs' exit does)
+        assert signal < 0, kernel.__name__
+    else:  # 1 right after the wait, 3 after the kernel's own point (past loads of its main loop)
+        assert signal > wait and loads(ptx[wait:signal]) == (mode == 3), (kernel.__name__, mode)
     if args.get("FENCE") and args.get("FINISH", True):  # the per-thread fence of the threadfence-reduction pattern
         assert "fence.acq_rel.gpu" in k.asm["ptx"], kernel.__name__
     return k
@@ -146,9 +159,9 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
                   stride_ob=2048, stride_xr=5120, ROWS_PER_IDX=1 if act == 2 else 128, ACT=act, NORM=norm,
                   HAS_BIAS=act == 1, DOT_FP32=dt == torch.float32, X_SUM=B <= 2 and norm != 0, HAS_XB=True,
                   PREWAIT=B <= 2 and norm != 0, **cfg), nw, cfg["NUM_STAGES"], early=B <= 2 and norm != 0)
-    for B, split, fn, acc in ((1, None, G._down_config, False), (2, None, G._down_config, False),
+    for i, (B, split, fn, acc) in enumerate(((1, None, G._down_config, False), (2, None, G._down_config, False),
                               (16, 4, G._down_config, False), (1, None, G._down_config_v1, False),
-                              (16, 4, G._down_config_v1, False), (1, None, G._down_config, True)):
+                              (16, 4, G._down_config_v1, False), (1, None, G._down_config, True))):
         cfg = fn(B, 2048, 5120, cpu, split)  # acc: the unfinished o_proj (atomics into fp32 sums, zeroing another)
         nw, s, rps, fused = cfg.pop("num_warps"), cfg.pop("splits"), cfg.pop("rows_per_split"), cfg.pop("fused")
         part = s > 1 and not acc
@@ -160,7 +173,8 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
               stride_o2b=5120, ROWS_PER_IDX=128, HAS_BIAS=not acc, HAS_RES=not acc, OUT2=not acc,
               HAS_BIAS2=not acc and B == 1, WRITE_PARTIAL=part, FUSED_REDUCE=fused and part,
               FENCE=fused and part, ACCUMULATE=acc, ZERO=acc, BLOCK_Z=64, PREWAIT=acc or B == 16,
-              DOT_FP32=dt == torch.float32, **cfg), nw, cfg["NUM_STAGES"], early=acc or B == 16)
+              DOT_FP32=dt == torch.float32, **cfg), nw, cfg["NUM_STAGES"], early=acc or B == 16,
+              mode=(1, 2, 3)[i % 3])  # the three PDL modes (use_pdl) over the configurations
     for B, act in ((1, 1), (2, 2), (16, 1)):  # the whole MLP block; OPT with a folded layernorm, SwiGLU rmsnorm
         cfg = MB._mlp_config(B, 2048, 5120, act == 2, cpu); nw = cfg.pop("num_warps")
         build(MB._sparse_mlp_kernel, dict(x_ptr=dt, w1_ptr=dt, w3_ptr=dt, w2t_ptr=dt, idx_ptr=torch.int64,
@@ -170,7 +184,7 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
               stride_w3n=5120, stride_w2n=5120, stride_rb=5120, stride_ob=5120, stride_xr=5120, ACT=act, NORM=act,
               HAS_B1=act == 1, HAS_B2=act == 1, HAS_RES=True, DOT_FP32=dt == torch.float32, FENCE=True,
               FINISH=B != 1, ZERO=B <= 2, BLOCK_Z=64, X_SUM=B <= 2, HAS_XB=act == 1, PREWAIT=B <= 2, **cfg), nw,
-              cfg["NUM_STAGES"], early=B <= 2)
+              cfg["NUM_STAGES"], early=B <= 2, mode=3 if act == 1 else 1)  # 3: the runtime's, signal after the up phase
     for ln in (True, False):
         build(FO._norm_kernel, dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, y_ptr=dt, rb_ptr=dt, init_ptr=dt, D=5120, eps=1e-5,
               stride_x=5120, stride_y=5120, stride_i=5120, IS_LN=ln, HAS_W=True, HAS_B=ln, HAS_INIT=True,

@@ -195,6 +195,16 @@ def test_sparse_mlp_config(fma_max, monkeypatch):
             assert c["BLOCK_B"] * c["BLOCK_N"] * c["BLOCK_O"] <= 64 * 32 * c["num_warps"]
 
 
+@pytest.mark.parametrize("plain, after_up, want", [(1, True, 3), (1, False, 1), (0, True, 0), (2, True, 2),
+                                                    (3, False, 3)])
+def test_sparse_mlp_pdl_mode(plain, after_up, want, monkeypatch):
+    """The block signals the next launch after its up phase (mode 3) where PDL's plain mode would apply, unless the
+    knob is off; no PDL stays off, and a kernel-name knob (PDL_LATE: 2, PDL_MID: 3) wins."""
+    monkeypatch.setattr(SM, "use_pdl", lambda kernel, device: plain)
+    monkeypatch.setattr(SM, "SIGNAL_AFTER_UP", after_up)
+    assert SM._pdl_mode(torch.device("cuda", 0)) == want
+
+
 def _args(dtype=torch.float16):
     g = make_gen("sparse_mlp_bad")
     d, n = 64, 32

@@ -111,6 +111,11 @@ def _cc_major(index: int) -> int:
 _PDL_SUSPENDED = [0]
 PDL_EXCLUDE: set[str] = set()
 """Names of kernels that launch without PDL (read at launch time; A/B knob of bench/profile_step.py)."""
+PDL_LATE: set[str] = set()
+"""Names of kernels launched in PDL mode 2 (see :func:`use_pdl`; read at launch time; A/B knob of
+bench/profile_step.py)."""
+PDL_MID: set[str] = set()
+"""Names of kernels launched in PDL mode 3 (see :func:`use_pdl`; A/B knob of bench/profile_step.py)."""
 
 
 @contextlib.contextmanager
@@ -124,8 +129,19 @@ def pdl_suspended():
         _PDL_SUSPENDED[0] -= 1
 
 
-def use_pdl(kernel, device: torch.device) -> bool:
-    """Launch ``kernel`` with programmatic dependent launch (PDL) on ``device``?
+def use_pdl(kernel, device: torch.device) -> int:
+    """How ``kernel`` launches on ``device``, as the PDL mode its ``PDL`` constexpr takes (the launch option is
+    ``launch_pdl=pdl > 0``):
+
+    * 0: without programmatic dependent launch (PDL);
+    * 1: with PDL, its programs signalling the next kernel's launch right after their wait (:func:`pdl_sync`);
+    * 2: with PDL, no signal: the next kernel launches as this one's programs exit, so its programs never sit
+      beside this kernel's (kernels named in :data:`PDL_LATE`);
+    * 3: with PDL, the signal at a point the kernel chooses (:func:`pdl_trigger`; kernels named in
+      :data:`PDL_MID`, or a launcher's own choice, e.g. ``mlp_block.SIGNAL_AFTER_UP``).
+
+    The next kernel's wait always waits for this one to complete, so where the signal sits changes only when the
+    next kernel's programs are placed, never what they read.
 
     PDL (Hopper and later, compute capability >= 9) lets a kernel's programs be scheduled while the previous kernel
     in the stream is still finishing; each of our kernels then blocks in :func:`pdl_sync` until that kernel has
@@ -135,17 +151,32 @@ def use_pdl(kernel, device: torch.device) -> bool:
     """
     if device.type != "cuda" or is_interpreted(kernel) or os.environ.get(PDL_ENV, "1") == "0" or _PDL_SUSPENDED[0] \
             or getattr(kernel, "__name__", None) in PDL_EXCLUDE:
-        return False
-    return _cc_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+        return 0
+    if _cc_major(device.index if device.index is not None else torch.cuda.current_device()) < 9:
+        return 0
+    name = getattr(kernel, "__name__", None)
+    if name in PDL_MID:
+        return 3
+    return 2 if name in PDL_LATE else 1
 
 
 @jit
 def pdl_sync(PDL: tl.constexpr):
     """First statement of every kernel: with PDL, wait for the previous kernel in the stream to complete (its
     writes visible), then allow the next one to launch. Waiting *before* signalling makes the chain transitive:
-    once a kernel lets its successor start, everything before it has completed. Without PDL: nothing."""
+    once a kernel lets its successor start, everything before it has completed. Modes 2 and 3 (see
+    :func:`use_pdl`): wait only. Without PDL: nothing."""
     if PDL:
         tl.extra.cuda.gdc_wait()
+        if PDL == 1:
+            tl.extra.cuda.gdc_launch_dependents()
+
+
+@jit
+def pdl_trigger(PDL: tl.constexpr):
+    """PDL mode 3: signal the next kernel's launch here, where the kernel calls it (after its wait). Other modes:
+    nothing (:func:`pdl_sync` has signalled, or the programs' exit will)."""
+    if PDL == 3:
         tl.extra.cuda.gdc_launch_dependents()
 
 

@@ -400,13 +400,14 @@ def _launch(op, qsrc, k_cache, v_cache, lens, head_idx, group_size, scale, kv_va
         cos.stride(0) if cos is not None else 0,
         num_warps=num_warps, num_stages=cfg["NUM_STAGES"], HAS_VALID=kv_valid is not None, FROM_QKV=from_qkv,
         HAS_ROPE=cos is not None, BLOCK_KV=max(16, next_pow2(max(kkv, H_kv))), BLOCK_KQ=max(16, next_pow2(kh)),
-        PREWAIT=pdl and prewait, PDL=pdl, launch_pdl=pdl, **cfg,
+        PREWAIT=pdl and prewait, PDL=pdl, launch_pdl=pdl > 0, **cfg,
     )  # fmt: skip
     if splits == 1:
         return out
+    pdl_c = use_pdl(_decode_attn_combine_kernel, dev)  # its own: PDL_EXCLUDE / PDL_LATE name it apart
     _decode_attn_combine_kernel[(B * kh,)](
         part_o, part_lse, out, kh, hd, out.stride(0), out.stride(1),
-        NUM_SPLITS=splits, BLOCK_SPLITS=next_pow2(splits), BLOCK_H=cfg["BLOCK_H"], PDL=pdl, launch_pdl=pdl,
+        NUM_SPLITS=splits, BLOCK_SPLITS=next_pow2(splits), BLOCK_H=cfg["BLOCK_H"], PDL=pdl_c, launch_pdl=pdl_c > 0,
         num_warps=4,
     )  # fmt: skip
     return out

@@ -79,7 +79,7 @@ def norm_fused(x, kind, weight=None, bias=None, eps=1e-5, *, out, init=None, ini
         init_bias if init_bias is not None else x, init if init is not None else out,
         D, float(eps), x.stride(0), out.stride(0), init.stride(0) if init is not None else 0,
         IS_LN=kind == "layernorm", HAS_W=weight is not None, HAS_B=bias is not None, HAS_INIT=init is not None,
-        HAS_RB=init_bias is not None, ROUND_MID=bool(round_mid), BLOCK=block, PDL=pdl, launch_pdl=pdl, num_warps=nw,
+        HAS_RB=init_bias is not None, ROUND_MID=bool(round_mid), BLOCK=block, PDL=pdl, launch_pdl=pdl > 0, num_warps=nw,
     )  # fmt: skip
     return out
 
@@ -197,7 +197,7 @@ def qkv_post(qkv, kq, kkv, q_out, k_cache, v_cache, kvidx, pos, *, cos=None, sin
         vm.stride(0) if vm is not None else 0, vm.stride(1) if vm is not None else 0,
         HAS_ROPE=cos is not None, WRITE_Q=q_out is not None, HAS_VALID=vm is not None,
         BLOCK_H=max(16, next_pow2(hd)), BLOCK_KV=max(16, next_pow2(Hkv)), BLOCK_KQ=max(16, next_pow2(kq)),
-        PDL=pdl, launch_pdl=pdl, num_warps=1,
+        PDL=pdl, launch_pdl=pdl > 0, num_warps=1,
     )  # fmt: skip
     return q_out
 
@@ -299,7 +299,8 @@ def embed_fused(tok, wte, pos=None, wpe=None, *, out, pos_out=None):
         tok, pos if pos is not None else tok, wte, wpe if wpe is not None else wte, out,
         pos_out if pos_out is not None else out, wte.shape[0], D, DP, wte.stride(0),
         wpe.stride(0) if wpe is not None else 0, out.stride(0), pos_out.stride(0) if pos_out is not None else 0,
-        POS=0 if wpe is None else (2 if pos_out is not None else 1), BLOCK=block, PDL=pdl, launch_pdl=pdl, num_warps=4,
+        POS=0 if wpe is None else (2 if pos_out is not None else 1), BLOCK=block, PDL=pdl, launch_pdl=pdl > 0,
+        num_warps=4,
     )  # fmt: skip
     return out
 

@@ -47,6 +47,7 @@ from ._checks import (
     next_pow2,
     num_sms,
     pdl_sync,
+    pdl_trigger,
     require_triton,
     row_of,
     sum_rows,
@@ -345,7 +346,7 @@ def _launch_gather_rows(x, w, w2, idx, bias, act: int, rows_per_idx: int, out, n
         ROWS_PER_IDX=rows_per_idx, ACT=act, NORM=0 if norm is None else NORM_CODES[norm.kind],
         HAS_BIAS=bias is not None, X_SUM=x_sum is not None, HAS_XB=x_sum is not None and x_sum.bias is not None,
         PREWAIT=pdl and prewait and not cfg["USE_DOT"],
-        DOT_FP32=x.dtype == torch.float32 or is_interpreted(_gather_rows_kernel), PDL=pdl, launch_pdl=pdl,
+        DOT_FP32=x.dtype == torch.float32 or is_interpreted(_gather_rows_kernel), PDL=pdl, launch_pdl=pdl > 0,
         num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg, **opts,
     )  # fmt: skip
     return out
@@ -660,6 +661,7 @@ def _gather_down_kernel(
                                               BLOCK_J)  # fmt: skip
         acc = _down_h_step(acc, w, h_ptr, grp, within, j_mask, offs_b, b_mask, stride_hb, stride_hg, stride_hr,
                            USE_DOT, DOT_FP32)  # fmt: skip
+    pdl_trigger(PDL)  # PDL mode 3: the next kernel may launch once every program has read its rows
     if not USE_DOT:
         acc = tl.sum(acc, axis=1)  # [BLOCK_B, BLOCK_D]
 
@@ -899,15 +901,16 @@ def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out,
         OUT2=out2 is not None, HAS_BIAS2=bias2 is not None,
         WRITE_PARTIAL=partial, FUSED_REDUCE=fused, FENCE=fused and not is_interpreted(_gather_down_kernel),
         ACCUMULATE=not finish, ZERO=n_zero > 0, BLOCK_Z=block_z, PREWAIT=pdl and prewait,
-        DOT_FP32=w.dtype == torch.float32 or is_interpreted(_gather_down_kernel), PDL=pdl, launch_pdl=pdl,
+        DOT_FP32=w.dtype == torch.float32 or is_interpreted(_gather_down_kernel), PDL=pdl, launch_pdl=pdl > 0,
         num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg,
     )  # fmt: skip
     if partial and not fused:
         block = 256
+        pdl_r = use_pdl(_reduce_splits_kernel, w.device)  # its own: PDL_EXCLUDE / PDL_LATE name it apart
         _reduce_splits_kernel[(B, cdiv(D, block))](
             part, bias if bias is not None else w, res, out, o2, b2, B, D, splits, res.stride(0), out.stride(0),
             o2.stride(0), HAS_BIAS=bias is not None, HAS_RES=residual is not None, OUT2=out2 is not None,
-            HAS_BIAS2=bias2 is not None, BLOCK_D=block, PDL=pdl, launch_pdl=pdl,
+            HAS_BIAS2=bias2 is not None, BLOCK_D=block, PDL=pdl_r, launch_pdl=pdl_r > 0,
             num_warps=2,
         )  # fmt: skip
     return out

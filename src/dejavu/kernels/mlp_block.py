@@ -41,6 +41,7 @@ from ._checks import (
     jit,
     next_pow2,
     pdl_sync,
+    pdl_trigger,
     require_triton,
     row_of,
     rows_of,
@@ -139,6 +140,7 @@ def _sparse_mlp_kernel(
     if PREWAIT and ZERO:  # after the PDL wait, which _rows_tile has passed
         zero_slice(zero_ptr, n_zero, pid, BLOCK_Z)
     h = h.to(out_ptr.dtype.element_ty)  # rounded to the stored dtype, as unfused (masked neurons' rows read as 0)
+    pdl_trigger(PDL)  # PDL mode 3 (SIGNAL_AFTER_UP): the next kernel may launch once every program is past here
 
     # -- down: acc[b, :] += h[b] @ w2t[rows], slab by slab from a per-program offset ----------------------------------
     offs_b = tl.arange(0, BLOCK_B)
@@ -217,9 +219,23 @@ thread (512 columns over 8 warps: two fp32 a thread); A/B knob, read at launch t
 ROWS = None
 """Neurons per program on the FMA path (BLOCK_N; None: 16). A/B knob, read at launch time (``bench/profile_step.py``'s
 ``mlp_rows_<n>``)."""
+SIGNAL_AFTER_UP = True
+"""With PDL, the block's programs signal the next kernel's launch once past their up phase (PDL mode 3,
+``_checks.use_pdl``) instead of right after their wait: the next layer's q/k/v gather, whose programs the early
+signal placed beside the up phase, is launched half-way through the block. H200, same process, (0.1, 0.5):
+OPT-13B 2.555 -> 2.513 ms, Llama-2-7B 1.432 -> 1.419, OPT-6.7B 1.539 -> 1.529, OPT-30B 4.915 -> 4.880; no signal
+at all (mode 2) was mixed by model (bench/NOTES.md v17). A/B knob, read at launch time (``bench/profile_step.py``'s
+``mlp_signal_early``)."""
 MAXNREG = None
 """Register cap per thread for the block's launch (None: the compiler's choice; offline sm_90 compile at B=1: 144
 with the finish, 128 without). A/B knob, read at launch time."""
+
+
+def _pdl_mode(device: torch.device) -> int:
+    """The block's PDL mode (``_checks.use_pdl``): 3, the signal after the up phase, where PDL's plain mode 1 would
+    apply and SIGNAL_AFTER_UP is on; else what use_pdl says (0 off, 2 named in PDL_LATE, 3 named in PDL_MID)."""
+    pdl = use_pdl(_sparse_mlp_kernel, device)
+    return 3 if pdl == 1 and SIGNAL_AFTER_UP else pdl
 
 
 def _mlp_config(batch: int, k: int, d: int, swiglu: bool, device: torch.device) -> dict:
@@ -322,7 +338,7 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
     grid = cdiv(k, cfg["BLOCK_N"])
     n_zero, block_z = check_zero(op, zero, acc, "workspace", grid)
     num_warps = cfg.pop("num_warps")
-    pdl = use_pdl(_sparse_mlp_kernel, x.device)
+    pdl = _pdl_mode(x.device)
     bias1 = norm.bias if norm is not None else b1
     res = residual if residual is not None else out
     _sparse_mlp_kernel[(grid,)](
@@ -341,7 +357,7 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
         FENCE=not is_interpreted(_sparse_mlp_kernel), FINISH=bool(finish), ZERO=n_zero > 0,
         BLOCK_Z=block_z, X_SUM=x_sum is not None,
         HAS_XB=x_sum is not None and x_sum.bias is not None, PREWAIT=pdl and prewait and not cfg["USE_DOT"],
-        PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
+        PDL=pdl, launch_pdl=pdl > 0, num_warps=num_warps,
         num_stages=cfg["NUM_STAGES"], **cfg, **({"maxnreg": MAXNREG} if MAXNREG else {}),
     )  # fmt: skip
     return out if finish else acc[:B * D].view(B, D)

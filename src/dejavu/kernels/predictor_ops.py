@@ -239,7 +239,7 @@ def lowrank_gemv(x, w, bias=None, *, norm=False, eps=1e-6, batch_max=False, out_
     _lowrank_gemv_kernel[(grid,)](
         x, w, bias if bias is not None else w, out, hist if hist is not None else out, B, N, D, x.stride(0),
         w.stride(0), out.stride(0), float(eps), NORM=bool(norm), HAS_BIAS=bias is not None,
-        BATCH_MAX=bool(batch_max), HIST=hist is not None, LOOP=grid < blocks, PDL=pdl, launch_pdl=pdl, num_warps=nw,
+        BATCH_MAX=bool(batch_max), HIST=hist is not None, LOOP=grid < blocks, PDL=pdl, launch_pdl=pdl > 0, num_warps=nw,
         num_stages=cfg["NUM_STAGES"], **cfg,
     )  # fmt: skip
     return out
@@ -361,7 +361,7 @@ def topk_select(scores, k, *, out=None, copies=1, copy_offset=0):
     nw = 1 if block <= 1024 else 4 if block <= 4096 else 8
     pdl = use_pdl(_topk_select_kernel, s2.device)
     _topk_select_kernel[(1,)](s2, out, s2.shape[0], n, k, s2.stride(0), int(copy_offset), COPIES=copies,
-                              BLOCK=block, PDL=pdl, launch_pdl=pdl, num_warps=nw)  # fmt: skip
+                              BLOCK=block, PDL=pdl, launch_pdl=pdl > 0, num_warps=nw)  # fmt: skip
     return out
 
 
@@ -513,7 +513,7 @@ def radix_select(scores, k, *, out, workspace, copies=1, copy_offset=0):
     pdl = use_pdl(_radix_select_kernel, s1.device)
     _radix_select_kernel[(n_prog,)](s1, hist, cnt, out, n, k, int(copy_offset), n_prog, COPIES=copies,
                                     BINS=HIST_BINS, SUB=1 << SUB_BITS, CHUNK=chunk,
-                                    SHARE=next_pow2(cdiv(HIST_BINS, n_prog)), PDL=pdl, launch_pdl=pdl,
+                                    SHARE=next_pow2(cdiv(HIST_BINS, n_prog)), PDL=pdl, launch_pdl=pdl > 0,
                                     num_warps=4)  # fmt: skip
     return out
 

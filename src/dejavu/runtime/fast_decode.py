@@ -17,7 +17,8 @@ Per layer l (``_block``), with ``x`` the residual stream entering the block:
   then ``gather_down`` with bias and residual fused. At batch 1 each norm before a gather is also folded into it
   (``fuse_norm``, ``kernels.fold_norm``): a sparse layer is then five kernels (q/k/v gather, attention, split
   combine, o_proj, MLP block). On Hopper every Triton kernel is launched with programmatic dependent launch
-  (``kernels._checks.use_pdl``). Two switches, on by default where they apply, move a producer's finishing pass
+  (``kernels._checks.use_pdl``; the MLP block lets the next kernel launch only once past its up phase,
+  ``mlp_block.SIGNAL_AFTER_UP``). Two switches, on by default where they apply, move a producer's finishing pass
   (bias, residual, cast) into its consumer, which streams all of that activation anyway (``kernels.XSum``):
   ``defer_oproj_finish`` (o_proj's split-k reduction, into the MLP block) and ``defer_mlp_finish`` (the MLP block's,
   into the next layer's q/k/v gather). A middle layer then has no last-program pass on its critical path.
