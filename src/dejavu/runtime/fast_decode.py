@@ -844,10 +844,9 @@ class FastDecoder:
             mid.addmm_(a.reshape(B, H * hd), at.wo_t)
         elif o_defer is not None:  # mid = (sums + bo) + x, made by the MLP block
             ops.oproj(a, at.wo_t, hidx, hd, None, None, o_defer[0], finish=False, zero=o_defer[1], prewait=True)
-        elif next_by_oproj:
-            ops.oproj(a, at.wo_t, hidx, hd, at.bo, x, mid, prewait=True, out2=x_next, bias2=mlp.b2)
         else:
-            ops.oproj(a, at.wo_t, hidx, hd, at.bo, x, mid, prewait=True)
+            ops.oproj(a, at.wo_t, hidx, hd, at.bo, x, mid, prewait=True,
+                      **({"out2": x_next, "bias2": mlp.b2} if next_by_oproj else {}))  # fmt: skip
         if point == "oproj":
             fork()
         # norm2 (unless folded into the up gather); a dense fc2 accumulates in place into x_next = mid + b2,
