@@ -95,6 +95,24 @@ def test_embed_fused_bad_input():
             FO.embed_fused(args.pop("tok"), args.pop("wte"), args.pop("pos"), args.pop("wpe"), **args)
 
 
+@pytest.mark.parametrize("block_s", [None, 1, 2, 4])
+@pytest.mark.parametrize("B", [1, 3])
+def test_gather_down_fused_reduce_tiles(monkeypatch, block_s, B):
+    """The last program's sum of the split partials, loaded block_s splits at a time (5 splits: a partial last tile
+    for 2 and 4; 1 is one split per round trip; None the launcher's choice), against the reference."""
+    from dejavu.kernels import gather_mlp as GM
+
+    monkeypatch.setattr(GM, "REDUCE_BLOCK_S", block_s)
+    g = torch.Generator().manual_seed(3)
+    N, d, k = 400, 70, 300  # 5 splits of 64 rows on both paths (16-row steps at B = 1, 64 above)
+    w = torch.randn(N, d, generator=g).to(DEV)
+    idx = torch.randperm(N, generator=g)[:k].sort().values.to(DEV)
+    h = torch.randn(B, k, generator=g).to(DEV)
+    res, bias = torch.randn(B, d, generator=g).to(DEV), torch.randn(d, generator=g).to(DEV)
+    out = gather_down(h, w, idx, bias, res, split_k=5)
+    torch.testing.assert_close(out, gather_down_ref(h, w, idx, bias, res), rtol=1e-4, atol=1e-4)
+
+
 def test_gather_down_split_deterministic_and_reusable():
     g = torch.Generator().manual_seed(2)
     N, d, k, B = 512, 96, 320, 1

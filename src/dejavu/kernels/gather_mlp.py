@@ -620,6 +620,7 @@ def _gather_down_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_J: tl.constexpr,  # gathered rows per loop step
     BLOCK_D: tl.constexpr,  # output columns per program
+    BLOCK_S: tl.constexpr,  # FUSED_REDUCE: split partials the last program loads at once
     USE_DOT: tl.constexpr,
     DOT_FP32: tl.constexpr,
     NUM_STAGES: tl.constexpr,
@@ -674,23 +675,35 @@ def _gather_down_kernel(
         tl.store(part_ptrs, acc, mask=bd_mask)
         if FUSED_REDUCE:
             # threadfence-reduction pattern: every thread's partial is stored and fenced (barrier), one gpu-scope
-            # acq_rel
-            # arrival per program; the program that arrives last sums all partials of its slab in split order
-            # (deterministic: same order whoever is last) and resets the counter for the next launch/replay.
+            # acq_rel arrival per program; the program that arrives last sums all partials of its slab in a fixed
+            # order (deterministic: the same whoever is last) and resets the counter for the next launch/replay.
             fence_gpu(FENCE)
             tl.debug_barrier()
             old = tl.atomic_add(cnt_ptr + pid_d, 1, sem="acq_rel", scope="gpu")
             if old == n_splits - 1:
-                tot = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-                for s in range(0, n_splits):
-                    tot += tl.load(part_ptr + (s * B + offs_b[:, None]) * D + offs_d[None, :], mask=bd_mask,
-                                   other=0.0, cache_modifier=".cg")  # fmt: skip
+                tot = _sum_partials(part_ptr, n_splits, B, D, offs_b, offs_d, bd_mask, BLOCK_B, BLOCK_D, BLOCK_S)
                 _down_epilogue(tot, bias_ptr, res_ptr, out_ptr, out2_ptr, bias2_ptr, offs_b, offs_d, d_mask, bd_mask,
                                stride_rb, stride_ob, stride_o2b, HAS_BIAS, HAS_RES, OUT2, HAS_BIAS2)  # fmt: skip
                 tl.atomic_xchg(cnt_ptr + pid_d, 0, sem="relaxed", scope="gpu")
     else:
         _down_epilogue(acc, bias_ptr, res_ptr, out_ptr, out2_ptr, bias2_ptr, offs_b, offs_d, d_mask, bd_mask, stride_rb,
                        stride_ob, stride_o2b, HAS_BIAS, HAS_RES, OUT2, HAS_BIAS2)  # fmt: skip
+
+
+@jit
+def _sum_partials(part_ptr, n_splits, B, D, offs_b, offs_d, bd_mask, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_S: tl.constexpr):  # fmt: skip
+    """The fp32 split-k partials ``[n_splits, B, D]`` of one column slab, summed in a fixed order -> [BLOCK_B, BLOCK_D]:
+    BLOCK_S splits are loaded as one tile and added as a tree, so the last program waits for one memory round trip per
+    BLOCK_S splits, not one per split (a loop over single splits issues each load only after the previous add)."""
+    offs_s = tl.arange(0, BLOCK_S)
+    tot = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        s = s0 + offs_s  # [BLOCK_S]
+        ptrs = part_ptr + (s[:, None, None] * B + offs_b[None, :, None]) * D + offs_d[None, None, :]
+        mask = (s < n_splits)[:, None, None] & bd_mask[None, :, :]
+        tot += tl.sum(tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+    return tot
 
 
 @jit
@@ -832,7 +845,7 @@ def _down_config(batch: int, n_in: int, d: int, device: torch.device, split_k: i
     Wide column slabs (256 columns = 512-byte contiguous runs per row on the FMA path; 128 on the tensor-core path) so
     each row read is several full 128-byte lines, and the *rows* split over ~2 programs per SM to fill the GPU.
     The partial sums are combined inside the same launch (``FUSED_REDUCE``: the last-arriving program of a slab
-    adds the fp32 partials in split order, then the fused bias/residual epilogue), so split-k costs no second
+    adds the fp32 partials in a fixed order, then the fused bias/residual epilogue), so split-k costs no second
     launch, no memset, and stays deterministic. ``split_k`` forces a split count.
     """
     if DOWN_SCHEDULE == "slab":
@@ -854,6 +867,10 @@ def _down_config(batch: int, n_in: int, d: int, device: torch.device, split_k: i
     return dict(BLOCK_B=block_b, BLOCK_J=block_j, BLOCK_D=block_d, USE_DOT=use_dot, NUM_STAGES=4,
                 num_warps=warps, splits=split_k, rows_per_split=rows_per_split, fused=True)  # fmt: skip
 
+
+REDUCE_BLOCK_S = None
+"""Split partials the fused split-k reduction loads at once, instead of the launcher's choice (A/B knob read at launch
+time; 1 is v1-v17's loop, one split per memory round trip; ``bench/profile_step.py``'s ``reduce_serial``)."""
 
 _COUNTERS: dict = {}  # device -> (int32 zeros, next offset): arrival counters of the fused split-k reduction
 _N_COUNTERS = 1 << 16
@@ -888,6 +905,10 @@ def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out,
     n_d = cdiv(D, cfg["BLOCK_D"])
     cnt = _counters(w.device, n_d) if fused else part
     res = residual if residual is not None else out
+    # the fused reduction's tile of partials on the FMA path: up to 64 fp32 a thread (one split a step on the
+    # tensor-core path: with [4, 16, 128] tiles its o_proj at B = 4 took 35 us instead of 14, H200)
+    block_s = 1 if cfg["USE_DOT"] else min(next_pow2(splits), 64 * 32 * num_warps // (cfg["BLOCK_B"] * cfg["BLOCK_D"]))
+    block_s = max(1, block_s) if REDUCE_BLOCK_S is None else REDUCE_BLOCK_S
     grid = (n_d, splits)
     n_zero, block_z = check_zero(op, zero, out, "output", n_d * splits)
     pdl = use_pdl(_gather_down_kernel, w.device)
@@ -900,7 +921,7 @@ def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out,
         ROWS_PER_IDX=rows_per_idx, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         OUT2=out2 is not None, HAS_BIAS2=bias2 is not None,
         WRITE_PARTIAL=partial, FUSED_REDUCE=fused, FENCE=fused and not is_interpreted(_gather_down_kernel),
-        ACCUMULATE=not finish, ZERO=n_zero > 0, BLOCK_Z=block_z, PREWAIT=pdl and prewait,
+        ACCUMULATE=not finish, ZERO=n_zero > 0, BLOCK_Z=block_z, PREWAIT=pdl and prewait, BLOCK_S=block_s,
         DOT_FP32=w.dtype == torch.float32 or is_interpreted(_gather_down_kernel), PDL=pdl, launch_pdl=pdl > 0,
         num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg,
     )  # fmt: skip
