@@ -55,7 +55,7 @@ def cases():
         part_ptr=F32, cnt_ptr=I32, zero_ptr=F32, B=1, n_in=KH * HD, D=D, rows_per_split=rps, n_splits=splits,
         n_zero=D, stride_hb=KH * HD, stride_hg=HD, stride_hr=1, stride_wn=D, stride_rb=D, stride_ob=D, stride_o2b=D,
         ROWS_PER_IDX=HD, HAS_BIAS=False, HAS_RES=False, OUT2=False, HAS_BIAS2=False, WRITE_PARTIAL=False,
-        FUSED_REDUCE=False, FENCE=False, ACCUMULATE=True, ZERO=True, BLOCK_S=1,
+        FUSED_REDUCE=False, FENCE=False, ACCUMULATE=True, ZERO=True, BLOCK_S=1, BLOCK_R=1,
         PREWAIT=True, BLOCK_Z=next_pow2(cdiv(D, splits * cdiv(D, down["BLOCK_D"]))), DOT_FP32=False, **down), {}
     mlp = MB._mlp_config(1, KM, D, False, cpu)
     mlp_args = dict(

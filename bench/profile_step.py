@@ -29,7 +29,9 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   each looping over its row blocks: ``predictor_ops.GEMV_MAX_PROGRAMS``), ``rows_tile_<k>_<d>`` (the q/k/v gather's
   FMA tile at B <= 2: ``gather_mlp.ROWS_FMA_TILE``), ``rows_narrow`` (no 16-row tiles at B = 1:
   ``gather_mlp.ROWS_WIDE`` off, the v8 rule), ``reduce_serial`` (the column gathers' fused split-k reduction loading
-  one split's partials per memory round trip, as up to v17: ``gather_mlp.REDUCE_BLOCK_S`` = 1);
+  one split's partials per memory round trip, as up to v17: ``gather_mlp.REDUCE_BLOCK_S`` = 1),
+  ``reduce_batch_rows`` (that reduction over the batch's rows, not the tensor-core tile's 16:
+  ``gather_mlp.REDUCE_BATCH_ROWS``);
 * programmatic dependent launch (PDL): ``nopdl_<kernel>`` (one main-stream kernel without it:
   ``kernels._checks.PDL_EXCLUDE``), ``side_pdl_<on|off|first|heads|scores|mlp>`` (the side stream's predictor
   launches with it, or without it for all / the first factors' GEMV / the head scores and top-k / the neuron scores
@@ -220,7 +222,8 @@ def main():
                          "nopdl_{rows,attn,combine,oproj,mlp},signal_exit_{rows,attn,combine,oproj,mlp,gemv},"
                          "oproj_signal_after_loop,mlp_signal_early,mlp_maxnreg_128,gemv_cap_{32,64,132,264,396,528},"
                          "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},mlp_rows_{8,32},"
-                         "rows_narrow,reduce_serial,fork_{start,qkv,attn,oproj},main_priority,finish_mlp,finish_o,"
+                         "rows_narrow,reduce_serial,reduce_batch_rows,fork_{start,qkv,attn,oproj},main_priority,"
+                         "finish_mlp,finish_o,"
                          "prewait_gathers,attn_pipelined,l0_inline,embed_nopdl,embed_torch,head_cublas,fma_max_2; "
                          "join several with '+'")
     ap.add_argument("--tag", default="", help="suffix of the output file name (e.g. _pdl0 for an A/B run)")
@@ -272,6 +275,7 @@ def main():
     knobs.update({f"mlp_rows_{n}": (MB, "ROWS", n) for n in (8, 32)})
     knobs["rows_narrow"] = (GM, "ROWS_WIDE", False)
     knobs["reduce_serial"] = (GM, "REDUCE_BLOCK_S", 1)
+    knobs["reduce_batch_rows"] = (GM, "REDUCE_BATCH_ROWS", True)
     knobs["mlp_signal_early"] = (MB, "SIGNAL_AFTER_UP", False)
     knobs.update({f"rows_tile_{k}_{d}": (GM, "ROWS_FMA_TILE", (k, d)) for k, d in ((16, 256), (16, 512), (8, 256))})
     knobs.update({f"nopdl_{k}": (C, "PDL_EXCLUDE", {v}) for k, v in (

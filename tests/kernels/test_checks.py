@@ -173,7 +173,7 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
               stride_o2b=5120, ROWS_PER_IDX=128, HAS_BIAS=not acc, HAS_RES=not acc, OUT2=not acc,
               HAS_BIAS2=not acc and B == 1, WRITE_PARTIAL=part, FUSED_REDUCE=fused and part,
               FENCE=fused and part, ACCUMULATE=acc, ZERO=acc, BLOCK_Z=64, PREWAIT=acc or B == 16,
-              BLOCK_S=1 if cfg["USE_DOT"] else 16,
+              BLOCK_S=1 if cfg["USE_DOT"] else 16, BLOCK_R=min(cfg["BLOCK_B"], 4),
               DOT_FP32=dt == torch.float32, **cfg), nw, cfg["NUM_STAGES"], early=acc or B == 16,
               mode=(1, 2, 3)[i % 3])  # the three PDL modes (use_pdl) over the configurations
     for B, act in ((1, 1), (2, 2), (16, 1)):  # the whole MLP block; OPT with a folded layernorm, SwiGLU rmsnorm

@@ -95,14 +95,17 @@ def test_embed_fused_bad_input():
             FO.embed_fused(args.pop("tok"), args.pop("wte"), args.pop("pos"), args.pop("wpe"), **args)
 
 
+@pytest.mark.parametrize("batch_rows", [False, True])
 @pytest.mark.parametrize("block_s", [None, 1, 2, 4])
 @pytest.mark.parametrize("B", [1, 3])
-def test_gather_down_fused_reduce_tiles(monkeypatch, block_s, B):
+def test_gather_down_fused_reduce_tiles(monkeypatch, block_s, B, batch_rows):
     """The last program's sum of the split partials, loaded block_s splits at a time (5 splits: a partial last tile
-    for 2 and 4; 1 is one split per round trip; None the launcher's choice), against the reference."""
+    for 2 and 4; 1 is one split per round trip; None the launcher's choice), over the batch tile's rows or (B = 3 on
+    the tensor-core path: 4 of 16) the batch's, against the reference."""
     from dejavu.kernels import gather_mlp as GM
 
     monkeypatch.setattr(GM, "REDUCE_BLOCK_S", block_s)
+    monkeypatch.setattr(GM, "REDUCE_BATCH_ROWS", batch_rows)
     g = torch.Generator().manual_seed(3)
     N, d, k = 400, 70, 300  # 5 splits of 64 rows on both paths (16-row steps at B = 1, 64 above)
     w = torch.randn(N, d, generator=g).to(DEV)

@@ -621,6 +621,7 @@ def _gather_down_kernel(
     BLOCK_J: tl.constexpr,  # gathered rows per loop step
     BLOCK_D: tl.constexpr,  # output columns per program
     BLOCK_S: tl.constexpr,  # FUSED_REDUCE: split partials the last program loads at once
+    BLOCK_R: tl.constexpr,  # FUSED_REDUCE: batch rows the last program sums and finishes (<= BLOCK_B; >= B)
     USE_DOT: tl.constexpr,
     DOT_FP32: tl.constexpr,
     NUM_STAGES: tl.constexpr,
@@ -680,9 +681,11 @@ def _gather_down_kernel(
             fence_gpu(FENCE)
             tl.debug_barrier()
             old = tl.atomic_add(cnt_ptr + pid_d, 1, sem="acq_rel", scope="gpu")
-            if old == n_splits - 1:
-                tot = _sum_partials(part_ptr, n_splits, B, D, offs_b, offs_d, bd_mask, BLOCK_B, BLOCK_D, BLOCK_S)
-                _down_epilogue(tot, bias_ptr, res_ptr, out_ptr, out2_ptr, bias2_ptr, offs_b, offs_d, d_mask, bd_mask,
+            if old == n_splits - 1:  # over the batch's BLOCK_R rows (the tensor-core path pads BLOCK_B to 16)
+                offs_r = tl.arange(0, BLOCK_R)
+                rd_mask = (offs_r < B)[:, None] & d_mask[None, :]
+                tot = _sum_partials(part_ptr, n_splits, B, D, offs_r, offs_d, rd_mask, BLOCK_R, BLOCK_D, BLOCK_S)
+                _down_epilogue(tot, bias_ptr, res_ptr, out_ptr, out2_ptr, bias2_ptr, offs_r, offs_d, d_mask, rd_mask,
                                stride_rb, stride_ob, stride_o2b, HAS_BIAS, HAS_RES, OUT2, HAS_BIAS2)  # fmt: skip
                 tl.atomic_xchg(cnt_ptr + pid_d, 0, sem="relaxed", scope="gpu")
     else:
@@ -872,6 +875,11 @@ REDUCE_BLOCK_S = None
 """Split partials the fused split-k reduction loads at once, instead of the launcher's choice (A/B knob read at launch
 time; 1 is v1-v17's loop, one split per memory round trip; ``bench/profile_step.py``'s ``reduce_serial``)."""
 
+REDUCE_BATCH_ROWS = False
+"""The fused split-k reduction's last program sums and finishes the batch's next power of two rows instead of the batch
+tile's (16 on the tensor-core path, 12 of them padding at B = 4). A/B knob read at launch time,
+``bench/profile_step.py``'s ``reduce_batch_rows``; off: timed alone, not yet in the step (bench/NOTES.md v18)."""
+
 _COUNTERS: dict = {}  # device -> (int32 zeros, next offset): arrival counters of the fused split-k reduction
 _N_COUNTERS = 1 << 16
 
@@ -907,7 +915,7 @@ def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out,
     res = residual if residual is not None else out
     # the fused reduction's tile of partials on the FMA path: up to 64 fp32 a thread (one split a step on the
     # tensor-core path: with [4, 16, 128] tiles its o_proj at B = 4 took 35 us instead of 14, H200)
-    block_s = 1 if cfg["USE_DOT"] else min(next_pow2(splits), 64 * 32 * num_warps // (cfg["BLOCK_B"] * cfg["BLOCK_D"]))
+    block_s = 1 if cfg["USE_DOT"] else min(next_pow2(splits), 64 * 32 * num_warps // (next_pow2(B) * cfg["BLOCK_D"]))
     block_s = max(1, block_s) if REDUCE_BLOCK_S is None else REDUCE_BLOCK_S
     grid = (n_d, splits)
     n_zero, block_z = check_zero(op, zero, out, "output", n_d * splits)
@@ -922,6 +930,7 @@ def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out,
         OUT2=out2 is not None, HAS_BIAS2=bias2 is not None,
         WRITE_PARTIAL=partial, FUSED_REDUCE=fused, FENCE=fused and not is_interpreted(_gather_down_kernel),
         ACCUMULATE=not finish, ZERO=n_zero > 0, BLOCK_Z=block_z, PREWAIT=pdl and prewait, BLOCK_S=block_s,
+        BLOCK_R=next_pow2(B) if REDUCE_BATCH_ROWS else cfg["BLOCK_B"],
         DOT_FP32=w.dtype == torch.float32 or is_interpreted(_gather_down_kernel), PDL=pdl, launch_pdl=pdl > 0,
         num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg,
     )  # fmt: skip
