@@ -694,17 +694,18 @@ def _gather_down_kernel(
 
 
 @jit
-def _sum_partials(part_ptr, n_splits, B, D, offs_b, offs_d, bd_mask, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+def _sum_partials(part_ptr, n_splits, B, D, offs_r, offs_d, rd_mask, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_S: tl.constexpr):  # fmt: skip
-    """The fp32 split-k partials ``[n_splits, B, D]`` of one column slab, summed in a fixed order -> [BLOCK_B, BLOCK_D]:
-    BLOCK_S splits are loaded as one tile and added as a tree, so the last program waits for one memory round trip per
-    BLOCK_S splits, not one per split (a loop over single splits issues each load only after the previous add)."""
+    """The fp32 split-k partials ``[n_splits, B, D]`` of one column slab, summed in a fixed order -> [BLOCK_R, BLOCK_D]
+    (rows offs_r, columns offs_d): BLOCK_S splits are loaded as one tile and added as a tree, so the last program waits
+    for one memory round trip per BLOCK_S splits, not one per split (a loop over single splits issues each load only
+    after the previous add)."""
     offs_s = tl.arange(0, BLOCK_S)
-    tot = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    tot = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     for s0 in range(0, n_splits, BLOCK_S):
         s = s0 + offs_s  # [BLOCK_S]
-        ptrs = part_ptr + (s[:, None, None] * B + offs_b[None, :, None]) * D + offs_d[None, None, :]
-        mask = (s < n_splits)[:, None, None] & bd_mask[None, :, :]
+        ptrs = part_ptr + (s[:, None, None] * B + offs_r[None, :, None]) * D + offs_d[None, None, :]
+        mask = (s < n_splits)[:, None, None] & rd_mask[None, :, :]
         tot += tl.sum(tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
     return tot
 
@@ -873,7 +874,7 @@ def _down_config(batch: int, n_in: int, d: int, device: torch.device, split_k: i
 
 REDUCE_BLOCK_S = None
 """Split partials the fused split-k reduction loads at once, instead of the launcher's choice (A/B knob read at launch
-time; 1 is v1-v17's loop, one split per memory round trip; ``bench/profile_step.py``'s ``reduce_serial``)."""
+time; 1 loads one split per memory round trip, as v1-v17's loop did; ``bench/profile_step.py``'s ``reduce_serial``)."""
 
 REDUCE_BATCH_ROWS = False
 """The fused split-k reduction's last program sums and finishes the batch's next power of two rows instead of the batch
@@ -913,8 +914,9 @@ def _launch_gather_down(h, h_strides, w, idx, bias, residual, rows_per_idx, out,
     n_d = cdiv(D, cfg["BLOCK_D"])
     cnt = _counters(w.device, n_d) if fused else part
     res = residual if residual is not None else out
-    # the fused reduction's tile of partials on the FMA path: up to 64 fp32 a thread (one split a step on the
-    # tensor-core path: with [4, 16, 128] tiles its o_proj at B = 4 took 35 us instead of 14, H200)
+    # the fused reduction's tile of partials on the FMA path: up to 64 fp32 a thread; one split a step on the
+    # tensor-core path, where any tile slowed the whole kernel (H200, OPT-13B o_proj at B = 4: 13.0 us with one split a
+    # step, 14.9-17.4 with 2-8; bench/NOTES.md v18)
     block_s = 1 if cfg["USE_DOT"] else min(next_pow2(splits), 64 * 32 * num_warps // (next_pow2(B) * cfg["BLOCK_D"]))
     block_s = max(1, block_s) if REDUCE_BLOCK_S is None else REDUCE_BLOCK_S
     grid = (n_d, splits)
