@@ -7,7 +7,8 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   (``FastDecoder(dense_attn="cublas")``) instead of the sparse path's gathers over every head with the norm folded
   into the q/k/v gather (``dense``);
 * ``add_launch``: ours-dense with x_next = mid + b2 (the residual cuBLAS adds fc2 into) made by an elementwise
-  launch instead of the o_proj's epilogue (``FastDecoder.oproj_writes_next`` off);
+  launch instead of the o_proj's epilogue (``FastDecoder.oproj_writes_next`` off; only with ``finish_o``, since by
+  default the up gather writes it: ``dense+finish_o+add_launch`` against ``dense+finish_o``);
 * ``dense_cublas``: ours-dense with its MLP parts as a norm kernel, cuBLAS GEMVs and activation kernels
   (``FastDecoder(dense_mlp="cublas")``) instead of the up projection as a row gather over every neuron with the
   norm folded in (``dense``);
@@ -28,10 +29,11 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   ``decode_attention.ONE_TILE_UNPIPELINED`` off), ``gemv_cap_<n>`` (the predictors' GEMVs on at most n programs,
   each looping over its row blocks: ``predictor_ops.GEMV_MAX_PROGRAMS``), ``rows_tile_<k>_<d>`` (the q/k/v gather's
   FMA tile at B <= 2: ``gather_mlp.ROWS_FMA_TILE``), ``rows_narrow`` (no 16-row tiles at B = 1:
-  ``gather_mlp.ROWS_WIDE`` off, the v8 rule), ``reduce_serial`` (the column gathers' fused split-k reduction loading
-  one split's partials per memory round trip, as up to v17: ``gather_mlp.REDUCE_BLOCK_S`` = 1),
-  ``reduce_batch_rows`` (that reduction over the batch's rows, not the tensor-core tile's 16:
-  ``gather_mlp.REDUCE_BATCH_ROWS``);
+  ``gather_mlp.ROWS_WIDE`` off, the v8 rule), ``rows_wide_window`` (16-row tiles only where they make 2-4 programs
+  per SM, v9-v18's rule: ``gather_mlp.ROWS_WIDE_MAX`` = 4), ``reduce_serial`` (the column gathers' fused split-k
+  reduction loading one split's partials per memory round trip, as up to v17: ``gather_mlp.REDUCE_BLOCK_S`` = 1),
+  ``reduce_padded_rows`` (that reduction over the tensor-core tile's 16 rows, not the batch's, as up to v18:
+  ``gather_mlp.REDUCE_BATCH_ROWS`` off);
 * programmatic dependent launch (PDL): ``nopdl_<kernel>`` (one main-stream kernel without it:
   ``kernels._checks.PDL_EXCLUDE``), ``side_pdl_<on|off|first|heads|scores|mlp>`` (the side stream's predictor
   launches with it, or without it for all / the first factors' GEMV / the head scores and top-k / the neuron scores
@@ -45,7 +47,8 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   ``side_pdl_off``, at B > 2 ``start`` with ``side_pdl_on``);
 * where a producer's finishing pass runs (default: in its consumer, as it loads the producer's output):
   ``finish_mlp`` (each MLP block adds its bias and residual itself: ``FastDecoder.defer_mlp_finish`` off),
-  ``finish_o`` (each o_proj sums its split-k partials itself: ``FastDecoder.defer_oproj_finish`` off);
+  ``finish_o`` (each o_proj sums its split-k partials itself, instead of the fused MLP block or, in the dense step,
+  the up gather: ``FastDecoder.defer_oproj_finish`` off);
 * ``prewait_gathers``: the q/k/v gathers (but layer 0's) and the MLP blocks read their selection and first weight
   chunk before their PDL wait (``FastDecoder.prewait_gathers``);
 * the step's start: ``l0_inline`` (layer 0's heads and neurons both chosen on the main stream before its q/k/v
@@ -184,7 +187,7 @@ def _setup(dec: FastDecoder, name: str) -> None:
         dec.capture_priority = -1
     if name == "finish_mlp":  # A/B: each MLP block finishes its own sums (not the next layer's q/k/v gather)
         dec.defer_mlp_finish = False
-    if name == "finish_o":  # A/B: each o_proj finishes its own sums (not its layer's MLP block)
+    if name == "finish_o":  # A/B: each o_proj finishes its own sums (not its layer's MLP block or up gather)
         dec.defer_oproj_finish = False
     if name == "prewait_gathers":  # A/B: the q/k/v gathers (but layer 0's) and MLP blocks read early
         dec.prewait_gathers = True
@@ -222,7 +225,7 @@ def main():
                          "nopdl_{rows,attn,combine,oproj,mlp},signal_exit_{rows,attn,combine,oproj,mlp,gemv},"
                          "oproj_signal_after_loop,mlp_signal_early,mlp_maxnreg_128,gemv_cap_{32,64,132,264,396,528},"
                          "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},mlp_rows_{8,32},"
-                         "rows_narrow,reduce_serial,reduce_batch_rows,fork_{start,qkv,attn,oproj},main_priority,"
+                         "rows_narrow,rows_wide_window,reduce_serial,reduce_padded_rows,fork_{start,qkv,attn,oproj},main_priority,"
                          "finish_mlp,finish_o,"
                          "prewait_gathers,attn_pipelined,l0_inline,embed_nopdl,embed_torch,head_cublas,fma_max_2; "
                          "join several with '+'")
@@ -274,8 +277,9 @@ def main():
     knobs.update({f"mlp_cols_{n}": (MB, "DOWN_COLS", n) for n in (256, 1024)})
     knobs.update({f"mlp_rows_{n}": (MB, "ROWS", n) for n in (8, 32)})
     knobs["rows_narrow"] = (GM, "ROWS_WIDE", False)
+    knobs["rows_wide_window"] = (GM, "ROWS_WIDE_MAX", 4)
     knobs["reduce_serial"] = (GM, "REDUCE_BLOCK_S", 1)
-    knobs["reduce_batch_rows"] = (GM, "REDUCE_BATCH_ROWS", True)
+    knobs["reduce_padded_rows"] = (GM, "REDUCE_BATCH_ROWS", False)
     knobs["mlp_signal_early"] = (MB, "SIGNAL_AFTER_UP", False)
     knobs.update({f"rows_tile_{k}_{d}": (GM, "ROWS_FMA_TILE", (k, d)) for k, d in ((16, 256), (16, 512), (8, 256))})
     knobs.update({f"nopdl_{k}": (C, "PDL_EXCLUDE", {v}) for k, v in (

@@ -154,10 +154,12 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
         cfg = G._rows_config(B, 2048, 5120, act == 2, cpu); nw = cfg.pop("num_warps"); cfg.pop("maxnreg", None)
         for norm in (0, act):  # act 1 (OPT) with a folded layernorm, act 2 (SwiGLU) with a folded rmsnorm
             build(G._gather_rows_kernel, dict(x_ptr=dt, w_ptr=dt, w2_ptr=dt, idx_ptr=torch.int32, bias_ptr=dt,
-                  out_ptr=dt, g_ptr=dt, rg_ptr=torch.float32, xs_ptr=torch.float32, xb_ptr=dt, xr_ptr=dt, B=B,
+                  out_ptr=dt, g_ptr=dt, rg_ptr=torch.float32, xs_ptr=torch.float32, xb_ptr=dt, xr_ptr=dt, xo_ptr=dt,
+                  xob_ptr=dt, B=B,
                   n_out=2048, D=5120, eps=1e-5, stride_xb=5120, stride_xd=1, stride_wn=5120, stride_w2n=5120,
                   stride_ob=2048, stride_xr=5120, ROWS_PER_IDX=1 if act == 2 else 128, ACT=act, NORM=norm,
                   HAS_BIAS=act == 1, DOT_FP32=dt == torch.float32, X_SUM=B <= 2 and norm != 0, HAS_XB=True,
+                  X_OUT2=B <= 2 and norm != 0 and act == 1, HAS_XOB=B == 1,
                   PREWAIT=B <= 2 and norm != 0, **cfg), nw, cfg["NUM_STAGES"], early=B <= 2 and norm != 0)
     for i, (B, split, fn, acc) in enumerate(((1, None, G._down_config, False), (2, None, G._down_config, False),
                               (16, 4, G._down_config, False), (1, None, G._down_config_v1, False),

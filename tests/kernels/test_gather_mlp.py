@@ -14,6 +14,7 @@ from kernel_helpers import DEVICE, DTYPES, check_against, make_gen, poisoned, ra
 
 from dejavu.kernels import (  # noqa: E402
     NormFold,
+    XSum,
     fold_norm,
     gather_down,
     gather_down_ref,
@@ -22,6 +23,7 @@ from dejavu.kernels import (  # noqa: E402
     gather_up,
     gather_up_ref,
     norm_ref,
+    x_sum_ref,
 )
 from dejavu.kernels import gather_mlp as G  # noqa: E402
 
@@ -112,6 +114,63 @@ def test_gather_swiglu_folded_rmsnorm(B, dtype):
     check_against(res, ref, (x, wg, wu, idx, gain), dtype=dtype)
 
 
+@pytest.mark.usefixtures("fma_batch_2")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("swiglu,has_bias,has_b2", [(False, True, True), (False, False, False), (True, False, True)])
+def test_up_gathers_x_sum_out2(swiglu, has_bias, has_b2, B, dtype):
+    """The dense step's up gather after an unfinished o_proj: x is made from XSum (sums + bias + residual, rounded),
+    written into x, and x + bias2 into out2 (rounded as torch.add rounds it); the activations are those of the
+    norm folded over that x. OPT: layernorm + ReLU; SwiGLU: rmsnorm."""
+    d, n, k = 600, 130, 45  # d over one 512-wide chunk; k not a multiple of the row tile
+    kind = "rmsnorm" if swiglu else "layernorm"
+    g = make_gen("up-xsum", swiglu, has_bias, has_b2, B, dtype)
+    sums = randn(B, d, gen=g)
+    bo = randn(d, dtype=dtype, gen=g) if has_bias else None
+    res = (randn(B, d, gen=g) + 0.5).to(dtype)
+    b2 = randn(d, dtype=dtype, gen=g) if has_b2 else None
+    w, w3 = randn(n, d, dtype=dtype, gen=g, scale=0.2), randn(n, d, dtype=dtype, gen=g, scale=0.2)
+    b1 = None if swiglu else randn(n, dtype=dtype, gen=g)
+    gain, shift = _norm_params(kind, d, dtype, g)
+    idx = rand_index(n, k, gen=g)
+    x, out2 = poisoned((B, d), dtype), poisoned((B, d), dtype)
+    xs = XSum(sums, bo, res, out2, b2)
+    fold = fold_norm(w, kind, gain, shift, 1e-5, b1)
+    if swiglu:
+        got = gather_swiglu(x, w, w3, idx, norm=fold, x_sum=xs, out=poisoned((B, k), dtype))
+    else:
+        got = gather_up(x, w, idx, act="relu", norm=fold, x_sum=xs, out=poisoned((B, k), dtype))
+    made = x_sum_ref(xs, dtype)
+    assert torch.equal(x, made), "x must be written exactly as the o_proj would have stored it"
+    assert torch.equal(out2, made if b2 is None else made + b2), "out2 = x + bias2, rounded as torch.add rounds"
+
+    def ref(sums, res, w, w3, gain, shift, *opt):
+        bo, b1 = (opt[0] if has_bias else None), (opt[-1] if not swiglu else None)
+        xx = ((sums + bo) if bo is not None else sums) + res
+        h = norm_ref(xx.to(w.dtype), NormFold(kind, gain, shift, 1e-5, b1, None, None))
+        return gather_swiglu_ref(h, w, w3, idx) if swiglu else gather_up_ref(h, w, idx, b1, "relu")
+
+    opt = ((bo,) if has_bias else ()) + ((b1,) if not swiglu else ())
+    check_against(got, ref, (sums, res, w, w3, gain, shift) + opt, dtype=dtype)
+
+
+def test_up_gathers_x_sum_rejects():
+    d, n = 64, 20
+    f16 = dict(dtype=torch.float16, device=DEVICE)
+    w, idx = randn(n, d, dtype=torch.float16), torch.arange(4, device=DEVICE)
+    x, res = torch.zeros(1, d, **f16), torch.zeros(1, d, **f16)
+    sums = torch.zeros(1, d, device=DEVICE)
+    with pytest.raises(ValueError, match="bias2 is added into"):
+        gather_up(x, w, idx, x_sum=XSum(sums, None, res, None, torch.zeros(d, **f16)))
+    with pytest.raises(ValueError, match="buffer of its own"):
+        gather_up(x, w, idx, x_sum=XSum(sums, None, res, x))
+    with pytest.raises(ValueError, match="x_sum.out2"):
+        gather_swiglu(x, w, w, idx, x_sum=XSum(sums, None, res, torch.zeros(1, d + 1, **f16)))
+    with pytest.raises(ValueError, match=r"batch <= \d"):
+        x3 = torch.zeros(3, d, **f16)
+        gather_up(x3, w, idx, x_sum=XSum(torch.zeros(3, d, device=DEVICE), None, x3.clone()))
+
+
 @pytest.mark.parametrize("fma_max", [1, 2])
 def test_fma_max_batch_picks_the_path(fma_max, monkeypatch):
     """kernels._checks.FMA_MAX_BATCH (1 by default): the gathers' CUDA-core FMA path up to it, the tensor-core path
@@ -126,22 +185,29 @@ def test_fma_max_batch_picks_the_path(fma_max, monkeypatch):
 
 @pytest.mark.usefixtures("fma_batch_2")
 def test_rows_config_wide_tiles(monkeypatch):
-    """ROWS_WIDE: 16-row programs at B = 1 where they make 2-4 programs per SM, else the 8- / 4-row ones (B = 2 on the
-    FMA path by the knob); the fp32 accumulator stays within 64 registers a thread."""
+    """ROWS_WIDE: 16-row programs at B = 1 where they make at least 2 programs per SM (at most ROWS_WIDE_MAX; SwiGLU's
+    two matrices at most 4), else the 8- / 4-row ones (B = 2 on the FMA path by the knob); the fp32 accumulator stays
+    within 64 registers a thread."""
     cpu = torch.device("cpu")
     sms = G.num_sms(cpu)
-    for wide in (False, True):
+    for wide, most in ((False, 16), (True, 16), (True, None), (True, 4)):
         monkeypatch.setattr(G, "ROWS_WIDE", wide)
+        monkeypatch.setattr(G, "ROWS_WIDE_MAX", most)
         for B in (1, 2):
-            for n_out in (7680, 6144, 3840, 10752, 12288, 1536):  # q/k/v rows of OPT-13B / LLaMA-2-7B / ... shapes
-                c = G._rows_config(B, n_out, 5120, False, cpu)
-                want = wide and B == 1 and 2 * sms <= -(-n_out // 16) <= 4 * sms
-                assert (c["BLOCK_K"] == 16) == want, (wide, B, n_out, c)
-                assert c.get("maxnreg") == (128 if want else None), c  # 4 programs an SM, one wave
-                assert c["BLOCK_B"] * c["BLOCK_K"] * c["BLOCK_D"] <= 64 * 32 * c["num_warps"]
-    monkeypatch.setattr(G, "ROWS_WIDE", True)  # OPT-13B at head density 0.5 (132 SMs): 16 x 512; OPT-30B: 8 rows
-    assert (G._rows_config(1, 7680, 5120, False, cpu)["BLOCK_K"], G._rows_config(1, 10752, 7168, False, cpu)[
-        "BLOCK_K"]) == (16, 8)
+            for two in (False, True):
+                for n_out in (7680, 6144, 3840, 10752, 12288, 1536, 20480, 11008, 50272):  # q/k/v, up, head rows
+                    c = G._rows_config(B, n_out, 5120, two, cpu)
+                    n16, cap = -(-n_out // 16), 4 if two else most
+                    want = wide and B == 1 and 2 * sms <= n16 and (cap is None or n16 <= cap * sms)
+                    assert (c["BLOCK_K"] == 16) == want, (wide, most, B, two, n_out, c)
+                    assert c.get("maxnreg") == (128 if want else None), c  # 4 programs an SM
+                    assert c["BLOCK_B"] * c["BLOCK_K"] * c["BLOCK_D"] * (2 if two else 1) <= 64 * 32 * c["num_warps"]
+    monkeypatch.setattr(G, "ROWS_WIDE_MAX", 16)  # the default. 132 SMs: OPT-13B's q/k/v at 0.5 and dense fc1, OPT-30B's
+    # q/k/v at 0.5 and the LLaMA-2-7B LM head (15.2 programs an SM) 16 rows; OPT's LM head (50272 rows, 23.8 an SM)
+    # and LLaMA-2-7B's dense SwiGLU up gather (688 programs of 16: 5.2 an SM) 8 rows
+    assert [G._rows_config(1, n, d, two, cpu)["BLOCK_K"] for n, d, two in (
+        (7680, 5120, False), (20480, 5120, False), (10752, 7168, False), (32000, 4096, False), (50272, 5120, False),
+        (11008, 4096, True))] == [16, 16, 16, 16, 8, 8]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -157,6 +157,8 @@ def test_sparse_mlp_x_sum_rejects():
     ok = XSum(xs.sums, None, x.clone())
     with pytest.raises(ValueError, match="another buffer"):
         sparse_mlp(**a, x_sum=ok, out=x)
+    with pytest.raises(ValueError, match="row gathers only"):
+        sparse_mlp(**a, x_sum=XSum(xs.sums, None, x.clone(), torch.zeros_like(x)))
     with pytest.raises(ValueError, match=r"batch <= \d"):
         x3 = randn(3, 64, dtype=torch.float16)
         sparse_mlp(**dict(a, x=x3), x_sum=XSum(torch.zeros(3, 64, device=DEVICE), None, x3.clone()))

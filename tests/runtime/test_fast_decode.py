@@ -96,12 +96,14 @@ def test_dense_attn_qkv_gather_equals_model(tiny, B):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_oproj_writes_next_residual(tiny, backend):
-    """At B = 1 the dense MLP part (up_gather) follows the o_proj gather over every head, whose epilogue also writes
-    x_next = mid + b2 for cuBLAS to add fc2 into: the step equals model.forward with a KV cache (fp32), as it does
-    with that residual made by an elementwise launch (oproj_writes_next off), which is one launch more a layer."""
+    """At B = 1 the dense MLP part (up_gather) follows the o_proj gather over every head; finishing its own sums
+    (defer_oproj_finish off), that o_proj's epilogue also writes x_next = mid + b2 for cuBLAS to add fc2 into: the
+    step equals model.forward with a KV cache (fp32), as it does with that residual made by an elementwise launch
+    (oproj_writes_next off), which is one launch more a layer."""
     model = tiny[1].to(DEV)
     on = FastDecoder(model, None, batch=1, max_len=16, backend=backend)
     off = FastDecoder(model, None, batch=1, max_len=16, backend=backend)
+    on.defer_oproj_finish = off.defer_oproj_finish = False
     off.oproj_writes_next = False
     assert all(on._up_gather) and all(on._qkv_gather)
     assert on.describe()["oproj_writes_next"] and not off.describe()["oproj_writes_next"]
@@ -111,6 +113,27 @@ def test_oproj_writes_next_residual(tiny, backend):
         errs, _ = _compare(model, dec, None, "all", B=1, steps=2)
         assert max(errs) < TOL, errs
     assert [a["main"] + 1 for a in on.kernels_per_layer()] == [b["main"] for b in off.kernels_per_layer()]
+
+
+def test_dense_oproj_deferred_into_up_gather(tiny):
+    """ours-dense at B = 1 (defer_oproj_finish, the default): the o_proj over every head adds its part into fp32
+    sums and the up gather over every neuron makes the residual after attention from them (and writes it), and
+    x_next = mid + b2 for cuBLAS's fc2: the step equals model.forward with a KV cache (fp32), with as many launches
+    a layer as the finishing o_proj that writes x_next, and each o_proj clears the sums of the one before it."""
+    model = tiny[1].to(DEV)
+    dec = FastDecoder(model, None, batch=1, max_len=16, backend="triton")
+    ref = FastDecoder(model, None, batch=1, max_len=16, backend="triton")
+    ref.defer_oproj_finish = False
+    L = model.spec.n_layers
+    assert dec._deferred_o() == [True] * L and not any(ref._deferred_o())
+    assert dec.describe()["defer_oproj_finish"] and not dec.describe()["oproj_writes_next"]
+    errs, _ = _compare(model, dec, None, "all", B=1, steps=2)
+    assert max(errs) < TOL, errs
+    assert not any(dec._o_ws[l].any() for l in range(L - 1)) and dec._o_ws[L - 1].any()
+    assert dec.kernels_per_layer() == ref.kernels_per_layer()
+    for kw in ({"dense_attn": "cublas"}, {"dense_mlp": "cublas"}, {"batch": 3}):  # cuBLAS o_proj / no up gather
+        assert not any(FastDecoder(model, None, **{"batch": 1, "max_len": 16, **kw})._deferred_o()), kw
+    assert not any(FastDecoder(model, None, batch=1, max_len=16, backend="torch")._deferred_o())  # no sums buffer
 
 
 @pytest.mark.parametrize("kv_policy", ["all", "selected"])
@@ -545,9 +568,10 @@ def test_deferred_oproj_finish_equal(tiny, B, monkeypatch):
 
 
 def test_deferred_oproj_finish_where_it_applies(tiny):
-    """On by default where it applies: the o_proj sparse and the MLP block fused with its norm folded, at B <= 2,
-    with lookahead predictors (the inline neuron predictor reads the residual after attention), and at least two
-    such layers (each clears the one before it)."""
+    """On by default where it applies: the o_proj sparse and the MLP block fused with its norm folded, or the
+    o_proj a gather and the dense MLP's up gather with its norm folded (test_dense_oproj_deferred_into_up_gather),
+    at B <= 2, with lookahead predictors (the inline neuron predictor reads the residual after attention), and at
+    least two such layers (each clears the one before it)."""
     model = tiny[1].to(DEV)
     p = _predictors(model.spec)
 
@@ -559,7 +583,9 @@ def test_deferred_oproj_finish_where_it_applies(tiny):
         return on
 
     assert deferred(O_MLP_D, O_HEAD_D) == [True, True, False]
-    assert deferred(MLP_D, HEAD_D) == [False] * 3  # only layer 2 qualifies: one is not enough
+    # layer 0's dense up gather after its sparse o_proj and layer 2's block; not layer 1 (its heads all dense)
+    assert deferred(MLP_D, HEAD_D) == [True, False, True]
+    assert deferred([0.5, 0.5, 0.5], [1.0, 1.0, 0.5]) == [False] * 3  # only layer 2 qualifies: one is not enough
     assert deferred(O_MLP_D, O_HEAD_D, preds=_predictors(model.spec, lookahead=False)) == [False] * 3
     assert deferred(O_MLP_D, O_HEAD_D, B=3) == [False] * 3
 

@@ -41,6 +41,7 @@ from .gather_mlp import (
     gather_up_ref,
     norm_ref,
     x_sum_ref,
+    x_sum_write_ref,
 )
 from .head_sparse import (
     head_gather_down,
@@ -77,6 +78,7 @@ __all__ = [
     "NormFold",
     "XSum",
     "x_sum_ref",
+    "x_sum_write_ref",
     "fold_norm",
     "norm_ref",
     "head_gather_gemv",

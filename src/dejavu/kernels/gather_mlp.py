@@ -79,6 +79,8 @@ def _gather_rows_kernel(
     xs_ptr,  # X_SUM: [B, D] fp32 sums the MLP block left unfinished, else dummy
     xb_ptr,  # X_SUM: [D] the block's output bias, or dummy
     xr_ptr,  # X_SUM: [B, D] the block's residual, else dummy
+    xo_ptr,  # X_OUT2: [B, D] contiguous second output of the made x, x + xob, else dummy
+    xob_ptr,  # X_OUT2: [D] its bias, or dummy
     # sizes
     B,
     n_out,  # K * R, number of output columns
@@ -104,6 +106,8 @@ def _gather_rows_kernel(
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the d loop
     X_SUM: tl.constexpr,  # x = round(xs + xb + xr), written to x_ptr by program 0 (FMA path; see XSum)
     HAS_XB: tl.constexpr,
+    X_OUT2: tl.constexpr,  # X_SUM: program 0 also writes xo = x + xob (the dense step's next residual)
+    HAS_XOB: tl.constexpr,
     PREWAIT: tl.constexpr,  # FMA path with PDL: the selection and the first weight chunk read before the wait
     PDL: tl.constexpr,  # programmatic dependent launch (see _checks.use_pdl)
 ):
@@ -128,7 +132,7 @@ def _gather_rows_kernel(
     acc = _rows_tile(x_ptr, w_ptr, w2_ptr, bias_ptr, g_ptr, rg_ptr, rows, c_mask, B, D, eps, stride_xb, stride_xd,
                      stride_wn, stride_w2n, ACT, NORM, HAS_BIAS, BLOCK_B, BLOCK_K, BLOCK_D, USE_DOT, DOT_FP32,
                      NUM_STAGES, xs_ptr, xb_ptr, xr_ptr, stride_xr, tl.where(pid == 0, D, 0), X_SUM,
-                     HAS_XB, PREWAIT, PDL)  # fmt: skip
+                     HAS_XB, PREWAIT, PDL, xo_ptr, xob_ptr, X_OUT2, HAS_XOB)  # fmt: skip
     offs_b = tl.arange(0, BLOCK_B)
     out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_c[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_b < B)[:, None] & c_mask[None, :])
@@ -144,10 +148,11 @@ def _w_chunk(w_rows, offs_d, c_mask, D):
 def _fma_chunk(offs_d, w_in, w2_in, a0, a1, c0, c1, s1, s2, w_rows, w2_rows, c_mask, x_ptr, x_rows, g_ptr, offs_b,
                b_mask, D, stride_xd, xs_ptr, xb_ptr, xr_ptr, stride_xr, x_write_lim, HAS_W: tl.constexpr,
                ACT: tl.constexpr, NORM: tl.constexpr, BLOCK_B: tl.constexpr, X_SUM: tl.constexpr,
-               HAS_XB: tl.constexpr):  # fmt: skip
-    """One d-chunk of the FMA path: x's columns offs_d (read, or made: X_SUM), the folded norm's sums, and the
-    per-sequence products with the chunk's weights added into a0/a1 (c0/c1: SwiGLU's up rows). The weights are
-    w_in/w2_in when HAS_W (loaded earlier), else loaded here, each where its products need it."""
+               HAS_XB: tl.constexpr, xo_ptr, xob_ptr, X_OUT2: tl.constexpr, HAS_XOB: tl.constexpr):  # fmt: skip
+    """One d-chunk of the FMA path: x's columns offs_d (read, or made: X_SUM; X_OUT2: x + xob also stored into
+    xo), the folded norm's sums, and the per-sequence products with the chunk's weights added into a0/a1 (c0/c1:
+    SwiGLU's up rows). The weights are w_in/w2_in when HAS_W (loaded earlier), else loaded here, each where its
+    products need it."""
     d_mask = offs_d < D
     if X_SUM:  # the MLP block's finish, done here: (sums + bias) + residual, rounded as the block stores it
         xm = b_mask[:, None] & d_mask[None, :]
@@ -156,7 +161,10 @@ def _fma_chunk(offs_d, w_in, w2_in, a0, a1, c0, c1, s1, s2, w_rows, w2_rows, c_m
             xs += tl.load(xb_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
         xs += tl.load(xr_ptr + offs_b[:, None] * stride_xr + offs_d[None, :], mask=xm, other=0.0).to(tl.float32)
         x = xs.to(x_ptr.dtype.element_ty)
-        tl.store(x_rows + offs_d[None, :] * stride_xd, x, mask=b_mask[:, None] & (offs_d < x_write_lim)[None, :])
+        x_wmask = b_mask[:, None] & (offs_d < x_write_lim)[None, :]
+        tl.store(x_rows + offs_d[None, :] * stride_xd, x, mask=x_wmask)
+        if X_OUT2:
+            _store_out2(x, xo_ptr + offs_b[:, None] * D + offs_d[None, :], xob_ptr, offs_d, d_mask, x_wmask, HAS_XOB)
     else:
         x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=b_mask[:, None] & d_mask[None, :], other=0.0)
     if HAS_W:
@@ -189,10 +197,12 @@ def _rows_tile(x_ptr, w_ptr, w2_ptr, bias_ptr, g_ptr, rg_ptr, rows, c_mask, B, D
                stride_wn, stride_w2n, ACT: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr,
                DOT_FP32: tl.constexpr, NUM_STAGES: tl.constexpr, xs_ptr, xb_ptr, xr_ptr, stride_xr, x_write_lim,
-               X_SUM: tl.constexpr, HAS_XB: tl.constexpr, PREWAIT: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+               X_SUM: tl.constexpr, HAS_XB: tl.constexpr, PREWAIT: tl.constexpr, PDL: tl.constexpr, xo_ptr, xob_ptr,
+               X_OUT2: tl.constexpr, HAS_XOB: tl.constexpr):  # fmt: skip
     """act(norm(x[b]) . w[rows] + bias[rows]) -> fp32 [BLOCK_B, BLOCK_K] (masked rows read as zero weights): the
     body of the row gather, shared with the fused MLP block (mlp_block.py). X_SUM (FMA path): x is not read but
-    made, x = round(xs + xb + xr) in x's dtype, and its columns below x_write_lim stored into x. PREWAIT (FMA path):
+    made, x = round(xs + xb + xr) in x's dtype, and its columns below x_write_lim stored into x (X_OUT2: and
+    round(x + xob) into the contiguous [B, D] xo). PREWAIT (FMA path):
     the caller has not waited for its PDL predecessor; the first weight chunk is loaded, then the wait."""
     w_rows = w_ptr + rows[:, None] * stride_wn  # [BLOCK_K, 1]
     w2_rows = w2_ptr + rows[:, None] * stride_w2n
@@ -249,12 +259,12 @@ def _rows_tile(x_ptr, w_ptr, w2_ptr, bias_ptr, g_ptr, rg_ptr, rows, c_mask, B, D
             a0, a1, c0, c1, s1, s2 = _fma_chunk(offs_d0, w, w2, a0, a1, c0, c1, s1, s2, w_rows, w2_rows, c_mask, x_ptr,
                                                 x_rows, g_ptr, offs_b, b_mask, D, stride_xd, xs_ptr, xb_ptr, xr_ptr,
                                                 stride_xr, x_write_lim, True, ACT, NORM, BLOCK_B, X_SUM,
-                                                HAS_XB)  # fmt: skip
+                                                HAS_XB, xo_ptr, xob_ptr, X_OUT2, HAS_XOB)  # fmt: skip
         for d0 in tl.range(d_start, D, BLOCK_D, num_stages=NUM_STAGES):
             a0, a1, c0, c1, s1, s2 = _fma_chunk(d0 + offs_d0, None, None, a0, a1, c0, c1, s1, s2, w_rows, w2_rows,
                                                 c_mask, x_ptr, x_rows, g_ptr, offs_b, b_mask, D, stride_xd, xs_ptr,
                                                 xb_ptr, xr_ptr, stride_xr, x_write_lim, False, ACT, NORM, BLOCK_B,
-                                                X_SUM, HAS_XB)  # fmt: skip
+                                                X_SUM, HAS_XB, xo_ptr, xob_ptr, X_OUT2, HAS_XOB)  # fmt: skip
         acc = sum_rows(a0, a1, offs_b, 1, BLOCK_B)
         acc2 = acc
         if ACT == 2:
@@ -285,18 +295,28 @@ ROWS_FMA_TILE = None
 """(BLOCK_K, BLOCK_D) of :func:`_gather_rows_kernel`'s FMA path instead of the heuristic's (A/B knob, read at
 launch time; ``bench/profile_step.py``'s ``rows_tile_<k>_<d>``)."""
 ROWS_WIDE = True
-"""At B = 1, 16-row programs (16 x 512 tiles) where that makes 2 to 4 programs per SM (the q/k/v gathers of OPT-13B at
-head density 0.5, OPT-6.7B, LLaMA-2-7B); False: the 8- / 4-row rule of v1-v8 everywhere (A/B knob, read at launch
-time; ``bench/profile_step.py``'s ``rows_narrow``; bench/NOTES.md v9)."""
+"""At B = 1, 16-row programs (16 x 512 tiles) where that makes at least 2 programs per SM (up to ``ROWS_WIDE_MAX``): the
+q/k/v gathers of OPT-13B at head density 0.5, OPT-6.7B, LLaMA-2-7B, and the dense step's gathers over every row;
+False: the 8- / 4-row rule of v1-v8 everywhere (A/B knob, read at launch time; ``bench/profile_step.py``'s
+``rows_narrow``; bench/NOTES.md v9, v19)."""
+ROWS_WIDE_MAX = 16
+"""Most programs per SM for which a one-matrix gather still takes ROWS_WIDE's 16-row tiles (None: no bound). 16 admits
+the dense step's gathers over every row (v19, H200: the up gather that makes its input from the o_proj's sums
+then has half as many programs reading them, 1280 on OPT-13B, and the q/k/v gathers ran 1-2 us faster) but not
+the LM head over OPT's 50272-row vocabulary (24 programs an SM; 1-6 us slower at 16 rows); 4 is v9-v18's window
+(one wave at 4 programs an SM; A/B knob read at launch time, ``bench/profile_step.py``'s ``rows_wide_window``).
+SwiGLU gathers (two matrices, 16 x 256 tiles) keep that window: wider, v19's LLaMA-2-7B step was slower
+(bench/NOTES.md v19)."""
 
 
 def _rows_config(batch: int, n_out: int, d: int, two_mats: bool, device: torch.device) -> dict:
     """Tile sizes for :func:`_gather_rows_kernel` (a heuristic, no autotuning).
 
     B <= FMA_MAX_BATCH: FMA path, 4 or 8 rows per program so that even k ~ 1000 gives about one program
-    per SM or more, 16 at B = 1 where that still gives 2-4 programs per SM (ROWS_WIDE; at 128 registers
-    a thread 4 fit on an SM, so one wave; H100 and H200: 1-5% off the step where it applies, slower with
-    a second wave, bench/NOTES.md v8-v9);
+    per SM or more, 16 at B = 1 where that gives 2 to ROWS_WIDE_MAX programs per SM (ROWS_WIDE; at 128
+    registers a thread 4 fit on an SM; H100 and H200: 1-5% off the sparse step where one wave of them does it,
+    bench/NOTES.md v8-v9; the dense step's gathers over every row, several waves: 0-3% off with the o_proj's sums
+    deferred into the up gather, v19); SwiGLU's two matrices only where that is 2-4 (one wave);
     d-chunks up to 512 (1 KiB of fp16 per row and stage) with the fp32 accumulator held to <= 64
     registers/thread. Above the FMA batch: tensor-core path, the batch padded to 16 (tl.dot's minimum), 16 or 32
     rows per program, 128-wide d chunks, 4 pipeline stages.
@@ -305,7 +325,8 @@ def _rows_config(batch: int, n_out: int, d: int, two_mats: bool, device: torch.d
     if batch <= _checks.FMA_MAX_BATCH:
         block_b = next_pow2(batch)
         block_k = 8 if cdiv(n_out, 8) >= sms else 4
-        if ROWS_WIDE and batch == 1 and 2 * sms <= cdiv(n_out, 16) <= 4 * sms:
+        most = 4 if two_mats else ROWS_WIDE_MAX  # programs per SM
+        if ROWS_WIDE and batch == 1 and 2 * sms <= cdiv(n_out, 16) and (most is None or cdiv(n_out, 16) <= most * sms):
             block_k = 16
         budget = 64 * 128 // (block_b * block_k * (2 if two_mats else 1))
         block_d = max(16, min(512, next_pow2(d), budget))
@@ -340,11 +361,14 @@ def _launch_gather_rows(x, w, w2, idx, bias, act: int, rows_per_idx: int, out, n
         x, w, w2, idx, bias if bias is not None else w, out,
         norm.weight if norm is not None else w, norm.rowsum if norm is not None and norm.rowsum is not None else w,
         *((x_sum.sums, x_sum.bias if x_sum.bias is not None else w, x_sum.residual) if x_sum is not None else (w,) * 3),
+        *((x_sum.out2, x_sum.bias2 if x_sum.bias2 is not None else w) if x_sum is not None and x_sum.out2 is not None
+          else (w, w)),
         B, n_out, D, norm.eps if norm is not None else 0.0,
         x.stride(0), x.stride(1), w.stride(0), w2.stride(0), out.stride(0),
         x_sum.residual.stride(0) if x_sum is not None else 0,
         ROWS_PER_IDX=rows_per_idx, ACT=act, NORM=0 if norm is None else NORM_CODES[norm.kind],
         HAS_BIAS=bias is not None, X_SUM=x_sum is not None, HAS_XB=x_sum is not None and x_sum.bias is not None,
+        X_OUT2=x_sum is not None and x_sum.out2 is not None, HAS_XOB=x_sum is not None and x_sum.bias2 is not None,
         PREWAIT=pdl and prewait and not cfg["USE_DOT"],
         DOT_FP32=x.dtype == torch.float32 or is_interpreted(_gather_rows_kernel), PDL=pdl, launch_pdl=pdl > 0,
         num_warps=num_warps, num_stages=cfg["NUM_STAGES"], **cfg, **opts,
@@ -359,14 +383,20 @@ NORM_CODES = {"layernorm": 1, "rmsnorm": 2}
 class XSum:
     """A row gather's input given as the unfinished output of the projection before it: the MLP block
     (``sparse_mlp(..., finish=False)``) before a q/k/v gather, or the o_proj (``head_gather_down(...,
-    finish=False)``) before the MLP block. x = (sums + bias) + residual, rounded to x's dtype, which is what the
-    producer would have stored. The consumer computes x as it streams it and writes it into its x argument (which
-    the rest of the layer then reads), so the producer's finishing pass is off the critical path. ``sums``: the
-    producer's fp32 sums as [B, d]; ``bias``: its [d] output bias or None; ``residual``: its [B, d] residual."""
+    finish=False)``) before the MLP block or the dense step's up gather. x = (sums + bias) + residual, rounded to
+    x's dtype, which is what the producer would have stored. The consumer computes x as it streams it and writes it
+    into its x argument (which the rest of the layer then reads), so the producer's finishing pass is off the critical
+    path. ``sums``: the producer's fp32 sums as [B, d]; ``bias``: its [d] output bias or None; ``residual``: its [B, d]
+    residual.
+    ``out2`` (row gathers only, not the MLP block): a contiguous [B, d] buffer the consumer also writes,
+    x + ``bias2`` (optional [d]) rounded as ``torch.add(x, bias2)`` rounds it: the dense step's next residual, into
+    which cuBLAS adds the MLP's down projection (what ``head_gather_down``'s ``out2`` is when it finishes)."""
 
     sums: torch.Tensor
     bias: torch.Tensor | None
     residual: torch.Tensor
+    out2: torch.Tensor | None = None
+    bias2: torch.Tensor | None = None
 
 
 def _check_x_sum(op, x_sum, x):
@@ -388,6 +418,16 @@ def _check_x_sum(op, x_sum, x):
                  last_dim_contiguous=True)  # fmt: skip
     if x.data_ptr() == x_sum.residual.data_ptr():
         raise ValueError(f"{op}: x is written from x_sum while its residual is read: pass another buffer as x.")
+    if x_sum.out2 is None:
+        if x_sum.bias2 is not None:
+            raise ValueError(f"{op}: x_sum.bias2 is added into x_sum.out2; pass out2 too (or neither).")
+        return
+    check_tensor(op, "x_sum.out2", x_sum.out2, ndim=2, dtype=x.dtype, device=x.device, shape=(B, D), contiguous=True)
+    if x_sum.out2.data_ptr() in (x.data_ptr(), x_sum.residual.data_ptr()):
+        raise ValueError(f"{op}: x_sum.out2 must be a buffer of its own, not x or the residual.")
+    if x_sum.bias2 is not None:
+        check_tensor(op, "x_sum.bias2", x_sum.bias2, ndim=1, dtype=x.dtype, device=x.device, shape=(D,),
+                     contiguous=True)  # fmt: skip
 
 
 def x_sum_ref(x_sum: XSum, dtype) -> torch.Tensor:
@@ -396,6 +436,13 @@ def x_sum_ref(x_sum: XSum, dtype) -> torch.Tensor:
     if x_sum.bias is not None:
         t = t + x_sum.bias.float()
     return (t + x_sum.residual.float()).to(dtype)
+
+
+def x_sum_write_ref(x_sum: XSum, x: torch.Tensor) -> None:
+    """What a consumer of ``x_sum`` writes, in plain torch: x (:func:`x_sum_ref`) and, with ``out2``, x + bias2."""
+    x.copy_(x_sum_ref(x_sum, x.dtype))
+    if x_sum.out2 is not None:
+        x_sum.out2.copy_(x if x_sum.bias2 is None else x + x_sum.bias2)
 
 
 @dataclass(frozen=True, eq=False)  # holds tensors: identity, not elementwise ==
@@ -498,7 +545,7 @@ def _check_bias(op, name, bias, w, n_rows):
 # ---------------------------------------------------------------------------------------------
 
 
-def gather_up(x, w, idx, bias=None, act="relu", *, norm=None, validate=True, out=None):
+def gather_up(x, w, idx, bias=None, act="relu", *, norm=None, validate=True, out=None, x_sum=None):
     """Sparse up-projection ``act(x @ w[idx].T + bias[idx])`` -> ``[B, k]``; with ``norm``, of ``norm(x)``.
 
     Args:
@@ -511,6 +558,8 @@ def gather_up(x, w, idx, bias=None, act="relu", *, norm=None, validate=True, out
             before this projection runs inside the kernel; the projection's bias then comes from the fold.
         validate: check index range/duplicates (one host sync; skipped under graph capture).
         out: optional preallocated ``[B, k]`` output.
+        x_sum: optional :class:`XSum` (B <= FMA_MAX_BATCH): x is not read but made from the unfinished projection
+            before (e.g. ``head_gather_down(..., finish=False)``) and written into ``x`` (and ``x_sum.out2``).
     """
     op = "gather_up"
     if act not in _ACTS:
@@ -518,12 +567,13 @@ def gather_up(x, w, idx, bias=None, act="relu", *, norm=None, validate=True, out
     B, N = _check_rows_inputs(op, x, w, idx, rows_per_idx=1, validate=validate, what="rows")
     _check_bias(op, "bias", bias, w, N)
     _check_norm(op, norm, w, x, bias)
+    _check_x_sum(op, x_sum, x)
     k = idx.shape[0]
     if out is None:
         out = torch.empty((B, k), dtype=x.dtype, device=x.device)
     else:
         check_out(op, out, shape=(B, k), dtype=x.dtype, device=x.device)
-    return _launch_gather_rows(x, w, w, idx, bias, _ACTS[act], 1, out, norm)
+    return _launch_gather_rows(x, w, w, idx, bias, _ACTS[act], 1, out, norm, x_sum)
 
 
 def gather_up_ref(x, w, idx, bias=None, act="relu"):
@@ -540,13 +590,13 @@ def gather_up_ref(x, w, idx, bias=None, act="relu"):
 # ---------------------------------------------------------------------------------------------
 
 
-def gather_swiglu(x, w_gate, w_up, idx, *, norm=None, validate=True, out=None):
+def gather_swiglu(x, w_gate, w_up, idx, *, norm=None, validate=True, out=None, x_sum=None):
     """Sparse SwiGLU ``silu(x @ w_gate[idx].T) * (x @ w_up[idx].T)`` -> ``[B, k]``.
 
     Both weights are ``[N, d]`` contiguous (LLaMA ``gate_proj.weight`` / ``up_proj.weight``);
     one kernel reads the two selected rows of each neuron and never writes the intermediate.
     ``norm``: an rmsnorm :class:`NormFold` applied to x inside the kernel (a layernorm's row constants would
-    differ between the two weights, so only rmsnorm is folded here).
+    differ between the two weights, so only rmsnorm is folded here). ``x_sum``: as in :func:`gather_up`.
     """
     op = "gather_swiglu"
     B, N = _check_rows_inputs(op, x, w_gate, idx, rows_per_idx=1, validate=validate, what="rows")
@@ -556,12 +606,13 @@ def gather_swiglu(x, w_gate, w_up, idx, *, norm=None, validate=True, out=None):
     if norm is not None and norm.kind != "rmsnorm":
         raise ValueError(f"{op}: only an rmsnorm can be folded into the SwiGLU gather (got {norm.kind}); run the "
                          "norm first (fused_ops.norm_fused) and pass norm=None.")
+    _check_x_sum(op, x_sum, x)
     k = idx.shape[0]
     if out is None:
         out = torch.empty((B, k), dtype=x.dtype, device=x.device)
     else:
         check_out(op, out, shape=(B, k), dtype=x.dtype, device=x.device)
-    return _launch_gather_rows(x, w_gate, w_up, idx, None, ACT_SWIGLU, 1, out, norm)
+    return _launch_gather_rows(x, w_gate, w_up, idx, None, ACT_SWIGLU, 1, out, norm, x_sum)
 
 
 def gather_swiglu_ref(x, w_gate, w_up, idx):
@@ -876,10 +927,11 @@ REDUCE_BLOCK_S = None
 """Split partials the fused split-k reduction loads at once, instead of the launcher's choice (A/B knob read at launch
 time; 1 loads one split per memory round trip, as v1-v17's loop did; ``bench/profile_step.py``'s ``reduce_serial``)."""
 
-REDUCE_BATCH_ROWS = False
+REDUCE_BATCH_ROWS = True
 """The fused split-k reduction's last program sums and finishes the batch's next power of two rows instead of the batch
-tile's (16 on the tensor-core path, 12 of them padding at B = 4). A/B knob read at launch time,
-``bench/profile_step.py``'s ``reduce_batch_rows``; off: timed alone, not yet in the step (bench/NOTES.md v18)."""
+tile's (16 on the tensor-core path, 12 of them padding at B = 4): OPT-13B (0.1, 0.5) on an H200, same process, B = 2
+3.904 against 4.009 ms, B = 4 4.096 against 4.198, B = 16 4.852 against 4.857 (bench/NOTES.md v19). A/B knob read at
+launch time; ``bench/profile_step.py``'s ``reduce_padded_rows`` is the padded form (v18's)."""
 
 _COUNTERS: dict = {}  # device -> (int32 zeros, next offset): arrival counters of the fused split-k reduction
 _N_COUNTERS = 1 << 16

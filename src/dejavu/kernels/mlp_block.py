@@ -136,7 +136,7 @@ def _sparse_mlp_kernel(
     h = _rows_tile(x_ptr, w1_ptr, w3_ptr, b1_ptr, g_ptr, rg_ptr, rows, n_mask, B, D, eps, stride_xb, stride_xd,
                    stride_w1n, stride_w3n, ACT, NORM, HAS_B1, BLOCK_B, BLOCK_N, BLOCK_D, USE_DOT, DOT_FP32,
                    NUM_STAGES, xs_ptr, xb_ptr, xr_ptr, stride_xr, tl.where(pid == 0, D, 0), X_SUM,
-                   HAS_XB, PREWAIT, PDL)  # fmt: skip
+                   HAS_XB, PREWAIT, PDL, xs_ptr, xs_ptr, False, False)  # fmt: skip
     if PREWAIT and ZERO:  # after the PDL wait, which _rows_tile has passed
         zero_slice(zero_ptr, n_zero, pid, BLOCK_Z)
     h = h.to(out_ptr.dtype.element_ty)  # rounded to the stored dtype, as unfused (masked neurons' rows read as 0)
@@ -316,6 +316,8 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
                          "first and pass norm=None.")  # fmt: skip
     _check_down_epilogue(op, b2, residual, w1, B, D)
     _check_x_sum(op, x_sum, x)
+    if x_sum is not None and x_sum.out2 is not None:
+        raise ValueError(f"{op}: x_sum.out2 is written by the row gathers only; pass an XSum without out2.")
     if x_sum is not None and out is not None and x.data_ptr() == out.data_ptr():
         raise ValueError(f"{op}: with x_sum the block writes x; out must be another buffer.")
     if out is None:

@@ -20,8 +20,9 @@ Per layer l (``_block``), with ``x`` the residual stream entering the block:
   (``kernels._checks.use_pdl``; the MLP block lets the next kernel launch only once past its up phase,
   ``mlp_block.SIGNAL_AFTER_UP``). Two switches, on by default where they apply, move a producer's finishing pass
   (bias, residual, cast) into its consumer, which streams all of that activation anyway (``kernels.XSum``):
-  ``defer_oproj_finish`` (o_proj's split-k reduction, into the MLP block) and ``defer_mlp_finish`` (the MLP block's,
-  into the next layer's q/k/v gather). A middle layer then has no last-program pass on its critical path.
+  ``defer_oproj_finish`` (o_proj's split-k reduction, into the MLP block, or into the dense MLP's up gather, which
+  then also writes the residual cuBLAS adds fc2 into) and ``defer_mlp_finish`` (the MLP block's, into the next
+  layer's q/k/v gather). A middle layer then has no last-program pass on its critical path.
   "At batch 1" is ``kernels._checks.FMA_MAX_BATCH``, the kernels' CUDA-core path; batch 2 runs as batch > 2, on the
   tensor-core paths (measured: bench/NOTES.md v15).
 A part at density 1 reads every row. At batch 1, by default, it runs the sparse path's gathers over every row where
@@ -109,10 +110,10 @@ class _TritonOps:
         return K.head_gather_down(a, wo_t, idx, hd, bias, res, validate=False, out=out, finish=finish, zero=zero,
                                   prewait=prewait, out2=out2, bias2=bias2)  # fmt: skip
 
-    def up(self, x, w1, w3, idx, bias, norm=None):  # -> [B, k]
+    def up(self, x, w1, w3, idx, bias, norm=None, x_sum=None):  # -> [B, k]
         if w3 is None:
-            return K.gather_up(x, w1, idx, bias, act="relu", norm=norm, validate=False)
-        return K.gather_swiglu(x, w1, w3, idx, norm=norm, validate=False)
+            return K.gather_up(x, w1, idx, bias, act="relu", norm=norm, validate=False, x_sum=x_sum)
+        return K.gather_swiglu(x, w1, w3, idx, norm=norm, validate=False, x_sum=x_sum)
 
     def down(self, h, w2t, idx, bias, res, out):
         return K.gather_down(h, w2t, idx, bias, res, validate=False, out=out)
@@ -157,7 +158,7 @@ class _TorchOps:
 
     def rows(self, x, w, idx, hd, bias, norm=None, x_sum=None, prewait=False):  # (no PDL here)
         if x_sum is not None:  # x made from the unfinished MLP block before, and written
-            x.copy_(K.x_sum_ref(x_sum, x.dtype))
+            K.x_sum_write_ref(x_sum, x)
         if norm is not None:
             x, bias = K.norm_ref(x, norm), norm.linear_bias
         return K.head_gather_gemv_ref(x, w, idx, hd, bias)
@@ -168,7 +169,9 @@ class _TorchOps:
             out2.copy_(out if bias2 is None else out + bias2)
         return out
 
-    def up(self, x, w1, w3, idx, bias, norm=None):
+    def up(self, x, w1, w3, idx, bias, norm=None, x_sum=None):
+        if x_sum is not None:  # x made from the unfinished o_proj before, and written (with x_sum.out2)
+            K.x_sum_write_ref(x_sum, x)
         if norm is not None:
             x, bias = K.norm_ref(x, norm), norm.linear_bias
         return K.gather_up_ref(x, w1, idx, bias, act="relu") if w3 is None else K.gather_swiglu_ref(x, w1, w3, idx)
@@ -296,7 +299,8 @@ class FastDecoder:
         fused_blocks = backend == "triton" and any(self._fused_mlp)
         self._mlp_ws = [K.mlp_workspace(d, self.device, B) for _ in range(2)] if fused_blocks else None
         # per layer, fp32 sums of an unfinished o_proj (defer_oproj_finish): [L, B * d], zero between uses
-        self._o_ws = torch.zeros(L, B * d, dtype=torch.float32, **dev) if fused_blocks else None
+        self._o_ws = torch.zeros(L, B * d, dtype=torch.float32, **dev) \
+            if fused_blocks or (backend == "triton" and any(self._up_gather)) else None  # fmt: skip
         # the q/k/v finish (RoPE, cache write, hole mask) inside the decode attention (kernels.qkv_decode_attention):
         # one launch fewer per layer. Only at B = 1: OPT-13B (0.1, 0.5) on an H200, same calls, B=1 3.155 / 3.138
         # against 3.289 / 3.282 ms per step, but B=4 4.436 against 4.263 (bench/NOTES.md, v6)
@@ -380,7 +384,9 @@ class FastDecoder:
         # critical path (read at capture; see _deferred for where it applies). o_proj likewise leaves its fp32 sums
         # (atomics, no split-k pass) and the fused MLP block makes the residual after attention from them as it
         # streams it (_deferred_o). H100, OPT-13B (0.1, 0.5): 3.420 ms, 3.324 with the first, 3.357 with the
-        # second, 3.258 with both (bench/NOTES.md v10)
+        # second, 3.258 with both (bench/NOTES.md v10). The dense step's up gather makes mid and x_next = mid + b2
+        # likewise (up_gather): H200, ours-dense OPT-13B 7.044 against 7.181 ms, LLaMA-2-7B 3.789 / 3.863, with the
+        # 16-row tiles that halve the programs reading the sums (gather_mlp.ROWS_WIDE_MAX; bench/NOTES.md v19)
         self.defer_mlp_finish = True
         self.defer_oproj_finish = True
         # the q/k/v gathers (but layer 0's, whose heads the kernel right before it chooses) and the MLP blocks read
@@ -390,7 +396,8 @@ class FastDecoder:
         self.prewait_gathers = False
         # a dense MLP part after the sparse path's o_proj (dense_mlp="up_gather", qkv_gather): the o_proj's epilogue
         # also writes x_next = mid + b2, into which cuBLAS adds fc2, instead of an elementwise launch of its own
-        # (A/B, read at capture; bench/profile_step.py's add_launch)
+        # (A/B, read at capture; bench/profile_step.py's add_launch), where the o_proj finishes its own sums (not
+        # deferred into the up gather, which then writes x_next)
         self.oproj_writes_next = True
         self._graph, self._graph_out, self._len = None, None, 0
 
@@ -699,19 +706,24 @@ class FastDecoder:
 
     def _oproj_writes_next(self, l: int) -> bool:
         """Does layer l's o_proj also write x_next = mid + b2 (oproj_writes_next)? Where the MLP part is the dense
-        up_gather and the o_proj is the column gather with its epilogue (not cuBLAS; never the unfinished o_proj of
-        _deferred_o, which is a sparse MLP block's)."""
-        return self.oproj_writes_next and self._up_gather[l] and (self.k_heads[l] < self.spec.n_heads
-                                                                  or self._qkv_gather[l])
+        up_gather and the o_proj is the column gather with its epilogue (not cuBLAS; not an unfinished o_proj of
+        _deferred_o, whose up gather writes x_next instead)."""
+        return self.oproj_writes_next and self._up_gather[l] and self._oproj_gather(l) and not self._deferred_o()[l]
+
+    def _oproj_gather(self, l: int) -> bool:
+        """Is layer l's o_proj the column gather (head_gather_down), not cuBLAS?"""
+        return self.k_heads[l] < self.spec.n_heads or self._qkv_gather[l]
 
     def _deferred_o(self) -> list[bool]:
-        """Per layer: does its o_proj leave its sums for its MLP block (defer_oproj_finish)? Where the o_proj is the
-        sparse one, the MLP block the fused one with its norm folded (it reads all of the residual after attention,
-        and nothing else does: lookahead predictors, B = 1). Each unfinished o_proj clears the previous one's sums,
-        so it takes at least two such layers (else none)."""
+        """Per layer: does its o_proj leave its sums for its MLP part (defer_oproj_finish)? Where the MLP part
+        reads all of the residual after attention with its norm folded, and nothing else reads it (lookahead
+        predictors, B = 1): the fused sparse MLP block after the sparse o_proj, or the dense MLP's up gather
+        (up_gather) after the o_proj gather, which then also writes x_next = mid + b2 for cuBLAS's fc2. Each
+        unfinished o_proj clears the previous one's sums, so it takes at least two such layers (else none)."""
         H = self.spec.n_heads
         ok = self.defer_oproj_finish and self._o_ws is not None and self.lookahead and self._fma
-        on = [ok and self.k_heads[l] < H and self._fused_mlp[l] and self._fold2[l] is not None
+        on = [ok and self._fold2[l] is not None and ((self.k_heads[l] < H and self._fused_mlp[l])
+                                                      or (self._up_gather[l] and self._oproj_gather(l)))
               for l in range(self.spec.n_layers)]  # fmt: skip
         return on if sum(on) >= 2 else [False] * len(on)
 
@@ -864,8 +876,10 @@ class FastDecoder:
             x_next.addmm_(act, mlp.w2t)
         elif up_gather:  # every neuron's up row (norm folded, activation fused), then x_next = mid + b2 + act @ w2t
             xin, b1 = (h2, mlp.b1) if fold2 is None else (mid, None)
-            act = ops.up(xin, mlp.w1, mlp.w3, self._nidx[l], b1, norm=fold2)
-            if not next_by_oproj:  # (else the o_proj has written x_next = mid + b2)
+            # o_defer: mid = (sums + bo) + x and x_next = mid + b2, both made and written by the up gather
+            x_sum = K.XSum(o_defer[0], at.bo, x, x_next, mlp.b2) if o_defer is not None else None
+            act = ops.up(xin, mlp.w1, mlp.w3, self._nidx[l], b1, norm=fold2, x_sum=x_sum)
+            if not next_by_oproj and x_sum is None:  # (else the o_proj or the up gather has written x_next)
                 if mlp.b2 is None:
                     x_next.copy_(mid)
                 else:
@@ -894,6 +908,7 @@ class FastDecoder:
         'main' on the critical path, 'side' the lookahead predictor for the next layer (overlapped)."""
         s, out = self.spec, []
         bias = s.attn_bias
+        deferred_o = self._deferred_o()
         for l in range(s.n_layers):
             dense_h, dense_m = self.k_heads[l] == s.n_heads and not self._qkv_gather[l], self._cublas_mlp[l]
             n = 0 if self._fold1[l] is not None else 1  # norm1 (+ residual init), unless folded
@@ -904,7 +919,7 @@ class FastDecoder:
             if dense_m:
                 n += (3 if s.mlp_bias else 2) + 1 if s.mlp_kind == "relu" else 5  # fc1 (+bias copy), relu, fc2
             elif self._up_gather[l]:  # the up gather over every neuron, [the residual copy (+ b2)], fc2
-                n += 2 if self._oproj_writes_next(l) else 3
+                n += 2 if self._oproj_writes_next(l) or deferred_o[l] else 3
             else:  # sparse_mlp, or gather_up / gather_swiglu + gather_down (split-k reduced in the same launch)
                 n += 1 if self._fused_mlp[l] else 2
             side = 0
