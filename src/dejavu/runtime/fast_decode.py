@@ -300,7 +300,7 @@ class FastDecoder:
         self._mlp_ws = [K.mlp_workspace(d, self.device, B) for _ in range(2)] if fused_blocks else None
         # per layer, fp32 sums of an unfinished o_proj (defer_oproj_finish): [L, B * d], zero between uses
         self._o_ws = torch.zeros(L, B * d, dtype=torch.float32, **dev) \
-            if fused_blocks or (backend == "triton" and any(self._up_gather)) else None  # fmt: skip
+            if backend == "triton" and any(self._fused_mlp + self._up_gather) else None  # fmt: skip
         # the q/k/v finish (RoPE, cache write, hole mask) inside the decode attention (kernels.qkv_decode_attention):
         # one launch fewer per layer. Only at B = 1: OPT-13B (0.1, 0.5) on an H200, same calls, B=1 3.155 / 3.138
         # against 3.289 / 3.282 ms per step, but B=4 4.436 against 4.263 (bench/NOTES.md, v6)
@@ -708,10 +708,11 @@ class FastDecoder:
         """Does layer l's o_proj also write x_next = mid + b2 (oproj_writes_next)? Where the MLP part is the dense
         up_gather and the o_proj is the column gather with its epilogue (not cuBLAS; not an unfinished o_proj of
         _deferred_o, whose up gather writes x_next instead)."""
-        return self.oproj_writes_next and self._up_gather[l] and self._oproj_gather(l) and not self._deferred_o()[l]
+        return self.oproj_writes_next and self._up_gather[l] and self._attn_gathers(l) and not self._deferred_o()[l]
 
-    def _oproj_gather(self, l: int) -> bool:
-        """Is layer l's o_proj the column gather (head_gather_down), not cuBLAS?"""
+    def _attn_gathers(self, l: int) -> bool:
+        """Are layer l's attention projections the gathers (q/k/v row gather, o_proj column gather), not cuBLAS? The
+        sparse heads', or every head's at B = 1 (dense_attn="qkv_gather")."""
         return self.k_heads[l] < self.spec.n_heads or self._qkv_gather[l]
 
     def _deferred_o(self) -> list[bool]:
@@ -723,7 +724,7 @@ class FastDecoder:
         H = self.spec.n_heads
         ok = self.defer_oproj_finish and self._o_ws is not None and self.lookahead and self._fma
         on = [ok and self._fold2[l] is not None and ((self.k_heads[l] < H and self._fused_mlp[l])
-                                                      or (self._up_gather[l] and self._oproj_gather(l)))
+                                                      or (self._up_gather[l] and self._attn_gathers(l)))
               for l in range(self.spec.n_layers)]  # fmt: skip
         return on if sum(on) >= 2 else [False] * len(on)
 
@@ -815,7 +816,7 @@ class FastDecoder:
         B, H, Hkv, hd = self.batch, s.n_heads, s.n_kv_heads, s.head_dim
         x, x_next, mid = self._x[l], self._x[l + 1], self._mid
         kh, kkv = self.k_heads[l], self.k_kv[l]
-        dense_heads, dense_mlp, up_gather = kh == H and not self._qkv_gather[l], self._cublas_mlp[l], self._up_gather[l]
+        dense_heads, dense_mlp, up_gather = not self._attn_gathers(l), self._cublas_mlp[l], self._up_gather[l]
         n1, n2, fold1, fold2 = blk.norm1, blk.norm2, self._fold1[l], self._fold2[l]
         # norm1 (unless folded into the q/k/v gather); a dense o_proj accumulates in place into mid, so
         # mid = x + bo is written here in the same pass
@@ -910,7 +911,7 @@ class FastDecoder:
         bias = s.attn_bias
         deferred_o = self._deferred_o()
         for l in range(s.n_layers):
-            dense_h, dense_m = self.k_heads[l] == s.n_heads and not self._qkv_gather[l], self._cublas_mlp[l]
+            dense_h, dense_m = not self._attn_gathers(l), self._cublas_mlp[l]
             n = 0 if self._fold1[l] is not None else 1  # norm1 (+ residual init), unless folded
             n += (2 if bias else 1) if dense_h else 1  # fused qkv GEMV (+ cuBLAS bias copy at M = 1) / one gather
             n += 2 if self.fuse_attn else 3  # [qkv_post (RoPE, q, K/V cache write, hole mask)], attention, combine
