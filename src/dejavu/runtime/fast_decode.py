@@ -524,14 +524,15 @@ class FastDecoder:
         return self.batch * sum(self.k_heads) * seq_len * s.head_dim * 2 * elem
 
     def describe(self) -> dict:
+        deferred_o = self._deferred_o()
         return {"batch": self.batch, "max_len": self.max_len, "kv_policy": self.kv_policy, "backend": self.backend,
                 "graph": self.use_graph, "overlap": self._side is not None, "lookahead": self.lookahead,
                 "fork_at": self.fork_at, "side_pdl": self.side_pdl, "prewait_gathers": self.prewait_gathers,
-                "defer_mlp_finish": any(self._deferred()), "defer_oproj_finish": any(self._deferred_o()),
+                "defer_mlp_finish": any(self._deferred()), "defer_oproj_finish": any(deferred_o),
                 "fuse_norm": self.fuse_norm, "fuse_mlp": any(self._fused_mlp), "fuse_attn": self.fuse_attn,
                 "neuron_topk": self._topk, "split_first_prediction": self._split0(), "dense_mlp": self.dense_mlp,
                 "dense_attn": self.dense_attn,
-                "oproj_writes_next": any(map(self._oproj_writes_next, range(self.spec.n_layers))),
+                "oproj_writes_next": any(self._oproj_writes_next(l, on) for l, on in enumerate(deferred_o)),
                 "fold_final_norm": self._fold_head(),
                 "k_heads": self.k_heads, "k_mlp": self.k_mlp, "k_kv": self.k_kv,
                 "kernels_per_layer": self._kernel_summary()}
@@ -704,11 +705,11 @@ class FastDecoder:
         return [ok and l + 1 < L and self._fused_mlp[l] and self._fused_mlp[l + 1] and self._fold1[l + 1] is not None
                 and self.k_heads[l + 1] < H for l in range(L)]  # fmt: skip
 
-    def _oproj_writes_next(self, l: int) -> bool:
+    def _oproj_writes_next(self, l: int, deferred: bool) -> bool:
         """Does layer l's o_proj also write x_next = mid + b2 (oproj_writes_next)? Where the MLP part is the dense
-        up_gather and the o_proj is the column gather with its epilogue (not cuBLAS; not an unfinished o_proj of
-        _deferred_o, whose up gather writes x_next instead)."""
-        return self.oproj_writes_next and self._up_gather[l] and self._attn_gathers(l) and not self._deferred_o()[l]
+        up_gather and the o_proj is the column gather with its epilogue (not cuBLAS; not ``deferred``, an unfinished
+        o_proj of _deferred_o, whose up gather writes x_next instead)."""
+        return self.oproj_writes_next and self._up_gather[l] and self._attn_gathers(l) and not deferred
 
     def _attn_gathers(self, l: int) -> bool:
         """Are layer l's attention projections the gathers (q/k/v row gather, o_proj column gather), not cuBLAS? The
@@ -852,7 +853,8 @@ class FastDecoder:
             fork()
         # o_proj's prewait: the kernels just before it (attention, combine) write only a, and the selection was joined
         # before the q/k/v gather, which has completed once they run
-        next_by_oproj = self._oproj_writes_next(l)  # and x_next = mid + b2, into which cuBLAS adds fc2
+        # and x_next = mid + b2, into which cuBLAS adds fc2
+        next_by_oproj = self._oproj_writes_next(l, o_defer is not None)
         if dense_heads:
             mid.addmm_(a.reshape(B, H * hd), at.wo_t)
         elif o_defer is not None:  # mid = (sums + bo) + x, made by the MLP block
@@ -920,7 +922,7 @@ class FastDecoder:
             if dense_m:
                 n += (3 if s.mlp_bias else 2) + 1 if s.mlp_kind == "relu" else 5  # fc1 (+bias copy), relu, fc2
             elif self._up_gather[l]:  # the up gather over every neuron, [the residual copy (+ b2)], fc2
-                n += 2 if self._oproj_writes_next(l) or deferred_o[l] else 3
+                n += 2 if self._oproj_writes_next(l, deferred_o[l]) or deferred_o[l] else 3
             else:  # sparse_mlp, or gather_up / gather_swiglu + gather_down (split-k reduced in the same launch)
                 n += 1 if self._fused_mlp[l] else 2
             side = 0
