@@ -63,6 +63,10 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
 * stream priorities: ``sparse_high_priority`` (the side stream created with priority -1), ``main_priority`` (the step
   captured on a stream of priority -1, ahead of the side stream's: ``FastDecoder.capture_priority``).
 
+A variant named again (``--variants sparse,X,sparse``) gets a decoder of its own, reported as ``sparse#2``: the first
+variant built in a process ran 0.2-1.1% slower than identical later ones (bench/NOTES.md v21), so an A/B compares
+against the repeat.
+
 Per variant: median graph-replay time (``--rounds`` interleaved rounds of 60 replays), and a torch.profiler trace of
 graph replays, reduced to the kernel time per step by kernel name and stream, the gap (span minus busy time) on the
 main stream, and the middle replay's timeline ([kernel, stream, start us, duration us], from its first kernel's
@@ -228,7 +232,9 @@ def main():
                          "rows_narrow,rows_wide_window,reduce_serial,reduce_padded_rows,fork_{start,qkv,attn,oproj},main_priority,"
                          "finish_mlp,finish_o,"
                          "prewait_gathers,attn_pipelined,l0_inline,embed_nopdl,embed_torch,head_cublas,fma_max_2; "
-                         "join several with '+'")
+                         "join several with '+'; a variant named again gets a decoder of its own, reported as "
+                         "name#2, ... (bench/NOTES.md v21: the first variant built in a process ran 0.2-1.1%% slower "
+                         "than identical later ones; name the baseline first and again last)")
     ap.add_argument("--tag", default="", help="suffix of the output file name (e.g. _pdl0 for an A/B run)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per variant (median)")
     ap.add_argument("--batch", type=int, default=1)
@@ -299,8 +305,10 @@ def main():
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; choose from {sorted(variants)} (or join them with '+')")
     decs = {}
-    for name in chosen:
+    for i, name in enumerate(chosen):
         parts = name.split("+")
+        if name in chosen[:i]:  # a repeat (e.g. the baseline first and last): its own decoder, named name#n
+            name = f"{name}#{chosen[:i + 1].count(name)}"
         merged = {}  # knobs that set one name: the last wins, but sets of kernel names (PDL_*) are joined
         for mod, attr, value in (knobs[p] for p in parts if p in knobs):
             prev = merged.get((mod, attr))

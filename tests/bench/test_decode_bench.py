@@ -136,7 +136,10 @@ def test_driver_end_to_end_on_cpu(tmp_path, monkeypatch):
                               json=False, n_new=4, prompt_len=6, repeats=1, modes=None, kv_policy="selected",
                               budget_s=300, hf_compile_timeout=10, hf_compile_batches="1", no_check=False,
                               kernels=False, merge=None)  # fmt: skip
-    logs = []
+    logs, warm = [], []
+    real_warm_up = decode.warm_up_ours
+    monkeypatch.setattr(decode, "warm_up_ours", lambda bench, model, preds, md, hd, batch: (
+        warm.append((preds is None, md, hd, batch)), real_warm_up(bench, model, preds, md, hd, batch)))
     try:
         result = decode.main(args, logs.append)
     finally:
@@ -144,6 +147,7 @@ def test_driver_end_to_end_on_cpu(tmp_path, monkeypatch):
     rows = result["rows"]
     errors = [r for r in rows if r.get("error")]
     assert [r["model"] for r in errors] == ["nope"], errors
+    assert warm == [(True, 1.0, 1.0, 1)]  # one throwaway decoder a process, of the first timed unit; no row of its own
     per_model = 2 * (1 + len(decode.SPARSE_POINTS)) + 2 + 1  # ours x batches, hf-eager x batches, hf-compile B=1
     assert len(rows) == 2 * per_model + 1
     sparse = [r for r in rows if r["mode"] == "ours-sparse" and r["batch"] == 1 and r["mlp_density"] == 0.1

@@ -151,6 +151,7 @@ class Bench:
         self.out = Path(getattr(args, "out", None) or "results/bench")
         self.gpu = _gpu_name()
         self.broken = None  # set when a CUDA error poisons the context
+        self.warmed = False  # a throwaway decoder has been built and run in this process (warm_up_ours)
         self.checks: dict[str, dict] = {}
         self.result = {"gpu": self.gpu, "copy_bw_gbps": None, "rows": [], "command": " ".join(sys.argv),
                        "notes": self._notes(), "torch": torch.__version__,
@@ -179,7 +180,9 @@ class Bench:
                 "(reduce-overhead), in a subprocess with a time limit.",
                 "ours-*: CUDA-event time per graph replay incl. token copy-in and argmax. bytes_per_token = weight "
                 "bytes per step (selected rows, dense parts, predictors run, LM head, biases, norms); KV reads in "
-                "kv_bytes_per_token (mean context); roofline_ms = bytes_per_token / copy_bw (read+write counted).",
+                "kv_bytes_per_token (mean context); roofline_ms = bytes_per_token / copy_bw (read+write counted). "
+                "Each process first builds and runs a throwaway decoder (warm_up_ours): the first decoder of a "
+                "process ran up to ~1% slower (bench/NOTES.md v21).",
                 f"ours-sparse kv_policy={self.kv_policy!r}; lookahead predictors on a side stream inside the graph."]
 
     def log(self, msg):
@@ -257,6 +260,26 @@ def time_ours(bench: Bench, name, model, preds, md, hd, batch, weights):
     bench.add(row)
 
 
+def warm_up_ours(bench: Bench, model, preds, md, hd, batch):
+    """Build, capture and run a throwaway decoder of the first timed unit's configuration, then free it. In one
+    process the first decoder built ran 0.2-1.1% slower than identical later ones (H200, bench/NOTES.md v21: with
+    ``bench/profile_step.py``'s decoders side by side, and here, built and freed one at a time: OPT-13B ours-dense
+    7.137 ms first, 7.073 / 7.068 ms for the next two), so no timed row should be the process's first decoder."""
+    from ..runtime.fast_decode import FastDecoder
+
+    kvp = "all" if preds is None else bench.kv_policy
+    dec = FastDecoder(model, preds, md, hd, batch=batch, max_len=bench.prompt_len + bench.n_new, kv_policy=kvp,
+                      backend=BACKEND)
+    try:
+        if dec.use_graph:
+            dec.capture()
+        dec.generate(prompt_ids(model.spec.vocab_size, batch, bench.prompt_len, DEVICE), 4)
+        bench.warmed = True
+    finally:
+        del dec
+        _free()
+
+
 @torch.no_grad()
 def check_ours(bench: Bench, name, model, preds):
     """Correctness at batch 1 before timing (fp16): dense runtime vs model.forward with a cache; sparse graph vs
@@ -322,6 +345,10 @@ def run_ours(bench: Bench, name, spec, real: bool):
         for b in bench.batches:
             units = ([(None, 1.0, 1.0)] if "ours-dense" in bench.modes else []) + \
                     ([(preds, m, h) for m, h in points] if "ours-sparse" in bench.modes else [])
+            if units and not bench.warmed:  # no timed row is the process's first decoder
+                p0, m0, h0 = units[0]
+                bench.guarded("warm-up", lambda mdl=model: warm_up_ours(bench, mdl, p0, m0, h0, b),
+                              report.make_row(name, b, "ours-warm-up", gpu=bench.gpu, weights=weights))
             for p, m, h in units:
                 mode = "ours-dense" if p is None else "ours-sparse"
                 fail = report.make_row(name, b, mode, mlp_density=m, head_density=h, gpu=bench.gpu, weights=weights,
