@@ -264,7 +264,8 @@ def warm_up_ours(bench: Bench, model, preds, md, hd, batch):
     """Build, capture and run a throwaway decoder of the first timed unit's configuration, then free it. In one
     process the first decoder built ran 0.2-1.1% slower than identical later ones (H200, bench/NOTES.md v21: with
     ``bench/profile_step.py``'s decoders side by side, and here, built and freed one at a time: OPT-13B ours-dense
-    7.137 ms first, 7.073 / 7.068 ms for the next two), so no timed row should be the process's first decoder."""
+    7.137 ms first, 7.073 / 7.068 ms for the next two dense decoders, with sparse ones between), so no timed row
+    should be the process's first decoder. Sets ``bench.warmed`` once the throwaway decoder has run."""
     from ..runtime.fast_decode import FastDecoder
 
     kvp = "all" if preds is None else bench.kv_policy
