@@ -229,13 +229,20 @@ def _list(s) -> list[str]:
 # ---- ours ------------------------------------------------------------------------------------------------------------
 
 
-def time_ours(bench: Bench, name, model, preds, md, hd, batch, weights):
+def _ours_decoder(bench: Bench, model, preds, md, hd, batch):
+    """The decoder a timed ours-* unit runs: ours-dense (preds None) keeps every KV head, ours-sparse the bench's
+    kv_policy."""
     from ..runtime.fast_decode import FastDecoder
 
-    mode = "ours-dense" if preds is None else "ours-sparse"
     kvp = "all" if preds is None else bench.kv_policy
-    dec = FastDecoder(model, preds, md, hd, batch=batch, max_len=bench.prompt_len + bench.n_new, kv_policy=kvp,
-                      backend=BACKEND)
+    return FastDecoder(model, preds, md, hd, batch=batch, max_len=bench.prompt_len + bench.n_new, kv_policy=kvp,
+                       backend=BACKEND)
+
+
+def time_ours(bench: Bench, name, model, preds, md, hd, batch, weights):
+    mode = "ours-dense" if preds is None else "ours-sparse"
+    dec = _ours_decoder(bench, model, preds, md, hd, batch)
+    kvp = dec.kv_policy
     try:
         t = time.perf_counter()
         if dec.use_graph:
@@ -266,11 +273,7 @@ def warm_up_ours(bench: Bench, model, preds, md, hd, batch):
     ``bench/profile_step.py``'s decoders side by side, and here, built and freed one at a time: OPT-13B ours-dense
     7.137 ms first, 7.073 / 7.068 ms for the next two dense decoders, with sparse ones between), so no timed row
     should be the process's first decoder. Sets ``bench.warmed`` once the throwaway decoder has run."""
-    from ..runtime.fast_decode import FastDecoder
-
-    kvp = "all" if preds is None else bench.kv_policy
-    dec = FastDecoder(model, preds, md, hd, batch=batch, max_len=bench.prompt_len + bench.n_new, kv_policy=kvp,
-                      backend=BACKEND)
+    dec = _ours_decoder(bench, model, preds, md, hd, batch)
     try:
         if dec.use_graph:
             dec.capture()
