@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 from dejavu.accounting import bytes_summary, predictor_params  # noqa: E402
 from dejavu.kernels import _checks as KC  # noqa: E402
 from dejavu.predictors.model import PredictorSet  # noqa: E402
-from dejavu.runtime.fast_decode import FastDecoder  # noqa: E402
+from dejavu.runtime.fast_decode import FastDecoder, distinct_streams  # noqa: E402
 from dejavu.runtime.policy import PredictorPolicy  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -414,7 +414,48 @@ def test_bytes_accounting(tiny):
     assert sel.kv_bytes(10) == sum(sel.k_heads) * 10 * s.head_dim * 2 * 4
 
 
+class _PoolStream:
+    def __init__(self, handle):
+        self.cuda_stream = handle
+
+
+def test_distinct_streams_skips_pool_repeats():
+    """torch.cuda.Stream() cycles through a pool: distinct_streams skips the streams it has handed out already and
+    those in avoid, and says so when the pool has nothing else."""
+    pool = [1, 2, 3, 4]
+    drawn = []
+
+    def make(prio):
+        drawn.append(prio)
+        return _PoolStream(pool[(len(drawn) - 1) % len(pool)])
+
+    got = distinct_streams("cuda", 2, priority=-1, avoid=(_PoolStream(1), None, _PoolStream(3)), make=make)
+    assert [s.cuda_stream for s in got] == [2, 4] and set(drawn) == {-1}
+    again = distinct_streams("cuda", 3, avoid=(got[0],), make=make)  # the pool wraps around: 1, 3 then 4 (2 avoided)
+    assert [s.cuda_stream for s in again] == [1, 3, 4]
+    with pytest.raises(RuntimeError, match="distinct from 2 others"):
+        distinct_streams("cuda", 3, avoid=(_PoolStream(1), _PoolStream(2)), make=make)
+
+
 # ---- GPU: graph capture and timing ---------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_decoders_never_capture_on_their_side_streams(tiny):
+    """More decoders than torch's stream pool holds (32 a priority), one after another as the bench builds them:
+    each captures on a stream that is neither of its side streams, else its lookahead predictors would run in series
+    with the step (bench/NOTES.md v22)."""
+    _, model = tiny
+    model = model.to(device="cuda", dtype=torch.float16)
+    p = _predictors(model.spec)
+    for i in range(24):  # three pool streams a decoder (side, layer 0's side, capture): the pool wraps twice
+        dec = FastDecoder(model, p, 0.5, 0.5, batch=1 + 3 * (i % 2), max_len=16)
+        assert dec._side is not None and dec._side0 is not None
+        dec.capture()
+        handles = [s.cuda_stream for s in (dec._side, dec._side0, dec._capture_stream)]
+        assert len(set(handles)) == 3, (i, handles)
+        del dec
 
 
 @pytest.mark.gpu

@@ -73,6 +73,28 @@ from ..kernels import fused_ops as FO
 from ..models.decoder import KV_POLICIES, DecoderLM, KVCache
 from .policy import k_for, per_layer
 
+
+def distinct_streams(device, n: int, priority: int = 0, avoid=(), make=None) -> list:
+    """``n`` CUDA streams whose handles differ from each other's and from those of the streams in ``avoid`` (None
+    entries ignored). ``torch.cuda.Stream()`` hands out the streams of a process-wide pool, 32 a priority in turn,
+    so two calls can return the same stream, and ``torch.cuda.graph`` captures on one pool stream a process unless
+    given its own. A decoder whose side stream was its capture stream ran its lookahead predictors in series with
+    the step: OPT-13B at B=16 (0.1, 0.5) on an H200, the 15th decoder of a bench process, 7.62 against 4.88 ms for the
+    next identical one (bench/NOTES.md v22). ``make(priority)`` makes a stream (default: ``torch.cuda.Stream``)."""
+    make = make or (lambda prio: torch.cuda.Stream(device, priority=prio))
+    taken = {s.cuda_stream for s in avoid if s is not None}
+    n_avoid, out = len(taken), []
+    for _ in range(64 * (n + n_avoid)):  # a pool of 32 repeats itself within 32 draws
+        s = make(priority)
+        if s.cuda_stream not in taken:
+            taken.add(s.cuda_stream)
+            out.append(s)
+            if len(out) == n:
+                return out
+    raise RuntimeError(f"no {n} CUDA streams of priority {priority} distinct from {n_avoid} others: the stream "
+                       "pool returned only streams already in use")
+
+
 BACKENDS = ("triton", "torch")
 FORK_POINTS = ("start", "qkv", "attn", "oproj")
 """FastDecoder.fork_at: the side stream's prediction of layer l+1 forks from x_l at the start of layer l (its first
@@ -349,7 +371,8 @@ class FastDecoder:
             self._radix = K.predictor_ops.radix_workspace(self.device)
         self._topk = "radix-gemv" if self._radix is not None else "torch"
         overlap = cuda and overlap and self.lookahead and predictors is not None
-        self._side = torch.cuda.Stream(self.device) if overlap else None  # lookahead predictors run here
+        # lookahead predictors run here; streams of this decoder's own (distinct_streams says why)
+        self._side = distinct_streams(self.device, 1)[0] if overlap else None
         # layer 0 has no layer before it to hide its prediction behind: its heads are chosen on the main stream (their
         # own first factor), and its neurons, needed only before its MLP block, on a stream of their own with their
         # own buffers (it may overlap the side stream's prediction of layer 1) and its own copy of x0, joined before
@@ -359,7 +382,7 @@ class FastDecoder:
         self._side0 = self._bufs0 = None
         if overlap and "mlp" in l0:
             lo, hi = l0["mlp"][:2]
-            self._side0 = torch.cuda.Stream(self.device)
+            self._side0 = distinct_streams(self.device, 1, avoid=(self._side,))[0]
             self._bufs0 = {"x": torch.zeros(B, d, dtype=self.dtype, **dev),
                            "xa": {hi - lo: torch.zeros(B, hi - lo, dtype=torch.float32, **dev)},
                            "scores": torch.zeros(1, N, dtype=self.dtype, **dev),
@@ -399,7 +422,7 @@ class FastDecoder:
         # (A/B, read at capture; bench/profile_step.py's add_launch), where the o_proj finishes its own sums (not
         # deferred into the up gather, which then writes x_next)
         self.oproj_writes_next = True
-        self._graph, self._graph_out, self._len = None, None, 0
+        self._graph, self._graph_out, self._capture_stream, self._len = None, None, None, 0
 
     # ---- setup ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -590,28 +613,28 @@ class FastDecoder:
 
     @torch.no_grad()
     def capture(self, warmup: int = 2):
-        """Capture one decode step in a CUDA graph. Warm-up runs (Triton JIT, cuBLAS handles, allocator) happen on
-        a side stream first; each rewinds the position, so they only write the next slot, which the real step
-        rewrites before anything reads it."""
+        """Capture one decode step in a CUDA graph, on a stream of this decoder's own that is none of its side
+        streams (distinct_streams). Warm-up runs (Triton JIT, cuBLAS handles, allocator) happen on that stream
+        first; each rewinds the position, so they only write the next slot, which the real step rewrites before
+        anything reads it."""
         if not self.use_graph:
             raise ValueError("capture() needs CUDA and use_graph=True")
         if self._len >= self.max_len:
             raise ValueError("KV cache full: no slot for the capture warm-up")
         pos0 = self._pos.clone()
-        s = torch.cuda.Stream(self.device)
-        s.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(s):
+        stream = distinct_streams(self.device, 1, self.capture_priority, avoid=(self._side, self._side0))[0]
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
             for _ in range(warmup):
                 self._step()
                 self._pos.copy_(pos0)
-        torch.cuda.current_stream(self.device).wait_stream(s)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         g = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream(self.device, priority=self.capture_priority) if self.capture_priority else None
         with torch.cuda.graph(g, stream=stream):
             out = self._step()
         self._pos.copy_(pos0)  # capture does not execute, but be explicit
-        self._graph, self._graph_out = g, out
+        self._graph, self._graph_out, self._capture_stream = g, out, stream
 
     def _step(self) -> torch.Tensor:
         """One decode step on static buffers: self._tok at self._pos -> logits (B, V); advances self._pos."""
