@@ -3,7 +3,8 @@
 The B=1 launch configurations of one sparse (0.1, 0.5) OPT-13B layer, as the runtime's heuristics pick them, compiled
 with PDL (as launched on Hopper) by this machine's Triton: a middle layer, whose q/k/v gather finishes the MLP block
 before it and whose o_proj and MLP block leave their sums unfinished (``defer_mlp_finish``, ``defer_oproj_finish``,
-v10); the MLP block also with the register cap of the ``mlp_maxnreg_128`` A/B (bench/NOTES.md, v7). Prints a table
+v10); the MLP block also with the register cap of the ``mlp_maxnreg_128`` A/B (bench/NOTES.md, v7) and in the
+schedule its rule does not pick here (``mlp_block.one_loop``, v23). Prints a table
 and writes ``kernel_resources_sm90.json`` to ``--out``.
 
     PYTHONPATH=src python bench/kernel_resources.py --out results/bench/profile
@@ -65,8 +66,16 @@ def cases():
         stride_ob=D, stride_xr=D, ACT=1, NORM=1, HAS_B1=True, HAS_B2=False, HAS_RES=False, DOT_FP32=False,
         FENCE=False, FINISH=False, ZERO=True, BLOCK_Z=next_pow2(cdiv(D, cdiv(KM, mlp["BLOCK_N"]))), X_SUM=True,
         HAS_XB=True, PREWAIT=False, **mlp)
-    yield "MLP block (sparse_mlp)", MB._sparse_mlp_kernel, mlp_args, {}
+    yield f"MLP block (sparse_mlp), {'one loop' if mlp['ONE_LOOP'] else 'two loops'}", MB._sparse_mlp_kernel, \
+        mlp_args, {}
     yield "MLP block, maxnreg=128", MB._sparse_mlp_kernel, mlp_args, {"maxnreg": 128}
+    if mlp["ONE_LOOP"]:  # also the schedule the rule picks for more programs than SMs (bench/NOTES.md v23)
+        saved, MB.ONE_LOOP = MB.ONE_LOOP, False
+        try:
+            two = MB._mlp_config(1, KM, D, False, cpu)
+        finally:
+            MB.ONE_LOOP = saved
+        yield "MLP block, two loops", MB._sparse_mlp_kernel, dict(mlp_args, **two), {}
     for name, n, d, first in (("predictor first factors", 2 * R, D, True), ("neuron scores", FFN, R, False)):
         yield name, P._lowrank_gemv_kernel, dict(
             x_ptr=F16 if first else F32, w_ptr=F16, bias_ptr=F16, out_ptr=F32 if first else F16, hist_ptr=I32, B=1, N=n,

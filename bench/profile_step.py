@@ -25,6 +25,8 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   programs per SM: ``gather_mlp.DOWN_PROGRAMS_PER_SM``), ``mlp_maxnreg_128`` (the MLP block capped at 128 registers
   a thread: ``mlp_block.MAXNREG``), ``mlp_cols_<n>`` (the MLP block's down phase in steps of n output columns:
   ``mlp_block.DOWN_COLS``), ``mlp_rows_<n>`` (the MLP block's neurons a program at B <= 2: ``mlp_block.ROWS``),
+  ``mlp_one_loop`` / ``mlp_two_loops`` (the MLP block's two phases forced into one pipelined loop, or each in its
+  own: ``mlp_block.ONE_LOOP``; by default its rule ``mlp_block.one_loop`` picks),
   ``attn_pipelined`` (the decode attention's tile loop 3 stages deep even where each split holds one tile:
   ``decode_attention.ONE_TILE_UNPIPELINED`` off), ``gemv_cap_<n>`` (the predictors' GEMVs on at most n programs,
   each looping over its row blocks: ``predictor_ops.GEMV_MAX_PROGRAMS``), ``rows_tile_<k>_<d>`` (the q/k/v gather's
@@ -228,7 +230,7 @@ def main():
                          "side_pdl_{on,off,first,heads,scores,mlp},"
                          "nopdl_{rows,attn,combine,oproj,mlp},signal_exit_{rows,attn,combine,oproj,mlp,gemv},"
                          "oproj_signal_after_loop,mlp_signal_early,mlp_maxnreg_128,gemv_cap_{32,64,132,264,396,528},"
-                         "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},mlp_rows_{8,32},"
+                         "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},mlp_rows_{8,32},mlp_one_loop,mlp_two_loops,"
                          "rows_narrow,rows_wide_window,reduce_serial,reduce_padded_rows,fork_{start,qkv,attn,oproj},main_priority,"
                          "finish_mlp,finish_o,"
                          "prewait_gathers,attn_pipelined,l0_inline,embed_nopdl,embed_torch,head_cublas,fma_max_2; "
@@ -282,6 +284,8 @@ def main():
     knobs.update({f"gemv_cap_{n}": (PO, "GEMV_MAX_PROGRAMS", n) for n in (32, 64, 132, 264, 396, 528)})
     knobs.update({f"mlp_cols_{n}": (MB, "DOWN_COLS", n) for n in (256, 1024)})
     knobs.update({f"mlp_rows_{n}": (MB, "ROWS", n) for n in (8, 32)})
+    knobs["mlp_one_loop"] = (MB, "ONE_LOOP", True)
+    knobs["mlp_two_loops"] = (MB, "ONE_LOOP", False)
     knobs["rows_narrow"] = (GM, "ROWS_WIDE", False)
     knobs["rows_wide_window"] = (GM, "ROWS_WIDE_MAX", 4)
     knobs["reduce_serial"] = (GM, "REDUCE_BLOCK_S", 1)

@@ -178,16 +178,21 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
               BLOCK_S=1 if cfg["USE_DOT"] else 16, BLOCK_R=min(cfg["BLOCK_B"], 4),
               DOT_FP32=dt == torch.float32, **cfg), nw, cfg["NUM_STAGES"], early=acc or B == 16,
               mode=(1, 2, 3)[i % 3])  # the three PDL modes (use_pdl) over the configurations
-    for B, act in ((1, 1), (2, 2), (16, 1)):  # the whole MLP block; OPT with a folded layernorm, SwiGLU rmsnorm
+    # the whole MLP block; OPT with a folded layernorm (B = 1: one loop, as the rule picks at these shapes, and two
+    # loops, which read early), SwiGLU with a folded rmsnorm
+    for B, act, one in ((1, 1, True), (1, 1, False), (2, 2, None), (16, 1, None)):
+        MB.ONE_LOOP = one
         cfg = MB._mlp_config(B, 2048, 5120, act == 2, cpu); nw = cfg.pop("num_warps")
+        early = B <= 2 and not cfg["ONE_LOOP"]
         build(MB._sparse_mlp_kernel, dict(x_ptr=dt, w1_ptr=dt, w3_ptr=dt, w2t_ptr=dt, idx_ptr=torch.int64,
               b1_ptr=torch.float32, b2_ptr=dt, res_ptr=dt, out_ptr=dt, acc_ptr=torch.float32, cnt_ptr=torch.int32,
               g_ptr=dt, rg_ptr=torch.float32, zero_ptr=torch.float32, xs_ptr=torch.float32, xb_ptr=dt, xr_ptr=dt,
               B=B, K=2048, D=5120, eps=1e-5, n_zero=5120, stride_xb=5120, stride_xd=1, stride_w1n=5120,
               stride_w3n=5120, stride_w2n=5120, stride_rb=5120, stride_ob=5120, stride_xr=5120, ACT=act, NORM=act,
               HAS_B1=act == 1, HAS_B2=act == 1, HAS_RES=True, DOT_FP32=dt == torch.float32, FENCE=True,
-              FINISH=B != 1, ZERO=B <= 2, BLOCK_Z=64, X_SUM=B <= 2, HAS_XB=act == 1, PREWAIT=B <= 2, **cfg), nw,
-              cfg["NUM_STAGES"], early=B <= 2, mode=3 if act == 1 else 1)  # 3: the runtime's, signal after the up phase
+              FINISH=B != 1, ZERO=B <= 2, BLOCK_Z=64, X_SUM=B <= 2, HAS_XB=act == 1, PREWAIT=early, **cfg), nw,
+              cfg["NUM_STAGES"], early=early, mode=3 if act == 1 else 1)  # 3: the runtime's, signal after the up phase
+    MB.ONE_LOOP = None
     for ln in (True, False):
         build(FO._norm_kernel, dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, y_ptr=dt, rb_ptr=dt, init_ptr=dt, D=5120, eps=1e-5,
               stride_x=5120, stride_y=5120, stride_i=5120, IS_LN=ln, HAS_W=True, HAS_B=ln, HAS_INIT=True,

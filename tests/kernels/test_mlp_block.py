@@ -5,6 +5,8 @@ and 16, ReLU with biases and residual (OPT) and SwiGLU (LLaMA), folded norms, an
 next launch.
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -115,17 +117,10 @@ def test_sparse_mlp_unfinished_rejects():
         sparse_mlp(**a, workspace=ws, zero=ws["acc"])
 
 
-@pytest.mark.usefixtures("fma_batch_2")
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("B", [1, 2])
-@pytest.mark.parametrize("finish", [True, False], ids=["finished", "unfinished"])
-@pytest.mark.parametrize("kind,swiglu", [("layernorm", False), ("rmsnorm", True)])
-def test_sparse_mlp_x_sum(kind, swiglu, finish, B, dtype):
-    """x made from the unfinished o_proj before the block (XSum): every program makes it, program 0 writes it
-    into x exactly as the o_proj would have stored it, and the block's residual may be that x (OPT: layernorm
-    folded, biases; LLaMA: rmsnorm folded, SwiGLU)."""
-    d, n, k = 600, 37, 13
-    g = make_gen("sparse_mlp_xsum", kind, swiglu, finish, B, dtype)
+def _check_x_sum(d, n, k, kind, swiglu, finish, B, dtype, tag):
+    """The block with x made from the unfinished o_proj's sums (XSum) against the reference; the workspace left
+    clean."""
+    g = make_gen(tag, d, kind, swiglu, finish, B, dtype)
     w1, w3, w2t = _weights(d, n, dtype, g, swiglu)
     b1 = None if swiglu else randn(n, dtype=dtype, gen=g)
     gain = (1.0 + 0.3 * randn(d, gen=g)).to(dtype)
@@ -136,48 +131,79 @@ def test_sparse_mlp_x_sum(kind, swiglu, finish, B, dtype):
     b2 = None if swiglu else randn(d, dtype=dtype, gen=g)
     idx = rand_index(n, k, gen=g)
     x = poisoned((B, d), dtype)
+    ws = mlp_workspace(d, DEVICE, B)
     got = sparse_mlp(x, w1, w2t, idx, None, b2 if finish else None, x if finish else None, w3=w3, norm=fold,
-                     x_sum=xs, finish=finish, out=poisoned((B, d), dtype))  # fmt: skip
+                     x_sum=xs, finish=finish, workspace=ws, out=poisoned((B, d), dtype))  # fmt: skip
     made = x_sum_ref(xs, dtype)
     assert torch.equal(x, made), "x must be written exactly as the o_proj would have stored it"
     if finish:
         check_against(got, sparse_mlp_ref, (made, w1, w2t, idx, None, b2, made), {"w3": w3, "norm": fold},
                       dtype=dtype)  # fmt: skip
+        assert not ws["acc"].any() and not ws["cnt"].any()
     else:
         check_against(got.to(dtype), sparse_mlp_ref, (made, w1, w2t, idx), {"w3": w3, "norm": fold}, dtype=dtype)
 
 
 @pytest.mark.usefixtures("fma_batch_2")
-def test_sparse_mlp_x_sum_rejects():
-    a, _ = _args()
-    x = a["x"]
-    xs = XSum(torch.zeros(2, 64, device=DEVICE), None, x)
-    with pytest.raises(ValueError, match="residual is read"):
-        sparse_mlp(**a, x_sum=xs)
-    ok = XSum(xs.sums, None, x.clone())
-    with pytest.raises(ValueError, match="another buffer"):
-        sparse_mlp(**a, x_sum=ok, out=x)
-    with pytest.raises(ValueError, match="row gathers only"):
-        sparse_mlp(**a, x_sum=XSum(xs.sums, None, x.clone(), torch.zeros_like(x)))
-    with pytest.raises(ValueError, match=r"batch <= \d"):
-        x3 = randn(3, 64, dtype=torch.float16)
-        sparse_mlp(**dict(a, x=x3), x_sum=XSum(torch.zeros(3, 64, device=DEVICE), None, x3.clone()))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("finish", [True, False], ids=["finished", "unfinished"])
+@pytest.mark.parametrize("kind,swiglu", [("layernorm", False), ("rmsnorm", True)])
+def test_sparse_mlp_x_sum(kind, swiglu, finish, B, dtype):
+    """x made from the unfinished o_proj before the block (XSum): every program makes it, program 0 writes it
+    into x exactly as the o_proj would have stored it, and the block's residual may be that x (OPT: layernorm
+    folded, biases; LLaMA: rmsnorm folded, SwiGLU)."""
+    _check_x_sum(600, 37, 13, kind, swiglu, finish, B, dtype, "sparse_mlp_xsum")
 
 
-@pytest.mark.parametrize("rows", [8, 32])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("finish", [True, False], ids=["finished", "unfinished"])
+@pytest.mark.parametrize("kind,swiglu", [("layernorm", False), ("rmsnorm", True)])
+@pytest.mark.parametrize("d,n,k", [(300, 40, 17), (1100, 40, 33)])
+@pytest.mark.usefixtures("fma_batch_2")
+def test_sparse_mlp_one_loop(d, n, k, kind, swiglu, finish, B, dtype, monkeypatch):
+    """mlp_block.ONE_LOOP forced (both phases in one pipelined loop, SwiGLU too) changes the schedule, not the
+    result: as test_sparse_mlp_x_sum, with one up chunk (d = 300) or several (d = 1100)."""
+    monkeypatch.setattr(SM, "ONE_LOOP", True)
+    _check_x_sum(d, n, k, kind, swiglu, finish, B, dtype, "sparse_mlp_one_loop")
+
+
+@pytest.mark.parametrize("one", [True, False], ids=["one_loop", "two_loops"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("swiglu", [False, True], ids=["relu", "swiglu"])
-def test_sparse_mlp_rows_knob(rows, swiglu, monkeypatch):
-    """The A/B knob mlp_block.ROWS (neurons a program at B <= 2) changes the tiling, not the result."""
-    monkeypatch.setattr(SM, "ROWS", rows)
-    assert SM._mlp_config(1, 64, 600, swiglu, torch.device("cpu"))["BLOCK_N"] == rows
-    d, n, k = 600, 70, 45
-    g = make_gen("sparse_mlp_rows", rows, swiglu)
-    x = randn(1, d, gen=g)
-    w1, w3, w2t = _weights(d, n, torch.float32, g, swiglu)
-    b1 = None if swiglu else randn(n, gen=g)
+@pytest.mark.parametrize("d,n,k", [(600, 70, 45), (1100, 40, 1), (520, 33, 33)])
+def test_sparse_mlp_loops_forced(d, n, k, swiglu, dtype, one, monkeypatch):
+    """Either schedule of the FMA path, forced by mlp_block.ONE_LOOP for both activations, gives the reference's
+    result with its bias, residual and finish (one up chunk or several; k = 1; k = n)."""
+    monkeypatch.setattr(SM, "ONE_LOOP", one)
+    assert SM._mlp_config(1, k, d, swiglu, torch.device("cpu"))["ONE_LOOP"] is one
+    g = make_gen("sparse_mlp_loops", d, k, swiglu, dtype, one)
+    x = randn(1, d, dtype=dtype, gen=g)
+    w1, w3, w2t = _weights(d, n, dtype, g, swiglu)
+    b1 = None if swiglu else randn(n, dtype=dtype, gen=g)
+    b2, res = randn(d, dtype=dtype, gen=g), randn(1, d, dtype=dtype, gen=g)
     idx = rand_index(n, k, gen=g)
-    got = sparse_mlp(x, w1, w2t, idx, b1, w3=w3)
-    check_against(got, sparse_mlp_ref, (x, w1, w2t, idx, b1), {"w3": w3}, dtype=torch.float32)
+    got = sparse_mlp(x, w1, w2t, idx, b1, b2, res, w3=w3)
+    check_against(got, sparse_mlp_ref, (x, w1, w2t, idx, b1, b2, res), {"w3": w3}, dtype=dtype)
+
+
+def test_sparse_mlp_one_loop_rule(monkeypatch):
+    """ONE_LOOP = None: one loop for ReLU blocks whose 16-neuron programs fit one to an SM (OPT-13B and OPT-6.7B at
+    density 0.1 on 132 SMs), two loops for SwiGLU and for more programs than SMs (OPT-30B at 0.1); True / False
+    force it; the tensor-core path (B above FMA_MAX_BATCH) always runs two loops."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(SM, "num_sms", lambda device: 132)
+    monkeypatch.setattr(SM, "ONE_LOOP", None)
+    cfg = functools.partial(SM._mlp_config, device=cpu)
+    assert cfg(1, 2048, 5120, False)["ONE_LOOP"] and cfg(1, 1638, 4096, False)["ONE_LOOP"]
+    assert cfg(1, 132 * 16, 5120, False)["ONE_LOOP"] and not cfg(1, 132 * 16 + 1, 5120, False)["ONE_LOOP"]
+    assert not cfg(1, 2867, 7168, False)["ONE_LOOP"] and not cfg(1, 1101, 4096, True)["ONE_LOOP"]
+    assert cfg(1, 2048, 5120, False)["BLOCK_O"] == cfg(1, 2048, 5120, False)["BLOCK_D"]
+    assert not cfg(16, 2048, 5120, False)["ONE_LOOP"]
+    for forced in (True, False):
+        monkeypatch.setattr(SM, "ONE_LOOP", forced)
+        assert cfg(1, 2867, 7168, True)["ONE_LOOP"] is forced and cfg(1, 64, 512, False)["ONE_LOOP"] is forced
 
 
 @pytest.mark.parametrize("fma_max", [1, 2])

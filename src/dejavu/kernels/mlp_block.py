@@ -14,8 +14,12 @@ Here one program owns ``BLOCK_N`` selected neurons end to end:
    launch.
 
 The intermediate ``h`` never leaves the program, the down projection needs no split-k partials, and there is one
-launch instead of two. The fp32 sum's order depends on the programs' timing, so low bits may differ between runs
-(fp16/bf16 outputs usually not at all); the unfused pair is deterministic. With ``finish=False`` step 3 is skipped:
+launch instead of two. On the CUDA-core (FMA) path, phases 1 and 2 run either as two software-pipelined loops, each
+filling its pipeline from empty, or as one loop over both phases' same-shape tiles, so that the first down slabs
+stream while the last up chunks are multiplied; :func:`one_loop` picks (measured, bench/NOTES.md v23).
+
+The fp32 sum's order depends on the programs' timing, so low bits may differ between runs (fp16/bf16 outputs usually
+not at all); the unfused pair is deterministic. With ``finish=False`` step 3 is skipped:
 the fp32 sums stay in the workspace and the next layer's q/k/v gather finishes them as it loads x
 (:class:`~dejavu.kernels.gather_mlp.XSum`), off the critical path. Likewise the block can take its x as the
 unfinished sums of the o_proj before it (``x_sum``, ``head_gather_down(finish=False)``): every program makes x from
@@ -40,11 +44,13 @@ from ._checks import (
     is_interpreted,
     jit,
     next_pow2,
+    num_sms,
     pdl_sync,
     pdl_trigger,
     require_triton,
     row_of,
     rows_of,
+    sum_rows,
     tl,
     use_pdl,
     zero_slice,
@@ -120,6 +126,7 @@ def _sparse_mlp_kernel(
     X_SUM: tl.constexpr,  # x = round(xs + xb + xr), written to x_ptr by program 0 (FMA path; see XSum)
     HAS_XB: tl.constexpr,
     PREWAIT: tl.constexpr,  # FMA path with PDL: the selection and the first up chunk read before the wait
+    ONE_LOOP: tl.constexpr,  # FMA path: both phases' [BLOCK_N, BLOCK_D] tiles in one software pipeline
     PDL: tl.constexpr,
 ):
     """out = act(norm(x) W1[idx]^T + b1[idx]) @ w2t[idx] + b2 + residual. Grid: (cdiv(K, BLOCK_N),)."""
@@ -131,7 +138,35 @@ def _sparse_mlp_kernel(
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < K
     rows = tl.load(idx_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)  # [BLOCK_N]
+    if ONE_LOOP:
+        tl.static_assert(not USE_DOT and not PREWAIT and BLOCK_O == BLOCK_D, "ONE_LOOP: FMA path, no PREWAIT")
+        _one_loop(x_ptr, w1_ptr, w3_ptr, w2t_ptr, b1_ptr, g_ptr, rg_ptr, acc_ptr, xs_ptr, xb_ptr, xr_ptr, out_ptr,
+                  rows, n_mask, pid, B, D, eps, stride_xb, stride_xd, stride_w1n, stride_w3n, stride_w2n, stride_xr,
+                  ACT, NORM, HAS_B1, BLOCK_B, BLOCK_N, BLOCK_D, NUM_STAGES, X_SUM, HAS_XB, PDL)  # fmt: skip
+    else:
+        _two_loops(x_ptr, w1_ptr, w3_ptr, w2t_ptr, b1_ptr, g_ptr, rg_ptr, acc_ptr, xs_ptr, xb_ptr, xr_ptr, out_ptr,
+                   zero_ptr, rows, n_mask, pid, B, D, eps, n_zero, stride_xb, stride_xd, stride_w1n, stride_w3n,
+                   stride_w2n, stride_xr, ACT, NORM, HAS_B1, BLOCK_B, BLOCK_N, BLOCK_D, BLOCK_O, USE_DOT, DOT_FP32,
+                   NUM_STAGES, ZERO, BLOCK_Z, X_SUM, HAS_XB, PREWAIT, PDL)  # fmt: skip
 
+    offs_b = tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+    # -- the last program to arrive finishes: + b2 + residual, cast, store; leave the workspace zeroed -------------
+    # (threadfence-reduction pattern: every thread fences its atomics, barrier, one acq_rel arrival)
+    if FINISH:
+        _mlp_finish(acc_ptr, cnt_ptr, b2_ptr, res_ptr, out_ptr, offs_b, b_mask, D, stride_rb, stride_ob, HAS_B2,
+                    HAS_RES, BLOCK_B, BLOCK_F, FENCE)  # fmt: skip
+
+
+@jit
+def _two_loops(x_ptr, w1_ptr, w3_ptr, w2t_ptr, b1_ptr, g_ptr, rg_ptr, acc_ptr, xs_ptr, xb_ptr, xr_ptr, out_ptr,
+               zero_ptr, rows, n_mask, pid, B, D, eps, n_zero, stride_xb, stride_xd, stride_w1n, stride_w3n,
+               stride_w2n, stride_xr, ACT: tl.constexpr, NORM: tl.constexpr, HAS_B1: tl.constexpr,
+               BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr,
+               USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, NUM_STAGES: tl.constexpr, ZERO: tl.constexpr,
+               BLOCK_Z: tl.constexpr, X_SUM: tl.constexpr, HAS_XB: tl.constexpr, PREWAIT: tl.constexpr,
+               PDL: tl.constexpr):  # fmt: skip
+    """The block's two phases, each its own pipelined loop (the shipped schedule)."""
     # -- up: h = act(norm(x) . w1[rows] + b1[rows]), [BLOCK_B, BLOCK_N] --------------------------------------------
     h = _rows_tile(x_ptr, w1_ptr, w3_ptr, b1_ptr, g_ptr, rg_ptr, rows, n_mask, B, D, eps, stride_xb, stride_xd,
                    stride_w1n, stride_w3n, ACT, NORM, HAS_B1, BLOCK_B, BLOCK_N, BLOCK_D, USE_DOT, DOT_FP32,
@@ -172,11 +207,112 @@ def _sparse_mlp_kernel(
         tl.atomic_add(acc_ptr + offs_b[:, None] * D + offs_o[None, :], part, mask=b_mask[:, None] & o_mask[None, :],
                       sem="relaxed", scope="gpu")  # fmt: skip
 
-    # -- the last program to arrive finishes: + b2 + residual, cast, store; leave the workspace zeroed -------------
-    # (threadfence-reduction pattern: every thread fences its atomics, barrier, one acq_rel arrival)
-    if FINISH:
-        _mlp_finish(acc_ptr, cnt_ptr, b2_ptr, res_ptr, out_ptr, offs_b, b_mask, D, stride_rb, stride_ob, HAS_B2,
-                    HAS_RES, BLOCK_B, BLOCK_F, FENCE)  # fmt: skip
+
+@jit
+def _one_loop(x_ptr, w1_ptr, w3_ptr, w2t_ptr, b1_ptr, g_ptr, rg_ptr, acc_ptr, xs_ptr, xb_ptr, xr_ptr, out_ptr,
+              rows, n_mask, pid, B, D, eps, stride_xb, stride_xd, stride_w1n, stride_w3n, stride_w2n, stride_xr,
+              ACT: tl.constexpr, NORM: tl.constexpr, HAS_B1: tl.constexpr, BLOCK_B: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr, X_SUM: tl.constexpr,
+              HAS_XB: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    """Both phases in one pipelined loop over n_up + n_slabs same-shape [BLOCK_N, BLOCK_D] tiles: up chunks of
+    w1 (and w3), then down slabs of w2t from the program's offset. Every load is at the loop's top level, masked
+    to its phase, so the pipeline streams the first down slabs while the last up chunks are multiplied."""
+    offs_b = tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+    offs0 = tl.arange(0, BLOCK_D)
+    x_rows = x_ptr + offs_b[:, None] * stride_xb
+    w3_rows = w3_ptr + rows[:, None] * stride_w3n
+    bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_B1:
+        bias = tl.load(b1_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)
+    rg = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if NORM == 1:
+        rg = tl.load(rg_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)
+    a0 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    a1 = a0
+    c0 = a0
+    c1 = a0
+    s1 = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    s2 = s1
+    h0 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    h1 = h0
+    n_up = tl.cdiv(D, BLOCK_D)
+    x_lim = tl.where(pid == 0, D, 0)
+    for t in tl.range(0, 2 * n_up, num_stages=NUM_STAGES):
+        up = t < n_up
+        s = (pid + tl.maximum(t - n_up, 0)) % n_up
+        offs = tl.where(up, t, s) * BLOCK_D + offs0
+        d_mask = offs < D
+        up_d = d_mask & ((offs0 * 0 + t) < n_up)  # (a vector: the interpreter rejects a scalar mask broadcast)
+        wm = n_mask[:, None] & d_mask[None, :]
+        base = tl.where(up, w1_ptr, w2t_ptr)  # a scalar select, so that the tile's contiguity stays known
+        w = tl.load(base + rows[:, None] * tl.where(up, stride_w1n, stride_w2n) + offs[None, :], mask=wm, other=0.0)
+        w3 = w
+        if ACT == 2:
+            w3 = tl.load(w3_rows + offs[None, :], mask=n_mask[:, None] & up_d[None, :], other=0.0)
+        xm = b_mask[:, None] & up_d[None, :]
+        if X_SUM:
+            xs = tl.load(xs_ptr + offs_b[:, None] * D + offs[None, :], mask=xm, other=0.0, cache_modifier=".cg")
+            if HAS_XB:
+                xs += tl.load(xb_ptr + offs, mask=up_d, other=0.0).to(tl.float32)[None, :]
+            xs += tl.load(xr_ptr + offs_b[:, None] * stride_xr + offs[None, :], mask=xm, other=0.0).to(tl.float32)
+            x = xs.to(x_ptr.dtype.element_ty)
+            tl.store(x_rows + offs[None, :] * stride_xd, x, mask=xm & (offs < x_lim)[None, :])
+        else:
+            x = tl.load(x_rows + offs[None, :] * stride_xd, mask=xm, other=0.0)
+        gn = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if NORM != 0:
+            gn = tl.load(g_ptr + offs, mask=up_d, other=0.0).to(tl.float32)
+        wf = w.to(tl.float32)
+        if up:
+            xf = x.to(tl.float32)
+            if NORM != 0:
+                s2 += xf * xf
+                s1 += xf
+                xf = xf * gn[None, :]
+            x0 = row_of(xf, offs_b, 0)
+            a0 += x0[None, :] * wf
+            if BLOCK_B == 2:
+                x1 = row_of(xf, offs_b, 1)
+                a1 += x1[None, :] * wf
+            if ACT == 2:
+                w3f = w3.to(tl.float32)
+                c0 += x0[None, :] * w3f
+                if BLOCK_B == 2:
+                    c1 += x1[None, :] * w3f
+        if t == n_up - 1:  # the up phase's last chunk: h = act(norm(x) W1[rows]^T + b1), rounded as stored
+            acc = sum_rows(a0, a1, offs_b, 1, BLOCK_B)
+            acc2 = acc
+            if ACT == 2:
+                acc2 = sum_rows(c0, c1, offs_b, 1, BLOCK_B)
+            if NORM != 0:
+                ms = tl.sum(s2, axis=1) / D
+                if NORM == 1:
+                    mean = tl.sum(s1, axis=1) / D
+                    r = 1.0 / tl.sqrt(tl.maximum(ms - mean * mean, 0.0) + eps)
+                    acc = r[:, None] * (acc - mean[:, None] * rg[None, :])
+                else:
+                    r = 1.0 / tl.sqrt(ms + eps)
+                    acc = acc * r[:, None]
+                    acc2 = acc2 * r[:, None]
+            acc += bias[None, :]
+            if ACT == 1:
+                acc = tl.maximum(acc, 0.0)
+            if ACT == 2:
+                acc = acc / (1.0 + tl.exp(-acc)) * acc2
+            hf = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+            h0 = row_of(hf, offs_b, 0)
+            if BLOCK_B == 2:
+                h1 = row_of(hf, offs_b, 1)
+            pdl_trigger(PDL)
+        if not up:
+            p0 = tl.sum(h0[:, None] * wf, axis=0)
+            p1 = p0
+            if BLOCK_B == 2:
+                p1 = tl.sum(h1[:, None] * wf, axis=0)
+            part = rows_of(p0, p1, offs_b)
+            tl.atomic_add(acc_ptr + offs_b[:, None] * D + offs[None, :], part, mask=b_mask[:, None] & d_mask[None, :],
+                          sem="relaxed", scope="gpu")  # fmt: skip
 
 
 @jit
@@ -226,6 +362,11 @@ signal placed beside the up phase, is launched half-way through the block. H200,
 OPT-13B 2.555 -> 2.513 ms, Llama-2-7B 1.432 -> 1.419, OPT-6.7B 1.539 -> 1.529, OPT-30B 4.915 -> 4.880; no signal
 at all (mode 2) was mixed by model (bench/NOTES.md v17). A/B knob, read at launch time (``bench/profile_step.py``'s
 ``mlp_signal_early``)."""
+ONE_LOOP = None
+"""FMA path: both phases in one software-pipelined loop over same-shape tiles (down slabs as wide as the up chunks),
+so that the first down slabs stream while the last up chunks are multiplied, instead of each phase filling its own
+pipeline from empty. None (default): the rule of :func:`one_loop`; True / False force it (A/B knob, read at launch
+time: ``bench/profile_step.py``'s ``mlp_one_loop`` / ``mlp_two_loops``)."""
 MAXNREG = None
 """Register cap per thread for the block's launch (None: the compiler's choice; offline sm_90 compile at B=1: 144
 with the finish, 128 without). A/B knob, read at launch time."""
@@ -238,25 +379,48 @@ def _pdl_mode(device: torch.device) -> int:
     return 3 if pdl == 1 and SIGNAL_AFTER_UP else pdl
 
 
+def one_loop(k: int, block_n: int, swiglu: bool, device: torch.device) -> bool:
+    """Whether the FMA path runs both phases in one loop (:data:`ONE_LOOP`; None: this rule): for ReLU blocks whose
+    16-neuron programs fit one to an SM. The one loop saves the down phase's pipeline fill, but holds more registers
+    (offline sm_90, Triton 3.9: 158 a thread against 125 for ReLU, so one 8-warp program an SM instead of two; 217
+    against 178 for SwiGLU) and issues more instructions a down slab. H200, batch 1, step ms, two loops -> one loop
+    (bench/NOTES.md v23, each against the two loops' repeat):
+
+    * won: OPT-13B (0.1, 0.5), 128 programs, 2.517 -> 2.489; (0.05, 0.5) 2.412 -> 2.350; OPT-6.7B (0.1, 0.5), 103
+      programs, 1.535 -> 1.496;
+    * lost, and excluded by the rule: OPT-30B (0.1, 0.5), 180 programs (a second wave at one an SM), 4.916 -> 5.309;
+      LLaMA-2-7B (SwiGLU) 1.427 -> 1.503;
+    * lost, and not excluded: OPT-13B (0.1, 0.25) 2.057 -> 2.088 (OPT-6.7B there: 1.278 -> 1.281). There the
+      faster block moves the side stream's neuron-scores GEMV beside the next q/k/v gather, which it slows."""
+    if ONE_LOOP is not None:
+        return bool(ONE_LOOP)
+    return not swiglu and cdiv(k, block_n) <= num_sms(device)
+
+
 def _mlp_config(batch: int, k: int, d: int, swiglu: bool, device: torch.device) -> dict:
     """Tiles for :func:`_sparse_mlp_kernel` (a heuristic). B <= FMA_MAX_BATCH: CUDA-core FMA, 16 neurons a program
     (every program adds a full [B, d] row of atomics, so not fewer), 512-column down slabs, 8 warps: the best of
     bench/mlp_micro.py's candidates at OPT-13B and Llama-2-7B shapes, density 0.1 (H100, bench/NOTES.md v5); 4
     pipeline stages and a one-pass epilogue (H200, v6: OPT-13B 18.00 -> 17.59 us, Llama-2-7B 15.33 -> 14.72 us,
     OPT-30B within noise; epilogue 2048 -> 8192 columns 18.52 -> 18.00 / 35.81 -> 34.71 us). The up
-    phase's fp32 accumulator [B, 16, BLOCK_D] (twice for SwiGLU) stays <= 64 registers a thread. Above: tensor
+    phase's fp32 accumulator [B, 16, BLOCK_D] (twice for SwiGLU) stays <= 64 registers a thread; ONE_LOOP as
+    :func:`one_loop` says (then the down slabs are as wide as the up chunks). Above: tensor
     cores, the batch padded to 16, 128-wide chunks in both phases (as the gathers' tensor-core path)."""
     if batch > _checks.FMA_MAX_BATCH:
         return dict(BLOCK_B=16, BLOCK_N=16, BLOCK_D=max(16, min(128, next_pow2(d))),
                     BLOCK_O=max(16, min(128, next_pow2(d))),
-                    BLOCK_F=max(16, min(512, next_pow2(d))), USE_DOT=True, NUM_STAGES=3, num_warps=4)  # fmt: skip
+                    BLOCK_F=max(16, min(512, next_pow2(d))), USE_DOT=True, NUM_STAGES=3, ONE_LOOP=False,
+                    num_warps=4)  # fmt: skip
     block_b, block_n, warps = next_pow2(batch), ROWS or 16, 8
     budget = 64 * 32 * warps // (block_b * block_n * (2 if swiglu else 1))
     block_d = max(16, min(512, next_pow2(d), budget))
     block_o = max(16, min(DOWN_COLS or 512, next_pow2(d)))
     block_f = max(16, min(EPILOGUE_COLS // block_b, next_pow2(d)))
+    one = one_loop(k, block_n, swiglu, device)
+    if one:
+        block_o = block_d
     return dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_O=block_o, BLOCK_F=block_f, USE_DOT=False,
-                NUM_STAGES=4, num_warps=warps)  # fmt: skip
+                NUM_STAGES=4, ONE_LOOP=one, num_warps=warps)  # fmt: skip
 
 
 def mlp_workspace(d: int, device, batch: int = MAX_BATCH) -> dict:
@@ -287,7 +451,7 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
     same ``x`` (the last program reads it after every program has arrived).
     ``prewait``: a promise that the kernel before this one in the stream writes neither ``idx`` nor the weights:
     with programmatic dependent launch (the FMA path), the selection and the first up chunk are then read before the PDL
-    wait, while that kernel still runs.
+    wait, while that kernel still runs (not where the block runs as one loop: :func:`one_loop`).
     """
     op = "sparse_mlp"
     require_triton(op)
@@ -358,7 +522,8 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
         DOT_FP32=x.dtype == torch.float32 or is_interpreted(_sparse_mlp_kernel),
         FENCE=not is_interpreted(_sparse_mlp_kernel), FINISH=bool(finish), ZERO=n_zero > 0,
         BLOCK_Z=block_z, X_SUM=x_sum is not None,
-        HAS_XB=x_sum is not None and x_sum.bias is not None, PREWAIT=pdl and prewait and not cfg["USE_DOT"],
+        HAS_XB=x_sum is not None and x_sum.bias is not None,
+        PREWAIT=pdl and prewait and not cfg["USE_DOT"] and not cfg["ONE_LOOP"],
         PDL=pdl, launch_pdl=pdl > 0, num_warps=num_warps,
         num_stages=cfg["NUM_STAGES"], **cfg, **({"maxnreg": MAXNREG} if MAXNREG else {}),
     )  # fmt: skip
