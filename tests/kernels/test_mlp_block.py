@@ -156,6 +156,39 @@ def test_sparse_mlp_x_sum(kind, swiglu, finish, B, dtype):
     _check_x_sum(600, 37, 13, kind, swiglu, finish, B, dtype, "sparse_mlp_xsum")
 
 
+@pytest.mark.usefixtures("fma_batch_2")
+def test_sparse_mlp_x_sum_rejects():
+    a, _ = _args()
+    x = a["x"]
+    xs = XSum(torch.zeros(2, 64, device=DEVICE), None, x)
+    with pytest.raises(ValueError, match="residual is read"):
+        sparse_mlp(**a, x_sum=xs)
+    ok = XSum(xs.sums, None, x.clone())
+    with pytest.raises(ValueError, match="another buffer"):
+        sparse_mlp(**a, x_sum=ok, out=x)
+    with pytest.raises(ValueError, match="row gathers only"):
+        sparse_mlp(**a, x_sum=XSum(xs.sums, None, x.clone(), torch.zeros_like(x)))
+    with pytest.raises(ValueError, match=r"batch <= \d"):
+        x3 = randn(3, 64, dtype=torch.float16)
+        sparse_mlp(**dict(a, x=x3), x_sum=XSum(torch.zeros(3, 64, device=DEVICE), None, x3.clone()))
+
+
+@pytest.mark.parametrize("rows", [8, 32])
+@pytest.mark.parametrize("swiglu", [False, True], ids=["relu", "swiglu"])
+def test_sparse_mlp_rows_knob(rows, swiglu, monkeypatch):
+    """The A/B knob mlp_block.ROWS (neurons a program at B <= 2) changes the tiling, not the result."""
+    monkeypatch.setattr(SM, "ROWS", rows)
+    assert SM._mlp_config(1, 64, 600, swiglu, torch.device("cpu"))["BLOCK_N"] == rows
+    d, n, k = 600, 70, 45
+    g = make_gen("sparse_mlp_rows", rows, swiglu)
+    x = randn(1, d, gen=g)
+    w1, w3, w2t = _weights(d, n, torch.float32, g, swiglu)
+    b1 = None if swiglu else randn(n, gen=g)
+    idx = rand_index(n, k, gen=g)
+    got = sparse_mlp(x, w1, w2t, idx, b1, w3=w3)
+    check_against(got, sparse_mlp_ref, (x, w1, w2t, idx, b1), {"w3": w3}, dtype=torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B", [1, 2])
 @pytest.mark.parametrize("finish", [True, False], ids=["finished", "unfinished"])

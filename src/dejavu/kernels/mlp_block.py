@@ -351,7 +351,7 @@ EPILOGUE_COLS = 8192  # columns x batch rows per step of the last program's epil
 DOWN_COLS = None
 """Output columns per down-phase step on the FMA path (BLOCK_O; None: 512). Each step ends in one vector atomic add per
 thread (512 columns over 8 warps: two fp32 a thread); A/B knob, read at launch time (``bench/profile_step.py``'s
-``mlp_cols_<n>``)."""
+``mlp_cols_<n>``). Two loops only: in the one loop (:func:`one_loop`) the down slabs are as wide as the up chunks."""
 ROWS = None
 """Neurons per program on the FMA path (BLOCK_N; None: 16). A/B knob, read at launch time (``bench/profile_step.py``'s
 ``mlp_rows_<n>``)."""
