@@ -197,15 +197,21 @@ def _two_loops(x_ptr, w1_ptr, w3_ptr, w2t_ptr, b1_ptr, g_ptr, rg_ptr, acc_ptr, x
                 part = tl.dot(h.to(tl.float32), w.to(tl.float32), input_precision="ieee")
             else:
                 part = tl.dot(h, w)
-        else:  # per sequence, 2-D in the load's layout (_checks.sum_rows says why) -> [BLOCK_B, BLOCK_O]
-            wf = w.to(tl.float32)
-            p0 = tl.sum(h0[:, None] * wf, axis=0)
-            p1 = p0
-            if BLOCK_B == 2:
-                p1 = tl.sum(h1[:, None] * wf, axis=0)
-            part = rows_of(p0, p1, offs_b)
+        else:
+            part = _down_part(h0, h1, w.to(tl.float32), offs_b, BLOCK_B)
         tl.atomic_add(acc_ptr + offs_b[:, None] * D + offs_o[None, :], part, mask=b_mask[:, None] & o_mask[None, :],
                       sem="relaxed", scope="gpu")  # fmt: skip
+
+
+@jit
+def _down_part(h0, h1, wf, offs_b, BLOCK_B: tl.constexpr):
+    """The FMA path's down product of one slab: h[b] @ w for the fp32 [BLOCK_N, BLOCK_O] slab wf, per sequence in
+    the slab's layout (_checks.sum_rows says why) -> [BLOCK_B, BLOCK_O]."""
+    p0 = tl.sum(h0[:, None] * wf, axis=0)
+    p1 = p0
+    if BLOCK_B == 2:
+        p1 = tl.sum(h1[:, None] * wf, axis=0)
+    return rows_of(p0, p1, offs_b)
 
 
 @jit
@@ -285,6 +291,8 @@ def _one_loop(x_ptr, w1_ptr, w3_ptr, w2t_ptr, b1_ptr, g_ptr, rg_ptr, acc_ptr, xs
             acc2 = acc
             if ACT == 2:
                 acc2 = sum_rows(c0, c1, offs_b, 1, BLOCK_B)
+            # gather_mlp._rows_tile's epilogue, written out: its rg and bias loads, moved into this branch of the
+            # loop, made the block ~1 us a layer slower (H200, bench/NOTES.md v23), so they are loaded before the loop
             if NORM != 0:
                 ms = tl.sum(s2, axis=1) / D
                 if NORM == 1:
@@ -306,11 +314,7 @@ def _one_loop(x_ptr, w1_ptr, w3_ptr, w2t_ptr, b1_ptr, g_ptr, rg_ptr, acc_ptr, xs
                 h1 = row_of(hf, offs_b, 1)
             pdl_trigger(PDL)
         if not up:
-            p0 = tl.sum(h0[:, None] * wf, axis=0)
-            p1 = p0
-            if BLOCK_B == 2:
-                p1 = tl.sum(h1[:, None] * wf, axis=0)
-            part = rows_of(p0, p1, offs_b)
+            part = _down_part(h0, h1, wf, offs_b, BLOCK_B)
             tl.atomic_add(acc_ptr + offs_b[:, None] * D + offs[None, :], part, mask=b_mask[:, None] & d_mask[None, :],
                           sem="relaxed", scope="gpu")  # fmt: skip
 
