@@ -62,8 +62,12 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
 * ``fma_max_2``: batch 2 on the kernels' CUDA-core FMA paths, with the runtime features built on them, as up to v14
   (``kernels._checks.FMA_MAX_BATCH`` = 2, set while the decoder is built and captured), instead of the tensor-core
   paths of batch > 2;
-* stream priorities: ``sparse_high_priority`` (the side stream created with priority -1), ``main_priority`` (the step
-  captured on a stream of priority -1, ahead of the side stream's: ``FastDecoder.capture_priority``).
+* stream priorities: ``side_priority_0`` (the side stream at priority 0, the step's, as up to v23:
+  ``fast_decode.SIDE_PRIORITY``), ``sparse_high_priority`` (the side stream replaced by one of priority -1 after the
+  decoder is built, whatever its MLP blocks; by default only where one runs its capped one loop), ``main_priority`` (the step captured on a stream of priority -1:
+  ``FastDecoder.capture_priority``);
+* ``mlp_v23``: the MLP block's v23 rule, two loops where its programs outnumber the SMs, instead of the one loop
+  capped at 128 registers (``mlp_block.ONE_LOOP_MAXNREG`` = None).
 
 A variant named again (``--variants sparse,X,sparse``) gets a decoder of its own, reported as ``sparse#2``: the first
 variant built in a process ran 0.2-1.1% slower than identical later ones (bench/NOTES.md v21), so an A/B compares
@@ -99,6 +103,7 @@ from dejavu.kernels import gather_mlp as GM
 from dejavu.kernels import mlp_block as MB
 from dejavu.kernels import predictor_ops as PO
 from dejavu.kernels.fused_ops import embed_fused, embed_fused_ref
+from dejavu.runtime import fast_decode as FD
 from dejavu.runtime.fast_decode import FORK_POINTS, SIDE_PDL_OFF, FastDecoder, _TritonOps
 
 
@@ -233,7 +238,8 @@ def main():
                          "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},mlp_rows_{8,32},mlp_one_loop,mlp_two_loops,"
                          "rows_narrow,rows_wide_window,reduce_serial,reduce_padded_rows,fork_{start,qkv,attn,oproj},main_priority,"
                          "finish_mlp,finish_o,"
-                         "prewait_gathers,attn_pipelined,l0_inline,embed_nopdl,embed_torch,head_cublas,fma_max_2; "
+                         "prewait_gathers,attn_pipelined,l0_inline,embed_nopdl,embed_torch,head_cublas,fma_max_2,"
+                         "side_priority_0,mlp_v23; "
                          "join several with '+'; a variant named again gets a decoder of its own, reported as "
                          "name#2, ... (bench/NOTES.md v21: the first variant built in a process ran 0.2-1.1%% slower "
                          "than identical later ones; name the baseline first and again last)")
@@ -301,7 +307,8 @@ def main():
     knobs["oproj_signal_after_loop"] = (C, "PDL_MID", {"_gather_down_kernel"})
     variants.update({name: dict(predictors=preds, mlp_density=md, head_density=hd) for name in knobs})
     # knobs read when the decoder is built (and by the kernels at capture): set around construction and capture
-    build_knobs = {"fma_max_2": (C, "FMA_MAX_BATCH", 2)}
+    build_knobs = {"fma_max_2": (C, "FMA_MAX_BATCH", 2), "side_priority_0": (FD, "SIDE_PRIORITY", 0),
+                   "mlp_v23": (MB, "ONE_LOOP_MAXNREG", None)}  # (mlp_v23 also decides the side stream's priority)
     variants.update({name: dict(predictors=preds, mlp_density=md, head_density=hd) for name in build_knobs})
     knobs.update(build_knobs)
     chosen = args.variants.split(",")  # a variant may combine several, joined by "+" (e.g. fork_qkv+side_pdl_off)

@@ -46,6 +46,33 @@ def test_markdown_shows_both_timings_and_the_command():
     assert "kernel_sweep --out DIR --densities 0.1 1`" in KS._markdown(dict(result, densities=[0.1, 1.0]))
 
 
+def test_fit_recovers_the_fixed_cost_and_the_rate():
+    """A line through exact points (3 us + bytes at 2,000 GB/s) is recovered; records without a graph time are left
+    out; a kernel timed at one byte count (or none) gets no fit; a flat line has no rate."""
+    recs = [dict(kernel="gather_up", bytes=b, sparse_graph_us=3.0 + b / 2e12 * 1e6) for b in (1e6, 5e6, 2e7)]
+    recs.append(dict(kernel="gather_up", bytes=4e7, sparse_graph_us=None))
+    recs += [dict(kernel="sparse_mlp", bytes=1e6, sparse_graph_us=9.0), dict(kernel="sparse_mlp", bytes=1e6,
+                                                                             sparse_graph_us=None)]  # fmt: skip
+    recs += [dict(kernel="gather_down", bytes=b, sparse_graph_us=4.0) for b in (1e6, 2e6)]
+    fits = KS.fit_fixed_cost(recs)
+    assert fits["gather_up"]["fixed_us"] == pytest.approx(3.0) and fits["gather_up"]["points"] == 3
+    assert fits["gather_up"]["rate_GBps"] == pytest.approx(2000.0)
+    assert fits["sparse_mlp"] is None
+    assert fits["gather_down"]["fixed_us"] == pytest.approx(4.0) and fits["gather_down"]["rate_GBps"] is None
+
+
+def test_markdown_shows_the_launch_floor_and_the_fits():
+    result = dict(device="Fake GPU", dtype="fp16", batch=1, copy_bw_GBps=3000.0, torch="t", triton="t",
+                  launch_floor_us=1.87, launch_floor_programs=264, shapes={"opt-13b": [_record("gather_up", 0.1, 8.0)]},
+                  fits={"opt-13b": {"gather_up": dict(fixed_us=2.5, rate_GBps=3500.0, points=6), "sparse_mlp": None}})
+    md = KS._markdown(result)
+    assert "Launch floor" in md and "1.87 us" in md and "264 programs" in md
+    row = [ln for ln in md.splitlines() if ln.startswith("| gather_up | 2.50")]
+    assert row and row[0].split("|")[3].strip() == "3500"
+    assert "| sparse_mlp |" not in md  # no fit, no row
+    assert "Launch floor" not in KS._markdown(dict(result, launch_floor_us=None))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
 def test_needs_a_gpu(tmp_path):
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):

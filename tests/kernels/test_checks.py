@@ -64,6 +64,18 @@ def test_use_pdl_switches(monkeypatch):
     assert not _checks.use_pdl(compiled_kernel, cuda)
 
 
+@pytest.mark.needs_kernels
+def test_noop_launch_touches_nothing():
+    """The kernel sweep's launch floor: the no-op kernel runs (here in the interpreter) and leaves its flag as it was;
+    a bad program count is named."""
+    pytest.importorskip("triton")
+    flag = torch.full((1,), 7, dtype=torch.int32, device=DEVICE)
+    _checks.noop_launch(flag, 3)
+    assert flag.item() == 7
+    with pytest.raises(ValueError, match="programs must be a positive int"):
+        _checks.noop_launch(flag, 0)
+
+
 def test_programs_per_sm():
     """The occupancy arithmetic of bench/kernel_resources.py (sm_90: 64K registers, 64 warps, 228 KB per SM)."""
     from dejavu.kernels.offline import programs_per_sm
@@ -221,6 +233,7 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
 build(G._reduce_splits_kernel, dict(part_ptr=torch.float32, bias_ptr=torch.float16, res_ptr=torch.float16,
       out_ptr=torch.float16, out2_ptr=torch.float16, bias2_ptr=torch.float16, B=2, D=5120, splits=4, stride_rb=5120,
       stride_ob=5120, stride_o2b=5120, HAS_BIAS=True, HAS_RES=True, OUT2=True, HAS_BIAS2=True, BLOCK_D=256), 2, 1)
+build(_checks._noop_kernel, dict(flag_ptr=torch.int32), 4, 1)
 build(A._decode_attn_combine_kernel, dict(part_o_ptr=torch.float32, part_lse_ptr=torch.float32, out_ptr=torch.bfloat16,
       KH=4, HD=128, stride_ob=512, stride_oh=128, NUM_SPLITS=8, BLOCK_SPLITS=8, BLOCK_H=128), 4, 1)
 for B, n, d, norm, bmax, loop in ((1, 640, 5120, True, False, False), (16, 20480, 320, False, True, False),

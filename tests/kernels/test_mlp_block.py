@@ -222,18 +222,33 @@ def test_sparse_mlp_loops_forced(d, n, k, swiglu, dtype, one, monkeypatch):
 
 
 def test_sparse_mlp_one_loop_rule(monkeypatch):
-    """ONE_LOOP = None: one loop for ReLU blocks whose 16-neuron programs fit one to an SM (OPT-13B and OPT-6.7B at
-    density 0.1 on 132 SMs), two loops for SwiGLU and for more programs than SMs (OPT-30B at 0.1); True / False
-    force it; the tensor-core path (B above FMA_MAX_BATCH) always runs two loops."""
+    """ONE_LOOP = None: one loop for ReLU blocks, capped at ONE_LOOP_MAXNREG registers where the 16-neuron programs
+    outnumber the SMs (OPT-30B at density 0.1 on 132 SMs: 180 programs) and uncapped where they fit one to an SM
+    (OPT-13B and OPT-6.7B at 0.1); two loops for SwiGLU. With no cap, v23's rule: two loops where the programs
+    outnumber the SMs. MAXNREG caps any schedule. True / False force it; the tensor-core path (B above FMA_MAX_BATCH)
+    always runs two loops."""
     cpu = torch.device("cpu")
     monkeypatch.setattr(SM, "num_sms", lambda device: 132)
     monkeypatch.setattr(SM, "ONE_LOOP", None)
     cfg = functools.partial(SM._mlp_config, device=cpu)
+
+    def cap(k, swiglu=False):
+        got = SM.launch_maxnreg(cfg(1, k, 5120, swiglu)["ONE_LOOP"], k, 16, cpu)
+        assert SM.register_cap(1, k, 5120, swiglu, cpu) == got
+        return got
+
     assert cfg(1, 2048, 5120, False)["ONE_LOOP"] and cfg(1, 1638, 4096, False)["ONE_LOOP"]
-    assert cfg(1, 132 * 16, 5120, False)["ONE_LOOP"] and not cfg(1, 132 * 16 + 1, 5120, False)["ONE_LOOP"]
-    assert not cfg(1, 2867, 7168, False)["ONE_LOOP"] and not cfg(1, 1101, 4096, True)["ONE_LOOP"]
+    assert cfg(1, 132 * 16, 5120, False)["ONE_LOOP"] and cfg(1, 132 * 16 + 1, 5120, False)["ONE_LOOP"]
+    assert cap(132 * 16) is None and cap(132 * 16 + 1) == 128 and cap(2867) == 128
+    assert not cfg(1, 1101, 4096, True)["ONE_LOOP"] and cap(4000, swiglu=True) is None
     assert cfg(1, 2048, 5120, False)["BLOCK_O"] == cfg(1, 2048, 5120, False)["BLOCK_D"]
-    assert not cfg(16, 2048, 5120, False)["ONE_LOOP"]
+    assert not cfg(16, 2048, 5120, False)["ONE_LOOP"] and SM.register_cap(16, 4000, 5120, False, cpu) is None
+    monkeypatch.setattr(SM, "ONE_LOOP_MAXNREG", None)  # v23's rule
+    assert cfg(1, 132 * 16, 5120, False)["ONE_LOOP"] and not cfg(1, 132 * 16 + 1, 5120, False)["ONE_LOOP"]
+    assert not cfg(1, 2867, 7168, False)["ONE_LOOP"] and cap(2867) is None
+    monkeypatch.setattr(SM, "MAXNREG", 96)
+    assert cap(2867) == 96 and cap(64) == 96
+    monkeypatch.setattr(SM, "MAXNREG", None)
     for forced in (True, False):
         monkeypatch.setattr(SM, "ONE_LOOP", forced)
         assert cfg(1, 2867, 7168, True)["ONE_LOOP"] is forced and cfg(1, 64, 512, False)["ONE_LOOP"] is forced

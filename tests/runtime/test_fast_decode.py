@@ -442,6 +442,31 @@ def test_distinct_streams_skips_pool_repeats():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_side_stream_ahead_only_with_a_capped_mlp_block(tiny, monkeypatch):
+    """SIDE_PRIORITY: the side stream runs ahead of the step (a more urgent CUDA priority than the capture stream's)
+    exactly where some MLP block launches its one loop with the register cap, here forced by a GPU of one SM (OPT's
+    ReLU blocks; Llama's SwiGLU blocks run two loops); with SIDE_PRIORITY = 0 never."""
+    from dejavu.kernels import mlp_block as MB
+    from dejavu.runtime import fast_decode as FD
+
+    hf, model = tiny
+    model = model.to(device="cuda", dtype=torch.float16)
+    p = _predictors(model.spec)
+    relu = model.spec.mlp_kind == "relu"
+    for sms, prio in ((None, FD.SIDE_PRIORITY), (1, FD.SIDE_PRIORITY), (1, 0)):
+        if sms:
+            monkeypatch.setattr(MB, "num_sms", lambda device, n=sms: n)
+        monkeypatch.setattr(FD, "SIDE_PRIORITY", prio)
+        dec = FastDecoder(model, p, 0.5, 0.5, batch=1, max_len=16)
+        dec.capture()
+        ahead = dec._side.priority < dec._capture_stream.priority
+        assert dec._capped_mlp() == (sms == 1 and relu)
+        assert ahead == (dec._capped_mlp() and prio < 0), (sms, prio, dec._side.priority)
+        del dec
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_decoders_never_capture_on_their_side_streams(tiny):
     """More decoders than torch's stream pool holds (32 a priority), one after another as the bench builds them:
     each captures on a stream that is neither of its side streams, else its lookahead predictors would run in series

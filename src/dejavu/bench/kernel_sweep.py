@@ -16,6 +16,12 @@ several times the L2 size. A second timing replays the same rotation in a CUDA g
 (``do_bench_cudagraph``): no launch gaps, no flush; the decode runtime runs in graphs, so
 both numbers are reported.
 
+Two more numbers frame the ratios. The *launch floor*: a kernel that does nothing but the PDL wait, replayed the
+same way over twice as many programs as SMs, is what any kernel of a dependent chain costs before it reads a byte.
+And per kernel, a least-squares line through its graph times over the densities, ``time = fixed + bytes / rate``:
+``fixed`` is what the kernel costs whatever it reads (ramp, dependent round trips, tail), ``rate`` the bandwidth its
+extra bytes stream at.
+
 Writes ``kernel_sweep.json``, ``kernel_sweep.md`` and (if matplotlib imports)
 ``kernel_sweep_<shape>.png`` to ``--out``; prints a short table last, with the
 time / roofline ratio at density 0.1 (target: within 1.3x).
@@ -116,6 +122,33 @@ def _time(fn):
         print(f"  (cuda-graph timing unavailable: {type(e).__name__}: {e})", file=sys.stderr)
         tg = None
     return t, tg
+
+
+def measure_launch_floor(device) -> tuple:
+    """(do_bench, graph) median us of one no-op launch (``_checks.noop_launch``: the PDL wait only) over 2 x #SMs
+    programs of 4 warps, the floor under any kernel of a dependent chain."""
+    from dejavu.kernels import _checks
+
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return _time(lambda: _checks.noop_launch(flag, programs))
+
+
+def fit_fixed_cost(records) -> dict:
+    """Per kernel, the least-squares line ``graph us = fixed_us + bytes / rate`` through its records' graph times
+    (None where fewer than two distinct byte counts have one): ``{kernel: {"fixed_us", "rate_GBps", "points"}}``."""
+    fits = {}
+    for kernel in dict.fromkeys(r["kernel"] for r in records):
+        pts = [(r["bytes"], r["sparse_graph_us"]) for r in records
+               if r["kernel"] == kernel and r["sparse_graph_us"] is not None]  # fmt: skip
+        if len({b for b, _ in pts}) < 2:
+            fits[kernel] = None
+            continue
+        n = len(pts)
+        mb, mt = sum(b for b, _ in pts) / n, sum(t for _, t in pts) / n
+        slope = sum((b - mb) * (t - mt) for b, t in pts) / sum((b - mb) ** 2 for b, _ in pts)  # us per byte
+        fits[kernel] = dict(fixed_us=mt - slope * mb, rate_GBps=1e-3 / slope if slope > 0 else None, points=n)
+    return fits
 
 
 def _n_selected(kernel: str, shape: LayerShape, density: float) -> int:
@@ -243,6 +276,9 @@ def _markdown(result) -> str:
         f"a graph time is missing). Command: `{_command(result)}`.",
         "",
     ]
+    if result.get("launch_floor_us") is not None:
+        lines += [f"Launch floor (a no-op kernel, the PDL wait only, {result.get('launch_floor_programs')} programs, "
+                  f"graph replay): {result['launch_floor_us']:.2f} us.", ""]  # fmt: skip
     for shape, recs in result["shapes"].items():
         lines += [f"## {shape}", "", "| kernel | density | k | MB | sparse do_bench us | sparse graph us "
                   "| dense graph us | roofline us | x roof | speedup vs dense |",
@@ -254,6 +290,15 @@ def _markdown(result) -> str:
                          f"{r['sparse_us']:.2f} | {g} | {dg} | {r['roofline_us']:.2f} | "
                          f"{r['ratio_roofline']:.2f} | {r['speedup_vs_dense']:.2f} |")  # fmt: skip
         lines.append("")
+        fits = result.get("fits", {}).get(shape)
+        if fits:
+            lines += ["Least-squares line through the graph times over the densities: graph us = fixed + bytes / rate.",
+                      "", "| kernel | fixed us | rate GB/s | points |", "|---|---|---|---|"]  # fmt: skip
+            for kernel, f in fits.items():
+                if f is not None:
+                    rate = "-" if f["rate_GBps"] is None else f"{f['rate_GBps']:.0f}"
+                    lines.append(f"| {kernel} | {f['fixed_us']:.2f} | {rate} | {f['points']} |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -313,9 +358,13 @@ def run_kernel_sweep(out_dir, shapes=("opt-13b", "opt-30b"), dtype=torch.float16
     print(f"device: {torch.cuda.get_device_name()}  ({props.multi_processor_count} SMs, L2 {l2_bytes >> 20} MiB)")
     copy_bw = measure_copy_bandwidth(device)
     print(f"copy bandwidth (read+write): {copy_bw / 1e9:.0f} GB/s")
+    floor_us, floor_graph_us = measure_launch_floor(device)
+    print(f"launch floor (no-op kernel): {floor_us:.2f} us (graph {floor_graph_us})")
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   dtype=dtype_name, batch=batch, copy_bw_GBps=copy_bw / 1e9, l2_bytes=l2_bytes,
-                  densities=list(densities), started=time.strftime("%Y-%m-%d %H:%M:%S"), shapes={})  # fmt: skip
+                  launch_floor_us=floor_graph_us, launch_floor_do_bench_us=floor_us,
+                  launch_floor_programs=2 * props.multi_processor_count, densities=list(densities),
+                  started=time.strftime("%Y-%m-%d %H:%M:%S"), shapes={}, fits={})  # fmt: skip
     for name in shapes:
         shape = SHAPES[name]
         print(f"{name}: {shape}")
@@ -323,6 +372,7 @@ def run_kernel_sweep(out_dir, shapes=("opt-13b", "opt-30b"), dtype=torch.float16
         for kernel in kernels:
             recs += _bench_kernel(K, kernel, shape, densities, dtype, batch, device, copy_bw, l2_bytes, budget)
         result["shapes"][name] = recs
+        result["fits"][name] = fit_fixed_cost(recs)
     write_json_atomic(out_dir / "kernel_sweep.json", result, indent=2)
     write_text_atomic(out_dir / "kernel_sweep.md", _markdown(result))
     result["plots"] = _plot(result, out_dir)
@@ -330,14 +380,19 @@ def run_kernel_sweep(out_dir, shapes=("opt-13b", "opt-30b"), dtype=torch.float16
     print(f"\nwrote {out_dir / 'kernel_sweep.json'}, {out_dir / 'kernel_sweep.md'} {' '.join(result['plots'])}")
     print(f"\ngraph time / roofline at density 0.1 (target <= {TARGET_RATIO}x), {result['device']}, {dtype_name}, "
           f"batch {batch}")
-    print(f"{'shape':8s} {'kernel':17s} {'us':>8s} {'graph us':>9s} {'roof us':>8s} {'ratio':>6s} {'vs dense':>8s}")
+    print(f"{'shape':8s} {'kernel':17s} {'us':>8s} {'graph us':>9s} {'roof us':>8s} {'ratio':>6s} {'vs dense':>8s} "
+          f"{'fixed us':>8s}")  # fmt: skip
     for name, recs in result["shapes"].items():
         for r in recs:
             if abs(r["density"] - 0.1) < 1e-9:
                 g = "-" if r["sparse_graph_us"] is None else f"{r['sparse_graph_us']:.2f}"
                 flag = "ok" if r["ratio_roofline"] <= TARGET_RATIO else "SLOW"
+                fit = result["fits"][name].get(r["kernel"])
+                fixed = "-" if fit is None else f"{fit['fixed_us']:.2f}"
                 print(f"{name:8s} {r['kernel']:17s} {r['sparse_us']:8.2f} {g:>9s} {r['roofline_us']:8.2f} "
-                      f"{r['ratio_roofline']:6.2f} {r['speedup_vs_dense']:7.2f}x {flag}")  # fmt: skip
+                      f"{r['ratio_roofline']:6.2f} {r['speedup_vs_dense']:7.2f}x {fixed:>8s} {flag}")  # fmt: skip
+    g = "-" if floor_graph_us is None else f"{floor_graph_us:.2f}"
+    print(f"launch floor (no-op kernel, graph): {g} us")
     return result
 
 

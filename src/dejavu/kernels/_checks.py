@@ -181,6 +181,25 @@ def pdl_trigger(PDL: tl.constexpr):
 
 
 @jit
+def _noop_kernel(flag_ptr, PDL: tl.constexpr):
+    """Nothing but :func:`pdl_sync`: one launch of a dependent chain with no reads and no writes (``flag_ptr`` is
+    never touched)."""
+    pdl_sync(PDL)
+
+
+def noop_launch(flag: torch.Tensor, programs: int, num_warps: int = 4) -> None:
+    """Launch :func:`_noop_kernel` on ``flag``'s device over ``programs`` programs, with PDL as the decode step's
+    kernels launch. Replayed back to back in a CUDA graph, its time is the floor under any kernel of such a chain:
+    the kernel sweep's launch floor (bench/NOTES.md v24)."""
+    require_triton("noop_launch")
+    if not isinstance(programs, int) or programs < 1:
+        raise ValueError(f"noop_launch: programs must be a positive int, got {programs!r}.")
+    check_launch_device("noop_launch", _noop_kernel, flag)
+    pdl = use_pdl(_noop_kernel, flag.device)
+    _noop_kernel[(programs,)](flag, PDL=pdl, launch_pdl=pdl > 0, num_warps=num_warps)
+
+
+@jit
 def fence_gpu(FENCE: tl.constexpr):
     """Every thread: ``fence.acq_rel.gpu``, so that its earlier writes and atomics are performed GPU-wide before
     anything after it. The per-thread ``__threadfence()`` of the threadfence-reduction pattern (fence, barrier, one

@@ -372,8 +372,12 @@ so that the first down slabs stream while the last up chunks are multiplied, ins
 pipeline from empty. None (default): the rule of :func:`one_loop`; True / False force it (A/B knob, read at launch
 time: ``bench/profile_step.py``'s ``mlp_one_loop`` / ``mlp_two_loops``)."""
 MAXNREG = None
-"""Register cap per thread for the block's launch (None: the compiler's choice; offline sm_90 compile at B=1: 144
-with the finish, 128 without). A/B knob, read at launch time."""
+"""Register cap per thread for the block's launch, whatever the schedule (None: :func:`launch_maxnreg`'s rule). A/B
+knob, read at launch time (``bench/profile_step.py``'s ``mlp_maxnreg_128``)."""
+ONE_LOOP_MAXNREG = 128
+"""The one loop's register cap where its programs outnumber the SMs (:func:`launch_maxnreg`); None: no cap, and then
+:func:`one_loop` keeps two loops there, v23's rule (A/B knob read at launch time: ``bench/profile_step.py``'s
+``mlp_v23``)."""
 
 
 def _pdl_mode(device: torch.device) -> int:
@@ -384,21 +388,43 @@ def _pdl_mode(device: torch.device) -> int:
 
 
 def one_loop(k: int, block_n: int, swiglu: bool, device: torch.device) -> bool:
-    """Whether the FMA path runs both phases in one loop (:data:`ONE_LOOP`; None: this rule): for ReLU blocks whose
-    16-neuron programs fit one to an SM. The one loop saves the down phase's pipeline fill, but holds more registers
-    (offline sm_90, Triton 3.9: 158 a thread against 125 for ReLU, so one 8-warp program an SM instead of two; 217
-    against 178 for SwiGLU) and issues more instructions a down slab. H200, batch 1, step ms, two loops -> one loop
-    (bench/NOTES.md v23, each against the two loops' repeat):
+    """Whether the FMA path runs both phases in one loop (:data:`ONE_LOOP`; None: this rule): for ReLU blocks, capped
+    at :data:`ONE_LOOP_MAXNREG` registers where the 16-neuron programs outnumber the SMs (:func:`launch_maxnreg`; with
+    no cap, only where they fit one to an SM, v23's rule). The one loop saves the down phase's pipeline fill, but
+    holds more registers (offline sm_90, Triton 3.9: 158 a thread against 125 for ReLU, so one 8-warp program an SM
+    instead of two; 217 against 178 for SwiGLU) and issues more instructions a down slab. H200, batch 1, step ms,
+    two loops -> one loop (bench/NOTES.md v23, each against the two loops' repeat):
 
     * won: OPT-13B (0.1, 0.5), 128 programs, 2.517 -> 2.489; (0.05, 0.5) 2.412 -> 2.350; OPT-6.7B (0.1, 0.5), 103
       programs, 1.535 -> 1.496;
-    * lost, and excluded by the rule: OPT-30B (0.1, 0.5), 180 programs (a second wave at one an SM), 4.916 -> 5.309;
-      LLaMA-2-7B (SwiGLU) 1.427 -> 1.503;
+    * lost: OPT-30B (0.1, 0.5), 180 programs (a second wave at one an SM), 4.916 -> 5.309, which the cap at 128 (two
+      an SM) takes back (v24); LLaMA-2-7B (SwiGLU) 1.427 -> 1.503, excluded;
     * lost, and not excluded: OPT-13B (0.1, 0.25) 2.057 -> 2.088 (OPT-6.7B there: 1.278 -> 1.281). There the
-      faster block moves the side stream's neuron-scores GEMV beside the next q/k/v gather, which it slows."""
+      faster block moves the side stream's neuron-scores GEMV beside the next q/k/v gather, which it slows.
+
+    The capped one loop alone was mixed (v23: OPT-13B (0.25, 0.5) -5.5%, OPT-6.7B +9%, the same side-stream effect);
+    with the side stream at a higher priority (``FastDecoder``'s ``SIDE_PRIORITY``) it won on both (v24)."""
     if ONE_LOOP is not None:
         return bool(ONE_LOOP)
-    return not swiglu and cdiv(k, block_n) <= num_sms(device)
+    return not swiglu and (ONE_LOOP_MAXNREG is not None or cdiv(k, block_n) <= num_sms(device))
+
+
+def launch_maxnreg(one: bool, k: int, block_n: int, device: torch.device):
+    """The block's register cap (a launch option; None: the compiler's choice): :data:`MAXNREG` when set; else
+    :data:`ONE_LOOP_MAXNREG` for the one loop where its programs outnumber the SMs, so that two share an SM instead of
+    the second wave one an SM would take (offline sm_90: 128 registers, no spills, with or without the finish)."""
+    if MAXNREG:
+        return MAXNREG
+    if one and ONE_LOOP_MAXNREG and cdiv(k, block_n) > num_sms(device):
+        return ONE_LOOP_MAXNREG
+    return None
+
+
+def register_cap(batch: int, k: int, d: int, swiglu: bool, device: torch.device):
+    """The register cap :func:`sparse_mlp` will launch a block of ``k`` neurons with, as the knobs stand now (None:
+    none); the decode runtime reads it to set its side stream's priority."""
+    cfg = _mlp_config(batch, k, d, swiglu, device)
+    return launch_maxnreg(cfg["ONE_LOOP"], k, cfg["BLOCK_N"], device)
 
 
 def _mlp_config(batch: int, k: int, d: int, swiglu: bool, device: torch.device) -> dict:
@@ -508,6 +534,7 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
     grid = cdiv(k, cfg["BLOCK_N"])
     n_zero, block_z = check_zero(op, zero, acc, "workspace", grid)
     num_warps = cfg.pop("num_warps")
+    cap = launch_maxnreg(cfg["ONE_LOOP"], k, cfg["BLOCK_N"], x.device)
     pdl = _pdl_mode(x.device)
     bias1 = norm.bias if norm is not None else b1
     res = residual if residual is not None else out
@@ -529,7 +556,7 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
         HAS_XB=x_sum is not None and x_sum.bias is not None,
         PREWAIT=pdl and prewait and not cfg["USE_DOT"] and not cfg["ONE_LOOP"],
         PDL=pdl, launch_pdl=pdl > 0, num_warps=num_warps,
-        num_stages=cfg["NUM_STAGES"], **cfg, **({"maxnreg": MAXNREG} if MAXNREG else {}),
+        num_stages=cfg["NUM_STAGES"], **cfg, **({"maxnreg": cap} if cap else {}),
     )  # fmt: skip
     return out if finish else acc[:B * D].view(B, D)
 

@@ -74,6 +74,18 @@ from ..models.decoder import KV_POLICIES, DecoderLM, KVCache
 from .policy import k_for, per_layer
 
 
+SIDE_PRIORITY = -1
+"""CUDA priority of the side stream that runs the lookahead predictions where some layer's MLP block runs its one loop
+capped at 128 registers (its programs outnumber the SMs: ``mlp_block.launch_maxnreg``); elsewhere 0, the priority the
+step is captured at (``FastDecoder.capture_priority``; lower is more urgent). Ahead of the step, the neuron-scores
+GEMV's programs are placed beside the MLP block instead of beside the next q/k/v gather, which the capped loop's
+shorter block would otherwise hand it. H200, batch 1, both changes against v23's two loops at priority 0
+(bench/NOTES.md v24): OPT-13B (0.25, 0.5) 3.564 -> 3.294 ms, OPT-6.7B (0.25, 0.5) 1.869 -> 1.757, (0.5, 1) -0.6% to
+-1.3%; the capped loop alone had been mixed (v23: -5.5% and +9%), and the priority alone, where no block is capped,
+moved the step by -0.3% to +1.1%, so there the side stream stays at 0. Read when a decoder is built; 0 keeps every
+side stream at the step's priority."""
+
+
 def distinct_streams(device, n: int, priority: int = 0, avoid=(), make=None) -> list:
     """``n`` CUDA streams whose handles differ from each other's and from those of the streams in ``avoid`` (None
     entries ignored). ``torch.cuda.Stream()`` hands out the streams of a process-wide pool, 32 a priority in turn,
@@ -372,7 +384,9 @@ class FastDecoder:
         self._topk = "radix-gemv" if self._radix is not None else "torch"
         overlap = cuda and overlap and self.lookahead and predictors is not None
         # lookahead predictors run here; streams of this decoder's own (distinct_streams says why)
-        self._side = distinct_streams(self.device, 1)[0] if overlap else None
+        # (ahead of the step where an MLP block runs its capped one loop: SIDE_PRIORITY says why)
+        side_prio = SIDE_PRIORITY if overlap and backend == "triton" and self._capped_mlp() else 0
+        self._side = distinct_streams(self.device, 1, side_prio)[0] if overlap else None
         # layer 0 has no layer before it to hide its prediction behind: its heads are chosen on the main stream (their
         # own first factor), and its neurons, needed only before its MLP block, on a stream of their own with their
         # own buffers (it may overlap the side stream's prediction of layer 1) and its own copy of x0, joined before
@@ -733,6 +747,15 @@ class FastDecoder:
         up_gather and the o_proj is the column gather with its epilogue (not cuBLAS; not ``deferred``, an unfinished
         o_proj of _deferred_o, whose up gather writes x_next instead)."""
         return self.oproj_writes_next and self._up_gather[l] and self._attn_gathers(l) and not deferred
+
+    def _capped_mlp(self) -> bool:
+        """Whether some layer's fused MLP block will launch with a register cap (``mlp_block.launch_maxnreg``: its one
+        loop where the programs outnumber the SMs), which decides the side stream's priority (SIDE_PRIORITY)."""
+        if self.device.type != "cuda" or not K.HAS_TRITON:
+            return False
+        swiglu, d = self.spec.mlp_kind == "swiglu", self.spec.d_model
+        return any(K.mlp_block.register_cap(self.batch, km, d, swiglu, self.device) is not None
+                   for km, fused in zip(self.k_mlp, self._fused_mlp) if fused)  # fmt: skip
 
     def _attn_gathers(self, l: int) -> bool:
         """Are layer l's attention projections the gathers (q/k/v row gather, o_proj column gather), not cuBLAS? The
