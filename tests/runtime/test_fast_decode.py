@@ -449,7 +449,7 @@ def test_side_stream_ahead_only_with_a_capped_mlp_block(tiny, monkeypatch):
     from dejavu.kernels import mlp_block as MB
     from dejavu.runtime import fast_decode as FD
 
-    hf, model = tiny
+    _, model = tiny
     model = model.to(device="cuda", dtype=torch.float16)
     p = _predictors(model.spec)
     relu = model.spec.mlp_kind == "relu"

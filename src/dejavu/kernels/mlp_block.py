@@ -403,7 +403,7 @@ def one_loop(k: int, block_n: int, swiglu: bool, device: torch.device) -> bool:
       faster block moves the side stream's neuron-scores GEMV beside the next q/k/v gather, which it slows.
 
     The capped one loop alone was mixed (v23: OPT-13B (0.25, 0.5) -5.5%, OPT-6.7B +9%, the same side-stream effect);
-    with the side stream at a higher priority (``FastDecoder``'s ``SIDE_PRIORITY``) it won on both (v24)."""
+    with the side stream at a higher priority (``runtime.fast_decode.SIDE_PRIORITY``) it won on both (v24)."""
     if ONE_LOOP is not None:
         return bool(ONE_LOOP)
     return not swiglu and (ONE_LOOP_MAXNREG is not None or cdiv(k, block_n) <= num_sms(device))
