@@ -124,13 +124,12 @@ def _time(fn):
     return t, tg
 
 
-def measure_launch_floor(device) -> tuple:
-    """(do_bench, graph) median us of one no-op launch (``_checks.noop_launch``: the PDL wait only) over 2 x #SMs
+def measure_launch_floor(device, programs: int) -> tuple:
+    """(do_bench, graph) median us of one no-op launch (``_checks.noop_launch``: the PDL wait only) over ``programs``
     programs of 4 warps, the floor under any kernel of a dependent chain."""
     from dejavu.kernels import _checks
 
     flag = torch.zeros(1, dtype=torch.int32, device=device)
-    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return _time(lambda: _checks.noop_launch(flag, programs))
 
 
@@ -358,12 +357,13 @@ def run_kernel_sweep(out_dir, shapes=("opt-13b", "opt-30b"), dtype=torch.float16
     print(f"device: {torch.cuda.get_device_name()}  ({props.multi_processor_count} SMs, L2 {l2_bytes >> 20} MiB)")
     copy_bw = measure_copy_bandwidth(device)
     print(f"copy bandwidth (read+write): {copy_bw / 1e9:.0f} GB/s")
-    floor_us, floor_graph_us = measure_launch_floor(device)
+    floor_programs = 2 * props.multi_processor_count
+    floor_us, floor_graph_us = measure_launch_floor(device, floor_programs)
     print(f"launch floor (no-op kernel): {floor_us:.2f} us (graph {floor_graph_us})")
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   dtype=dtype_name, batch=batch, copy_bw_GBps=copy_bw / 1e9, l2_bytes=l2_bytes,
                   launch_floor_us=floor_graph_us, launch_floor_do_bench_us=floor_us,
-                  launch_floor_programs=2 * props.multi_processor_count, densities=list(densities),
+                  launch_floor_programs=floor_programs, densities=list(densities),
                   started=time.strftime("%Y-%m-%d %H:%M:%S"), shapes={}, fits={})  # fmt: skip
     for name in shapes:
         shape = SHAPES[name]

@@ -383,9 +383,9 @@ class FastDecoder:
             self._radix = K.predictor_ops.radix_workspace(self.device)
         self._topk = "radix-gemv" if self._radix is not None else "torch"
         overlap = cuda and overlap and self.lookahead and predictors is not None
-        # lookahead predictors run here; streams of this decoder's own (distinct_streams says why)
-        # (ahead of the step where an MLP block runs its capped one loop: SIDE_PRIORITY says why)
-        side_prio = SIDE_PRIORITY if overlap and backend == "triton" and self._capped_mlp() else 0
+        # lookahead predictors run here, on streams of this decoder's own (distinct_streams says why), ahead of the
+        # step where an MLP block runs its capped one loop (SIDE_PRIORITY says why)
+        side_prio = SIDE_PRIORITY if overlap and self._capped_mlp() else 0
         self._side = distinct_streams(self.device, 1, side_prio)[0] if overlap else None
         # layer 0 has no layer before it to hide its prediction behind: its heads are chosen on the main stream (their
         # own first factor), and its neurons, needed only before its MLP block, on a stream of their own with their
@@ -751,7 +751,7 @@ class FastDecoder:
     def _capped_mlp(self) -> bool:
         """Whether some layer's fused MLP block will launch with a register cap (``mlp_block.launch_maxnreg``: its one
         loop where the programs outnumber the SMs), which decides the side stream's priority (SIDE_PRIORITY)."""
-        if self.device.type != "cuda" or not K.HAS_TRITON:
+        if self.backend != "triton" or self.device.type != "cuda" or not K.HAS_TRITON:
             return False
         swiglu, d = self.spec.mlp_kind == "swiglu", self.spec.d_model
         return any(K.mlp_block.register_cap(self.batch, km, d, swiglu, self.device) is not None
