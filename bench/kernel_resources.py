@@ -4,7 +4,8 @@ The B=1 launch configurations of one sparse (0.1, 0.5) OPT-13B layer, as the run
 with PDL (as launched on Hopper) by this machine's Triton: a middle layer, whose q/k/v gather finishes the MLP block
 before it and whose o_proj and MLP block leave their sums unfinished (``defer_mlp_finish``, ``defer_oproj_finish``,
 v10); the MLP block also with the register cap of the ``mlp_maxnreg_128`` A/B (bench/NOTES.md, v7) and in the
-schedule its rule does not pick here (``mlp_block.one_loop``, v23). Prints a table
+schedule its rule does not pick here (``mlp_block.one_loop``, v23), and the o_proj and MLP block in one launch
+(``kernels.oproj_mlp``, off in the runtime, v25). Prints a table
 and writes ``kernel_resources_sm90.json`` to ``--out``.
 
     PYTHONPATH=src python bench/kernel_resources.py --out results/bench/profile
@@ -23,8 +24,9 @@ from dejavu.atomic import write_text_atomic
 from dejavu.kernels import decode_attention as A
 from dejavu.kernels import gather_mlp as G
 from dejavu.kernels import mlp_block as MB
+from dejavu.kernels import oproj_block as OM
 from dejavu.kernels import predictor_ops as P
-from dejavu.kernels._checks import cdiv, next_pow2
+from dejavu.kernels._checks import cdiv, next_pow2, num_sms
 from dejavu.kernels.offline import compile_for, programs_per_sm, resources
 
 F16, F32, I32, I64, U8 = torch.float16, torch.float32, torch.int32, torch.int64, torch.uint8
@@ -76,6 +78,15 @@ def cases():
         finally:
             MB.ONE_LOOP = saved
         yield "MLP block, two loops", MB._sparse_mlp_kernel, dict(mlp_args, **two), {}
+    target = cdiv(KM, mlp["BLOCK_N"]) if OM.PERSISTENT else OM.O_ITEMS_PER_SM * num_sms(cpu)
+    items = OM._oproj_items(KH * HD, D, target)
+    yield "o_proj + MLP block (oproj_mlp)", OM._oproj_mlp_kernel, dict(
+        mlp_args, a_ptr=F16, wo_ptr=F16, hidx_ptr=I64, sums_ptr=F32, zo_ptr=F32, tick_ptr=I32, n_in=KH * HD,
+        rows_per_split=items["rows_per_split"], n_od=items["n_od"], n_o=items["n_o"], n_zo=D, stride_ab=KH * HD,
+        stride_ag=HD, stride_ar=1, stride_won=D, HEAD_DIM=HD, BLOCK_J=items["BLOCK_J"], BLOCK_DO=items["BLOCK_DO"],
+        BLOCK_ZO=next_pow2(cdiv(D, items["n_o"])), ZERO_O=True, STAGES_O=OM.O_STAGES, SPIN=True,
+        PERSISTENT=OM.PERSISTENT, FENCE=True), \
+        {"maxnreg": OM.MAXNREG} if OM.MAXNREG else {}
     for name, n, d, first in (("predictor first factors", 2 * R, D, True), ("neuron scores", FFN, R, False)):
         yield name, P._lowrank_gemv_kernel, dict(
             x_ptr=F16 if first else F32, w_ptr=F16, bias_ptr=F16, out_ptr=F32 if first else F16, hist_ptr=I32, B=1, N=n,

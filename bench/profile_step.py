@@ -67,7 +67,11 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   decoder is built, whatever its MLP blocks; by default only where one runs its capped one loop), ``main_priority`` (the step captured on a stream of priority -1:
   ``FastDecoder.capture_priority``);
 * ``mlp_v23``: the MLP block's v23 rule, two loops where its programs outnumber the SMs, instead of the one loop
-  capped at 128 registers (``mlp_block.ONE_LOOP_MAXNREG`` = None).
+  capped at 128 registers (``mlp_block.ONE_LOOP_MAXNREG`` = None);
+* ``fuse_tail``: the unfinished o_proj and the MLP block in one launch (``FastDecoder.fuse_oproj_mlp``,
+  ``kernels.oproj_mlp``), with its tiles' knobs ``tail_cols_{256,1024}`` (``oproj_block.O_COLS``),
+  ``tail_items_{2,3}`` (``O_ITEMS_PER_SM``), ``tail_stages_{2,4}`` (``O_STAGES``), ``tail_cap_128`` (``MAXNREG``),
+  ``tail_ticketed`` (``PERSISTENT`` off), joined to it with '+'.
 
 A variant named again (``--variants sparse,X,sparse``) gets a decoder of its own, reported as ``sparse#2``: the first
 variant built in a process ran 0.2-1.1% slower than identical later ones (bench/NOTES.md v21), so an A/B compares
@@ -101,6 +105,7 @@ from dejavu.kernels import _checks as C
 from dejavu.kernels import decode_attention as DA
 from dejavu.kernels import gather_mlp as GM
 from dejavu.kernels import mlp_block as MB
+from dejavu.kernels import oproj_block as OB
 from dejavu.kernels import predictor_ops as PO
 from dejavu.kernels.fused_ops import embed_fused, embed_fused_ref
 from dejavu.runtime import fast_decode as FD
@@ -200,6 +205,8 @@ def _setup(dec: FastDecoder, name: str) -> None:
         dec.defer_mlp_finish = False
     if name == "finish_o":  # A/B: each o_proj finishes its own sums (not its layer's MLP block or up gather)
         dec.defer_oproj_finish = False
+    if name.startswith("fuse_tail"):  # A/B: the unfinished o_proj and the MLP block in one launch (oproj_mlp)
+        dec.fuse_oproj_mlp = True
     if name == "prewait_gathers":  # A/B: the q/k/v gathers (but layer 0's) and MLP blocks read early
         dec.prewait_gathers = True
     if name == "torch_topk":  # A/B: the neuron top-k by torch.topk instead of the radix select
@@ -239,7 +246,8 @@ def main():
                          "rows_narrow,rows_wide_window,reduce_serial,reduce_padded_rows,fork_{start,qkv,attn,oproj},main_priority,"
                          "finish_mlp,finish_o,"
                          "prewait_gathers,attn_pipelined,l0_inline,embed_nopdl,embed_torch,head_cublas,fma_max_2,"
-                         "side_priority_0,mlp_v23; "
+                         "side_priority_0,mlp_v23,fuse_tail,tail_cols_{256,1024},tail_items_{2,3},tail_stages_{2,4},"
+                         "tail_cap_128,tail_ticketed; "
                          "join several with '+'; a variant named again gets a decoder of its own, reported as "
                          "name#2, ... (bench/NOTES.md v21: the first variant built in a process ran 0.2-1.1%% slower "
                          "than identical later ones; name the baseline first and again last)")
@@ -277,8 +285,8 @@ def main():
            for m in SIDE_PDL_OFF},
         "main_priority": dict(predictors=preds, mlp_density=md, head_density=hd),
         **{name: dict(predictors=preds, mlp_density=md, head_density=hd)
-           for name in ("finish_mlp", "finish_o", "prewait_gathers", "l0_inline", "embed_nopdl", "embed_torch",
-                         "head_cublas")},
+           for name in ("finish_mlp", "finish_o", "fuse_tail", "prewait_gathers", "l0_inline", "embed_nopdl",
+                         "embed_torch", "head_cublas")},
         "add_launch": dict(predictors=None, mlp_density=1.0, head_density=1.0, kv_policy="all"),
         **{f"fork_{m}": dict(predictors=preds, mlp_density=md, head_density=hd) for m in FORK_POINTS},
     }
@@ -305,6 +313,12 @@ def main():
         ("rows", "_gather_rows_kernel"), ("attn", "_decode_attn_kernel"), ("combine", "_decode_attn_combine_kernel"),
         ("oproj", "_gather_down_kernel"), ("mlp", "_sparse_mlp_kernel"), ("gemv", "_lowrank_gemv_kernel"))})
     knobs["oproj_signal_after_loop"] = (C, "PDL_MID", {"_gather_down_kernel"})
+    # the fused o_proj + MLP block's tiles (with fuse_tail: e.g. fuse_tail+tail_cols_256)
+    knobs.update({f"tail_cols_{n}": (OB, "O_COLS", n) for n in (256, 1024)})
+    knobs.update({f"tail_items_{n}": (OB, "O_ITEMS_PER_SM", n) for n in (2, 3)})
+    knobs.update({f"tail_stages_{n}": (OB, "O_STAGES", n) for n in (2, 4)})
+    knobs["tail_cap_128"] = (OB, "MAXNREG", 128)
+    knobs["tail_ticketed"] = (OB, "PERSISTENT", False)
     variants.update({name: dict(predictors=preds, mlp_density=md, head_density=hd) for name in knobs})
     # knobs read when the decoder is built (and by the kernels at capture): set around construction and capture
     build_knobs = {"fma_max_2": (C, "FMA_MAX_BATCH", 2), "side_priority_0": (FD, "SIDE_PRIORITY", 0),

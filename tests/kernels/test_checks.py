@@ -137,6 +137,7 @@ def test_import_without_triton():
 _COMPILE_SCRIPT = """
 import torch
 from dejavu.kernels import gather_mlp as G, decode_attention as A, fused_ops as FO, predictor_ops as P, mlp_block as MB
+from dejavu.kernels import oproj_block as OB
 from dejavu.kernels.offline import compile_for
 from dejavu.kernels import _checks
 _checks.FMA_MAX_BATCH = 2  # B = 2 on the FMA paths too (an A/B knob; the runtime's default serves only B = 1 there)
@@ -159,6 +160,15 @@ def build(kernel, args, num_warps, num_stages, early=False, mode=1):
     if args.get("FENCE") and args.get("FINISH", True):  # the per-thread fence of the threadfence-reduction pattern
         assert "fence.acq_rel.gpu" in k.asm["ptx"], kernel.__name__
     return k
+
+def mlp_args(dt, B, act, early, cfg):  # the MLP block's arguments (also the fused o_proj + MLP block's)
+    return dict(x_ptr=dt, w1_ptr=dt, w3_ptr=dt, w2t_ptr=dt, idx_ptr=torch.int64,
+                b1_ptr=torch.float32, b2_ptr=dt, res_ptr=dt, out_ptr=dt, acc_ptr=torch.float32, cnt_ptr=torch.int32,
+                g_ptr=dt, rg_ptr=torch.float32, zero_ptr=torch.float32, xs_ptr=torch.float32, xb_ptr=dt, xr_ptr=dt,
+                B=B, K=2048, D=5120, eps=1e-5, n_zero=5120, stride_xb=5120, stride_xd=1, stride_w1n=5120,
+                stride_w3n=5120, stride_w2n=5120, stride_rb=5120, stride_ob=5120, stride_xr=5120, ACT=act, NORM=act,
+                HAS_B1=act == 1, HAS_B2=act == 1, HAS_RES=True, DOT_FP32=dt == torch.float32, FENCE=True,
+                FINISH=B != 1, ZERO=B <= 2, BLOCK_Z=64, X_SUM=B <= 2, HAS_XB=act == 1, PREWAIT=early, **cfg)
 
 cpu = torch.device("cpu")
 for dt in (torch.float16, torch.bfloat16, torch.float32):
@@ -196,14 +206,8 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
         MB.ONE_LOOP = one
         cfg = MB._mlp_config(B, 2048, 5120, act == 2, cpu); nw = cfg.pop("num_warps")
         early = B <= 2 and not cfg["ONE_LOOP"]
-        build(MB._sparse_mlp_kernel, dict(x_ptr=dt, w1_ptr=dt, w3_ptr=dt, w2t_ptr=dt, idx_ptr=torch.int64,
-              b1_ptr=torch.float32, b2_ptr=dt, res_ptr=dt, out_ptr=dt, acc_ptr=torch.float32, cnt_ptr=torch.int32,
-              g_ptr=dt, rg_ptr=torch.float32, zero_ptr=torch.float32, xs_ptr=torch.float32, xb_ptr=dt, xr_ptr=dt,
-              B=B, K=2048, D=5120, eps=1e-5, n_zero=5120, stride_xb=5120, stride_xd=1, stride_w1n=5120,
-              stride_w3n=5120, stride_w2n=5120, stride_rb=5120, stride_ob=5120, stride_xr=5120, ACT=act, NORM=act,
-              HAS_B1=act == 1, HAS_B2=act == 1, HAS_RES=True, DOT_FP32=dt == torch.float32, FENCE=True,
-              FINISH=B != 1, ZERO=B <= 2, BLOCK_Z=64, X_SUM=B <= 2, HAS_XB=act == 1, PREWAIT=early, **cfg), nw,
-              cfg["NUM_STAGES"], early=early, mode=3 if act == 1 else 1)  # 3: the runtime's, signal after the up phase
+        build(MB._sparse_mlp_kernel, mlp_args(dt, B, act, early, cfg), nw, cfg["NUM_STAGES"], early=early,
+              mode=3 if act == 1 else 1)  # 3: the runtime's, signal after the up phase
     MB.ONE_LOOP = None
     for ln in (True, False):
         build(FO._norm_kernel, dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, y_ptr=dt, rb_ptr=dt, init_ptr=dt, D=5120, eps=1e-5,
@@ -230,6 +234,16 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
               stride_ob=512, stride_oh=128, stride_mb=8 * 2048, stride_mh=2048, stride_cb=128, BLOCK_KV=16,
               BLOCK_KQ=16, HAS_VALID=splits > 1, FROM_QKV=qkv, HAS_ROPE=qkv and splits > 1, PREWAIT=qkv, **cfg), nw,
               cfg["NUM_STAGES"], early=qkv)
+# the o_proj and the MLP block in one launch: persistent (OPT, one loop), ticketed (SwiGLU, B = 2, two loops); its
+# wait is inline PTX (one thread polling with ld.acquire.gpu and nanosleep), which only a real compile checks
+for dt, B, act, pers in ((torch.float16, 1, 1, True), (torch.bfloat16, 2, 2, False)):
+    cfg = MB._mlp_config(B, 2048, 5120, act == 2, cpu); nw = cfg.pop("num_warps")
+    k = build(OB._oproj_mlp_kernel, dict(mlp_args(dt, B, act, False, cfg), a_ptr=dt, wo_ptr=dt, hidx_ptr=torch.int64,
+              sums_ptr=torch.float32, zo_ptr=torch.float32, tick_ptr=torch.int32, n_in=2560, rows_per_split=208,
+              n_od=10, n_o=130, n_zo=5120, stride_ab=2560, stride_ag=128, stride_ar=1, stride_won=5120, HEAD_DIM=128,
+              BLOCK_J=16, BLOCK_DO=512, BLOCK_ZO=64, ZERO_O=True, STAGES_O=3, SPIN=True, PERSISTENT=pers),
+              nw, cfg["NUM_STAGES"], mode=3)  # fmt: skip
+    assert "ld.acquire.gpu" in k.asm["ptx"] and "nanosleep" in k.asm["ptx"]
 build(G._reduce_splits_kernel, dict(part_ptr=torch.float32, bias_ptr=torch.float16, res_ptr=torch.float16,
       out_ptr=torch.float16, out2_ptr=torch.float16, bias2_ptr=torch.float16, B=2, D=5120, splits=4, stride_rb=5120,
       stride_ob=5120, stride_o2b=5120, HAS_BIAS=True, HAS_RES=True, OUT2=True, HAS_BIAS2=True, BLOCK_D=256), 2, 1)

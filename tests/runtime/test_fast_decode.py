@@ -633,6 +633,21 @@ def test_deferred_oproj_finish_equal(tiny, B, monkeypatch):
     assert not dec._o_ws[0].any() and dec._o_ws[1].any() and not dec._o_ws[2].any()
 
 
+@pytest.mark.parametrize("B", [1, 2])
+def test_fused_oproj_mlp_equal(tiny, B, monkeypatch):
+    """fuse_oproj_mlp: where the o_proj leaves its sums for the fused MLP block, both run as one launch
+    (kernels.oproj_mlp); same logits as the two launches over three steps (fp32), one launch fewer in those layers,
+    and the unfinished o_projs still clear each other's sums."""
+    monkeypatch.setattr(KC, "FMA_MAX_BATCH", B)
+    model = tiny[1].to(DEV)
+    dec, ref = _attr_on_and_off(model, _predictors(model.spec), O_MLP_D, O_HEAD_D, "fuse_oproj_mlp", B)
+    assert dec._fused_tail() == [True, True, False] and not any(ref._fused_tail())
+    assert dec.describe()["fuse_oproj_mlp"] and not ref.describe()["fuse_oproj_mlp"]
+    on, off = dec.kernels_per_layer(), ref.kernels_per_layer()
+    assert [a["main"] + 1 for a in on[:2]] == [b["main"] for b in off[:2]] and on[2] == off[2]
+    assert not dec._o_ws[0].any() and dec._o_ws[1].any() and not dec._o_ws[2].any()
+
+
 def test_deferred_oproj_finish_where_it_applies(tiny):
     """On by default where it applies: the o_proj sparse and the MLP block fused with its norm folded, or the
     o_proj a gather and the dense MLP's up gather with its norm folded (test_dense_oproj_deferred_into_up_gather),

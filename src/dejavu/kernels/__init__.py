@@ -6,7 +6,8 @@ Launchers (need Triton; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`
   (transposed ``w2t``, + bias + residual), and the whole block in one launch, :func:`sparse_mlp`; the up gathers
   (and ``head_gather_gemv``) can apply the norm before
   them in the same pass (:func:`fold_norm` -> ``norm=``);
-* attention projections: :func:`head_gather_gemv`, :func:`head_gather_down`;
+* attention projections: :func:`head_gather_gemv`, :func:`head_gather_down`, and the latter with the MLP block
+  after it in one launch, :func:`oproj_mlp`;
 * attention: :func:`sparse_decode_attention` (selected query heads, GQA, flash-decoding) and
   :func:`qkv_decode_attention` (the same with the q/k/v finish fused: RoPE, cache write, hole mask);
 * predictors: :func:`lowrank_gemv` (a factor, optional fused RMS norm), :func:`topk_select` (one-launch top-k),
@@ -62,6 +63,7 @@ from .predictor_ops import (
     topk_select_ref,
 )
 from .mlp_block import mlp_workspace, sparse_mlp, sparse_mlp_ref
+from .oproj_block import oproj_mlp, oproj_mlp_ref
 
 __all__ = [
     "HAS_TRITON",
@@ -75,6 +77,8 @@ __all__ = [
     "sparse_mlp",
     "sparse_mlp_ref",
     "mlp_workspace",
+    "oproj_mlp",
+    "oproj_mlp_ref",
     "NormFold",
     "XSum",
     "x_sum_ref",

@@ -120,18 +120,7 @@ def head_gather_down(a, wo_t, head_idx, head_dim, bias=None, residual=None, *, v
             the MLP's down projection, written here instead of by an elementwise launch of its own.
     """
     op = "head_gather_down"
-    require_triton(op)
-    check_tensor(op, "wo_t", wo_t, ndim=2, contiguous=True)
-    check_launch_device(op, _gather_down_kernel, wo_t)
-    _check_head_dim(op, head_dim, wo_t.shape[0])
-    check_tensor(op, "a", a, ndim=3, dtype=wo_t.dtype, device=wo_t.device, shape=(None, None, head_dim))
-    check_batch(op, a.shape[0])
-    check_index(op, "head_idx", head_idx, n=wo_t.shape[0] // head_dim, device=wo_t.device, validate=validate,
-                what="heads")  # fmt: skip
-    if a.shape[1] != head_idx.shape[0]:
-        raise ValueError(f"{op}: a has {a.shape[1]} heads but head_idx selects {head_idx.shape[0]}; a must hold "
-                         f"exactly the selected heads, in head_idx order.")  # fmt: skip
-    B, D = a.shape[0], wo_t.shape[1]
+    B, D = check_heads_down(op, a, wo_t, head_idx, head_dim, validate)
     _check_down_epilogue(op, bias, residual, wo_t, B, D)
     if not finish:
         if bias is not None or residual is not None or out is None:
@@ -148,6 +137,23 @@ def head_gather_down(a, wo_t, head_idx, head_dim, bias=None, residual=None, *, v
     strides = (a.stride(0), a.stride(1), a.stride(2))
     return _launch_gather_down(a, strides, wo_t, head_idx, bias, residual, head_dim, out, split_k, finish, zero, op,
                                prewait=bool(prewait), out2=out2, bias2=bias2)  # fmt: skip
+
+
+def check_heads_down(op, a, wo_t, head_idx, head_dim, validate) -> tuple[int, int]:
+    """The output projection's inputs (:func:`head_gather_down`; also :func:`~dejavu.kernels.oproj_block.oproj_mlp`)
+    -> (B, d)."""
+    require_triton(op)
+    check_tensor(op, "wo_t", wo_t, ndim=2, contiguous=True)
+    check_launch_device(op, _gather_down_kernel, wo_t)
+    _check_head_dim(op, head_dim, wo_t.shape[0])
+    check_tensor(op, "a", a, ndim=3, dtype=wo_t.dtype, device=wo_t.device, shape=(None, None, head_dim))
+    check_batch(op, a.shape[0])
+    check_index(op, "head_idx", head_idx, n=wo_t.shape[0] // head_dim, device=wo_t.device, validate=validate,
+                what="heads")  # fmt: skip
+    if a.shape[1] != head_idx.shape[0]:
+        raise ValueError(f"{op}: a has {a.shape[1]} heads but head_idx selects {head_idx.shape[0]}; a must hold "
+                         f"exactly the selected heads, in head_idx order.")  # fmt: skip
+    return a.shape[0], wo_t.shape[1]
 
 
 def head_gather_down_ref(a, wo_t, head_idx, head_dim, bias=None, residual=None):

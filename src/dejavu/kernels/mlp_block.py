@@ -132,7 +132,27 @@ def _sparse_mlp_kernel(
     """out = act(norm(x) W1[idx]^T + b1[idx]) @ w2t[idx] + b2 + residual. Grid: (cdiv(K, BLOCK_N),)."""
     if not PREWAIT:
         pdl_sync(PDL)
-    pid = tl.program_id(0)
+    _mlp_program(tl.program_id(0), tl.num_programs(0),
+                 x_ptr, w1_ptr, w3_ptr, w2t_ptr, idx_ptr, b1_ptr, b2_ptr, res_ptr, out_ptr, acc_ptr, cnt_ptr, g_ptr,
+                 rg_ptr, zero_ptr, xs_ptr, xb_ptr, xr_ptr, B, K, D, eps, n_zero, stride_xb, stride_xd, stride_w1n,
+                 stride_w3n, stride_w2n, stride_rb, stride_ob, stride_xr, ACT, NORM, HAS_B1, HAS_B2, HAS_RES,
+                 BLOCK_B, BLOCK_N, BLOCK_D, BLOCK_O, BLOCK_F, USE_DOT, DOT_FP32, NUM_STAGES, FENCE, FINISH, ZERO,
+                 BLOCK_Z, X_SUM, HAS_XB, PREWAIT, ONE_LOOP, PDL)  # fmt: skip
+
+
+@jit
+def _mlp_program(pid, n_prog, x_ptr, w1_ptr, w3_ptr, w2t_ptr, idx_ptr, b1_ptr, b2_ptr, res_ptr, out_ptr, acc_ptr,
+                 cnt_ptr, g_ptr, rg_ptr, zero_ptr, xs_ptr, xb_ptr, xr_ptr, B, K, D, eps, n_zero, stride_xb, stride_xd,
+                 stride_w1n, stride_w3n, stride_w2n, stride_rb, stride_ob, stride_xr, ACT: tl.constexpr,
+                 NORM: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_RES: tl.constexpr,
+                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr,
+                 BLOCK_F: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, NUM_STAGES: tl.constexpr,
+                 FENCE: tl.constexpr, FINISH: tl.constexpr, ZERO: tl.constexpr, BLOCK_Z: tl.constexpr,
+                 X_SUM: tl.constexpr, HAS_XB: tl.constexpr, PREWAIT: tl.constexpr, ONE_LOOP: tl.constexpr,
+                 PDL: tl.constexpr):  # fmt: skip
+    """Program ``pid`` of the ``n_prog`` sharing the block (the last to arrive finishes), with
+    :func:`_sparse_mlp_kernel`'s arguments: that kernel's programs, or the MLP items of
+    :func:`~dejavu.kernels.oproj_block._oproj_mlp_kernel`; past its PDL wait unless PREWAIT."""
     if ZERO and not PREWAIT:  # (here without PREWAIT, where the benched kernel zeroes; with it after the wait below)
         zero_slice(zero_ptr, n_zero, pid, BLOCK_Z)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -154,8 +174,8 @@ def _sparse_mlp_kernel(
     # -- the last program to arrive finishes: + b2 + residual, cast, store; leave the workspace zeroed -------------
     # (threadfence-reduction pattern: every thread fences its atomics, barrier, one acq_rel arrival)
     if FINISH:
-        _mlp_finish(acc_ptr, cnt_ptr, b2_ptr, res_ptr, out_ptr, offs_b, b_mask, D, stride_rb, stride_ob, HAS_B2,
-                    HAS_RES, BLOCK_B, BLOCK_F, FENCE)  # fmt: skip
+        _mlp_finish(acc_ptr, cnt_ptr, b2_ptr, res_ptr, out_ptr, offs_b, b_mask, D, stride_rb, stride_ob, n_prog,
+                    HAS_B2, HAS_RES, BLOCK_B, BLOCK_F, FENCE)  # fmt: skip
 
 
 @jit
@@ -320,14 +340,14 @@ def _one_loop(x_ptr, w1_ptr, w3_ptr, w2t_ptr, b1_ptr, g_ptr, rg_ptr, acc_ptr, xs
 
 
 @jit
-def _mlp_finish(acc_ptr, cnt_ptr, b2_ptr, res_ptr, out_ptr, offs_b, b_mask, D, stride_rb, stride_ob,
+def _mlp_finish(acc_ptr, cnt_ptr, b2_ptr, res_ptr, out_ptr, offs_b, b_mask, D, stride_rb, stride_ob, n_prog,
                 HAS_B2: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
                 FENCE: tl.constexpr):  # fmt: skip
     """The block's last-arriving program: + b2 + residual, cast, store; the workspace and counter left zeroed."""
     fence_gpu(FENCE)
     tl.debug_barrier()
     old = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
-    if old == tl.num_programs(0) - 1:
+    if old == n_prog - 1:
         # one pass when BLOCK_F covers d; the sums, the bias and the residual are loaded together (one memory round
         # trip per chunk on this single program's path, which every launch waits for)
         for f0 in range(0, D, BLOCK_F):
@@ -380,10 +400,11 @@ ONE_LOOP_MAXNREG = 128
 ``mlp_v23``)."""
 
 
-def _pdl_mode(device: torch.device) -> int:
-    """The block's PDL mode (``_checks.use_pdl``): 3, the signal after the up phase, where PDL's plain mode 1 would
-    apply and SIGNAL_AFTER_UP is on; else what use_pdl says (0 off, 2 named in PDL_LATE, 3 named in PDL_MID)."""
-    pdl = use_pdl(_sparse_mlp_kernel, device)
+def _pdl_mode(device: torch.device, kernel=None) -> int:
+    """The block's PDL mode (``_checks.use_pdl`` of ``kernel``, by default the block's own): 3, the signal after the up
+    phase, where PDL's plain mode 1 would apply and SIGNAL_AFTER_UP is on; else what use_pdl says (0 off, 2 named in
+    PDL_LATE, 3 named in PDL_MID)."""
+    pdl = use_pdl(_sparse_mlp_kernel if kernel is None else kernel, device)
     return 3 if pdl == 1 and SIGNAL_AFTER_UP else pdl
 
 
@@ -483,7 +504,21 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
     with programmatic dependent launch (the FMA path), the selection and the first up chunk are then read before the PDL
     wait, while that kernel still runs (not where the block runs as one loop: :func:`one_loop`).
     """
-    op = "sparse_mlp"
+    result, grid, args, meta = _mlp_launch("sparse_mlp", x, w1, w2t, idx, b1, b2, residual, w3, norm, workspace,
+                                           validate, out, finish, zero, x_sum)  # fmt: skip
+    pdl = _pdl_mode(x.device)
+    cap = launch_maxnreg(meta["ONE_LOOP"], idx.shape[0], meta["BLOCK_N"], x.device)
+    _sparse_mlp_kernel[(grid,)](
+        *args, **meta, PREWAIT=pdl and prewait and not meta["USE_DOT"] and not meta["ONE_LOOP"], PDL=pdl,
+        launch_pdl=pdl > 0, **({"maxnreg": cap} if cap else {}),
+    )  # fmt: skip
+    return result
+
+
+def _mlp_launch(op, x, w1, w2t, idx, b1, b2, residual, w3, norm, workspace, validate, out, finish, zero, x_sum):
+    """:func:`sparse_mlp`'s checks and launch arguments (also the MLP items' of :mod:`.oproj_block`) -> (what the call
+    returns, programs, :func:`_sparse_mlp_kernel`'s arguments up to its meta-parameters, the meta-parameters and
+    launch options but PREWAIT, PDL, launch_pdl and maxnreg)."""
     require_triton(op)
     check_tensor(op, "w1", w1, ndim=2, contiguous=True)
     check_launch_device(op, _sparse_mlp_kernel, w1)
@@ -533,12 +568,9 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
     cfg = _mlp_config(B, k, D, w3 is not None, x.device)
     grid = cdiv(k, cfg["BLOCK_N"])
     n_zero, block_z = check_zero(op, zero, acc, "workspace", grid)
-    num_warps = cfg.pop("num_warps")
-    cap = launch_maxnreg(cfg["ONE_LOOP"], k, cfg["BLOCK_N"], x.device)
-    pdl = _pdl_mode(x.device)
     bias1 = norm.bias if norm is not None else b1
     res = residual if residual is not None else out
-    _sparse_mlp_kernel[(grid,)](
+    args = (
         x, w1, w3 if w3 is not None else w1, w2t, idx, bias1 if bias1 is not None else w1,
         b2 if b2 is not None else w1, res, out, acc, cnt,
         norm.weight if norm is not None else w1, norm.rowsum if norm is not None and norm.rowsum is not None else w1,
@@ -548,17 +580,17 @@ def sparse_mlp(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, nor
         B, k, D, norm.eps if norm is not None else 0.0, n_zero,
         x.stride(0), x.stride(1), w1.stride(0), (w3 if w3 is not None else w1).stride(0), w2t.stride(0),
         res.stride(0), out.stride(0), x_sum.residual.stride(0) if x_sum is not None else 0,
+    )  # fmt: skip
+    meta = dict(
         ACT=ACT_SWIGLU if w3 is not None else ACT_RELU, NORM=0 if norm is None else NORM_CODES[norm.kind],
         HAS_B1=bias1 is not None, HAS_B2=b2 is not None, HAS_RES=residual is not None,
         DOT_FP32=x.dtype == torch.float32 or is_interpreted(_sparse_mlp_kernel),
         FENCE=not is_interpreted(_sparse_mlp_kernel), FINISH=bool(finish), ZERO=n_zero > 0,
         BLOCK_Z=block_z, X_SUM=x_sum is not None,
         HAS_XB=x_sum is not None and x_sum.bias is not None,
-        PREWAIT=pdl and prewait and not cfg["USE_DOT"] and not cfg["ONE_LOOP"],
-        PDL=pdl, launch_pdl=pdl > 0, num_warps=num_warps,
-        num_stages=cfg["NUM_STAGES"], **cfg, **({"maxnreg": cap} if cap else {}),
+        num_stages=cfg["NUM_STAGES"], **cfg,
     )  # fmt: skip
-    return out if finish else acc[:B * D].view(B, D)
+    return out if finish else acc[:B * D].view(B, D), grid, args, meta
 
 
 def sparse_mlp_ref(x, w1, w2t, idx, b1=None, b2=None, residual=None, *, w3=None, norm=None):

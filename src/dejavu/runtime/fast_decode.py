@@ -22,7 +22,9 @@ Per layer l (``_block``), with ``x`` the residual stream entering the block:
   (bias, residual, cast) into its consumer, which streams all of that activation anyway (``kernels.XSum``):
   ``defer_oproj_finish`` (o_proj's split-k reduction, into the MLP block, or into the dense MLP's up gather, which
   then also writes the residual cuBLAS adds fc2 into) and ``defer_mlp_finish`` (the MLP block's, into the next
-  layer's q/k/v gather). A middle layer then has no last-program pass on its critical path.
+  layer's q/k/v gather). A middle layer then has no last-program pass on its critical path. ``fuse_oproj_mlp`` (off:
+  slower in the step, bench/NOTES.md v25) runs the unfinished o_proj and the MLP block as one launch
+  (``kernels.oproj_mlp``).
   "At batch 1" is ``kernels._checks.FMA_MAX_BATCH``, the kernels' CUDA-core path; batch 2 runs as batch > 2, on the
   tensor-core paths (measured: bench/NOTES.md v15).
 A part at density 1 reads every row. At batch 1, by default, it runs the sparse path's gathers over every row where
@@ -156,6 +158,12 @@ class _TritonOps:
             prewait=False):  # one launch  # fmt: skip
         return K.sparse_mlp(x, w1, w2t, idx, b1, b2, res, w3=w3, norm=norm, workspace=ws, validate=False, out=out,
                             finish=finish, zero=zero, x_sum=x_sum, prewait=prewait)  # fmt: skip
+
+    def oproj_mlp(self, a, wo_t, hidx, hd, sums, zero_o, bo, x_res, x, w1, w3, w2t, idx, b2, res, out, norm, ws,
+                  finish=True, zero=None):  # fmt: skip
+        # one launch: the unfinished o_proj into sums, then the block on x made from them
+        return K.oproj_mlp(a, wo_t, hidx, hd, sums, x, w1, w2t, idx, None, b2, res, bo=bo, x_res=x_res, w3=w3,
+                           norm=norm, workspace=ws, validate=False, out=out, finish=finish, zero_o=zero_o, zero=zero)
 
     def attn(self, q, kc, vc, lens, idx, group, valid):
         return K.sparse_decode_attention(q, kc, vc, lens, idx, group, kv_valid=valid, validate=False)
@@ -426,6 +434,9 @@ class FastDecoder:
         # 16-row tiles that halve the programs reading the sums (gather_mlp.ROWS_WIDE_MAX; bench/NOTES.md v19)
         self.defer_mlp_finish = True
         self.defer_oproj_finish = True
+        # where the o_proj leaves its sums for the fused MLP block (defer_oproj_finish), both run as one launch of
+        # ticketed work items, o_proj items first (kernels.oproj_mlp; A/B, read at capture; bench/NOTES.md v25)
+        self.fuse_oproj_mlp = False
         # the q/k/v gathers (but layer 0's, whose heads the kernel right before it chooses) and the MLP blocks read
         # their selection and first weight chunk before their PDL wait (A/B, read at capture; lookahead only). It
         # passes the GPU tests, but the H200 step moved -1.6% to +2.4% by model, and the gathers alone or the
@@ -566,6 +577,7 @@ class FastDecoder:
                 "graph": self.use_graph, "overlap": self._side is not None, "lookahead": self.lookahead,
                 "fork_at": self.fork_at, "side_pdl": self.side_pdl, "prewait_gathers": self.prewait_gathers,
                 "defer_mlp_finish": any(self._deferred()), "defer_oproj_finish": any(deferred_o),
+                "fuse_oproj_mlp": any(self._fused_tail()),
                 "fuse_norm": self.fuse_norm, "fuse_mlp": any(self._fused_mlp), "fuse_attn": self.fuse_attn,
                 "neuron_topk": self._topk, "split_first_prediction": self._split0(), "dense_mlp": self.dense_mlp,
                 "dense_attn": self.dense_attn,
@@ -775,6 +787,12 @@ class FastDecoder:
               for l in range(self.spec.n_layers)]  # fmt: skip
         return on if sum(on) >= 2 else [False] * len(on)
 
+    def _fused_tail(self) -> list[bool]:
+        """Per layer: do its unfinished o_proj (_deferred_o) and its fused MLP block run as one launch
+        (``fuse_oproj_mlp``, ``kernels.oproj_mlp``)?"""
+        return [on and self.fuse_oproj_mlp and self._fused_mlp[l] and self.k_heads[l] < self.spec.n_heads
+                for l, on in enumerate(self._deferred_o())]  # fmt: skip
+
     def _fork(self, l: int):
         """Layer l's lookahead prediction on the side stream, from x_{l-1} (written before this point of the main
         stream); records when its heads and its neurons are chosen."""
@@ -901,8 +919,11 @@ class FastDecoder:
         # before the q/k/v gather, which has completed once they run
         # and x_next = mid + b2, into which cuBLAS adds fc2
         next_by_oproj = self._oproj_writes_next(l, o_defer is not None)
+        fused_tail = o_defer is not None and self._fused_tail()[l]
         if dense_heads:
             mid.addmm_(a.reshape(B, H * hd), at.wo_t)
+        elif fused_tail:  # launched with the MLP block below (kernels.oproj_mlp)
+            pass
         elif o_defer is not None:  # mid = (sums + bo) + x, made by the MLP block
             ops.oproj(a, at.wo_t, hidx, hd, None, None, o_defer[0], finish=False, zero=o_defer[1], prewait=True)
         else:
@@ -942,12 +963,16 @@ class FastDecoder:
             if self._fused_mlp[l]:  # deferring (Triton ops only): leave the sums / clear the consumed workspace
                 defer = ({"finish": finish_out, "zero": self._mlp_ws[(l - 1) % 2]["acc"] if finish_in else None}
                          if finish_in or not finish_out else {})  # fmt: skip
-                if o_defer is not None:  # and make mid from the o_proj's sums
-                    defer["x_sum"] = K.XSum(o_defer[0], at.bo, x)
-                ops.mlp(xin, mlp.w1, mlp.w3, mlp.w2t, nidx, b1, mlp.b2 if finish_out else None,
-                        mid if finish_out else None, x_next, fold2,
-                        self._mlp_ws[l % 2] if self._mlp_ws is not None else None,
-                        prewait=self.prewait_gathers and self.lookahead, **defer)  # fmt: skip
+                ws = self._mlp_ws[l % 2] if self._mlp_ws is not None else None
+                b2, res = (mlp.b2, mid) if finish_out else (None, None)
+                if fused_tail:  # the o_proj's items, then the block's on mid made from their sums, in one launch
+                    ops.oproj_mlp(a, at.wo_t, hidx, hd, o_defer[0], o_defer[1], at.bo, x, xin, mlp.w1, mlp.w3,
+                                  mlp.w2t, nidx, b2, res, x_next, fold2, ws, **defer)  # fmt: skip
+                else:
+                    if o_defer is not None:  # and make mid from the o_proj's sums
+                        defer["x_sum"] = K.XSum(o_defer[0], at.bo, x)
+                    ops.mlp(xin, mlp.w1, mlp.w3, mlp.w2t, nidx, b1, b2, res, x_next, fold2, ws,
+                            prewait=self.prewait_gathers and self.lookahead, **defer)  # fmt: skip
             else:
                 act = ops.up(xin, mlp.w1, mlp.w3, nidx, b1, norm=fold2)
                 ops.down(act, mlp.w2t, nidx, mlp.b2, mid, x_next)
@@ -957,13 +982,14 @@ class FastDecoder:
         'main' on the critical path, 'side' the lookahead predictor for the next layer (overlapped)."""
         s, out = self.spec, []
         bias = s.attn_bias
-        deferred_o = self._deferred_o()
+        deferred_o, fused_tail = self._deferred_o(), self._fused_tail()
         for l in range(s.n_layers):
             dense_h, dense_m = not self._attn_gathers(l), self._cublas_mlp[l]
             n = 0 if self._fold1[l] is not None else 1  # norm1 (+ residual init), unless folded
             n += (2 if bias else 1) if dense_h else 1  # fused qkv GEMV (+ cuBLAS bias copy at M = 1) / one gather
             n += 2 if self.fuse_attn else 3  # [qkv_post (RoPE, q, K/V cache write, hole mask)], attention, combine
-            n += 1  # o_proj: in-place addmm_ (dense) / head_gather_down with fused bias + residual
+            n += 0 if fused_tail[l] else 1  # o_proj: in-place addmm_ (dense) / head_gather_down (fused bias +
+            # residual), or in one launch with the MLP block (fuse_oproj_mlp)
             n += 0 if self._fold2[l] is not None else 1  # norm2 (+ residual init), unless folded
             if dense_m:
                 n += (3 if s.mlp_bias else 2) + 1 if s.mlp_kind == "relu" else 5  # fc1 (+bias copy), relu, fc2
