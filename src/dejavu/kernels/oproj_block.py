@@ -127,8 +127,8 @@ def _oproj_mlp_kernel(
 @jit
 def _wait_count(ptr, n):
     """Thread 0 of the program reads the int32 at ``ptr`` (``ld.acquire.gpu``) until it is at least ``n``, sleeping
-    ~128 ns between reads; the caller's barrier holds the other threads. (One reader a program, not every warp:
-    hundreds of warps polling one L2 line slowed the o_proj items they waited for.)"""
+    ~128 ns between reads; the caller's barrier holds the other threads. (One reader a program instead of every
+    thread: no faster in the step, bench/NOTES.md v25, but it keeps the polling off the o_proj items' L2 traffic.)"""
     tl.inline_asm_elementwise(
         """{
         .reg .pred %wp<2>;
@@ -171,8 +171,8 @@ def _oproj_item(a_ptr, wo_ptr, hidx_ptr, sums_ptr, pid_d, pid_s, B, n_in, D, row
 
 
 def _oproj_items(n_in: int, d: int, target: int) -> dict:
-    """The o_proj items' tiles: O_COLS-column slabs, the rows split so that at most ``target`` items (an SM with one
-    more item than the others would take about twice as long), whole 16-row steps a split."""
+    """The o_proj items' tiles: O_COLS-column slabs, the rows split so that at most ``target`` items (rounded down,
+    so that no SM is given one item more than the others), whole 16-row steps a split."""
     block_j, block_do = 16, max(16, min(O_COLS, next_pow2(d)))
     n_od = cdiv(d, block_do)
     splits = max(1, min(target // n_od, cdiv(n_in, 2 * block_j)))
