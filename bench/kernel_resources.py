@@ -26,7 +26,7 @@ from dejavu.kernels import gather_mlp as G
 from dejavu.kernels import mlp_block as MB
 from dejavu.kernels import oproj_block as OM
 from dejavu.kernels import predictor_ops as P
-from dejavu.kernels._checks import cdiv, next_pow2, num_sms
+from dejavu.kernels._checks import cdiv, next_pow2
 from dejavu.kernels.offline import compile_for, programs_per_sm, resources
 
 F16, F32, I32, I64, U8 = torch.float16, torch.float32, torch.int32, torch.int64, torch.uint8
@@ -78,8 +78,7 @@ def cases():
         finally:
             MB.ONE_LOOP = saved
         yield "MLP block, two loops", MB._sparse_mlp_kernel, dict(mlp_args, **two), {}
-    target = cdiv(KM, mlp["BLOCK_N"]) if OM.PERSISTENT else OM.O_ITEMS_PER_SM * num_sms(cpu)
-    items = OM._oproj_items(KH * HD, D, target)
+    items = OM._oproj_items(KH * HD, D, OM._items_target(cdiv(KM, mlp["BLOCK_N"]), cpu))
     yield "o_proj + MLP block (oproj_mlp)", OM._oproj_mlp_kernel, dict(
         mlp_args, a_ptr=F16, wo_ptr=F16, hidx_ptr=I64, sums_ptr=F32, zo_ptr=F32, tick_ptr=I32, n_in=KH * HD,
         rows_per_split=items["rows_per_split"], n_od=items["n_od"], n_o=items["n_o"], n_zo=D, stride_ab=KH * HD,

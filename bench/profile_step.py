@@ -64,8 +64,8 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   paths of batch > 2;
 * stream priorities: ``side_priority_0`` (the side stream at priority 0, the step's, as up to v23:
   ``fast_decode.SIDE_PRIORITY``), ``sparse_high_priority`` (the side stream replaced by one of priority -1 after the
-  decoder is built, whatever its MLP blocks; by default only where one runs its capped one loop), ``main_priority`` (the step captured on a stream of priority -1:
-  ``FastDecoder.capture_priority``);
+  decoder is built, whatever its MLP blocks; by default only where one runs its capped one loop), ``main_priority``
+  (the step captured on a stream of priority -1: ``FastDecoder.capture_priority``);
 * ``mlp_v23``: the MLP block's v23 rule, two loops where its programs outnumber the SMs, instead of the one loop
   capped at 128 registers (``mlp_block.ONE_LOOP_MAXNREG`` = None);
 * ``fuse_tail``: the unfinished o_proj and the MLP block in one launch (``FastDecoder.fuse_oproj_mlp``,
@@ -205,7 +205,7 @@ def _setup(dec: FastDecoder, name: str) -> None:
         dec.defer_mlp_finish = False
     if name == "finish_o":  # A/B: each o_proj finishes its own sums (not its layer's MLP block or up gather)
         dec.defer_oproj_finish = False
-    if name.startswith("fuse_tail"):  # A/B: the unfinished o_proj and the MLP block in one launch (oproj_mlp)
+    if name == "fuse_tail":  # A/B: the unfinished o_proj and the MLP block in one launch (oproj_mlp)
         dec.fuse_oproj_mlp = True
     if name == "prewait_gathers":  # A/B: the q/k/v gathers (but layer 0's) and MLP blocks read early
         dec.prewait_gathers = True

@@ -19,9 +19,10 @@ on nothing in this launch: no deadlock, whatever the number of programs an SM ho
 (programs run one after another) the wait is already over. The last program past the wait resets the counters for
 the next launch. The fp32 sums' order depends on the programs' timing, as in the two kernels.
 
-Measured (H200, bench/NOTES.md v25): 20% faster than the two kernels where the pair runs alone, but slower in the
-decode step, where the light o_proj's programs are placed beside the attention's and the predictors' and the MLP
-block's are placed during the o_proj; so ``FastDecoder.fuse_oproj_mlp`` is off.
+Measured (H200, bench/NOTES.md v25): 17% faster than the two kernels where the pair runs alone on OPT-13B (12%
+slower on OPT-30B), and slower in the decode step on every model tried (+3.6% to +22%), where the light o_proj's
+programs are placed beside the attention's and the predictors' and the MLP block's during the o_proj; so
+``FastDecoder.fuse_oproj_mlp`` is off.
 """
 
 from __future__ import annotations
@@ -170,6 +171,12 @@ def _oproj_item(a_ptr, wo_ptr, hidx_ptr, sums_ptr, pid_d, pid_s, B, n_in, D, row
                   sem="relaxed", scope="gpu")  # fmt: skip
 
 
+def _items_target(n_m: int, device: torch.device) -> int:
+    """How many o_proj items :func:`_oproj_items` aims for: one a program with PERSISTENT (``n_m`` MLP items), else
+    O_ITEMS_PER_SM an SM."""
+    return n_m if PERSISTENT else O_ITEMS_PER_SM * num_sms(device)
+
+
 def _oproj_items(n_in: int, d: int, target: int) -> dict:
     """The o_proj items' tiles: O_COLS-column slabs, the rows split so that at most ``target`` items (rounded down,
     so that no SM is given one item more than the others), whole 16-row steps a split."""
@@ -206,7 +213,7 @@ def oproj_mlp(a, wo_t, head_idx, head_dim, o_sums, x, w1, w2t, idx, b1=None, b2=
     result, n_m, args, meta = _mlp_launch(op, x, w1, w2t, idx, b1, b2, residual, w3, norm, workspace, validate, out,
                                           finish, zero, XSum(o_sums, bo, x_res))  # fmt: skip
     n_in = head_idx.shape[0] * head_dim
-    items = _oproj_items(n_in, D, n_m if PERSISTENT else O_ITEMS_PER_SM * num_sms(wo_t.device))
+    items = _oproj_items(n_in, D, _items_target(n_m, wo_t.device))
     n_o = items["n_o"]
     n_zo, block_zo = check_zero(op, zero_o, o_sums, "o_sums", n_o)
     pdl = _pdl_mode(wo_t.device, _oproj_mlp_kernel)  # (the MLP items signal after their up phase, as the block)

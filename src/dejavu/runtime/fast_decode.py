@@ -703,6 +703,7 @@ class FastDecoder:
         o_layers = [l for l, on in enumerate(self._deferred_o()) if on]
         o_defer = {l: (self._o_ws[l].view(self.batch, -1), self._o_ws[o_layers[i - 1]])
                    for i, l in enumerate(o_layers)}  # fmt: skip
+        fused_tail = self._fused_tail()
         for l in range(L):
             if l in forked:
                 main.wait_event(self._heads_ready[l])  # layer l's heads are chosen (they ran during layer l-1)
@@ -721,6 +722,7 @@ class FastDecoder:
             neurons_side = l in forked or (split0 and l == 0)
             self._block(l, lens, rope, mlp_ready=self._mlp_ready[l] if neurons_side else None, fork=fork,
                         finish_in=l > 0 and defer[l - 1], finish_out=not defer[l], o_defer=o_defer.get(l),
+                        fused_tail=fused_tail[l],
                         rows_prewait=self.prewait_gathers and self.lookahead and l > 0)  # fmt: skip
         if forked:
             main.wait_stream(self._side)
@@ -789,9 +791,8 @@ class FastDecoder:
 
     def _fused_tail(self) -> list[bool]:
         """Per layer: do its unfinished o_proj (_deferred_o) and its fused MLP block run as one launch
-        (``fuse_oproj_mlp``, ``kernels.oproj_mlp``)?"""
-        return [on and self.fuse_oproj_mlp and self._fused_mlp[l] and self.k_heads[l] < self.spec.n_heads
-                for l, on in enumerate(self._deferred_o())]  # fmt: skip
+        (``fuse_oproj_mlp``, ``kernels.oproj_mlp``)? (_deferred_o with a fused block implies the sparse o_proj.)"""
+        return [on and self.fuse_oproj_mlp and self._fused_mlp[l] for l, on in enumerate(self._deferred_o())]
 
     def _fork(self, l: int):
         """Layer l's lookahead prediction on the side stream, from x_{l-1} (written before this point of the main
@@ -864,14 +865,15 @@ class FastDecoder:
         return self._kvidx[l]
 
     def _block(self, l: int, lens, rope, mlp_ready=None, fork=None, finish_in=False, finish_out=True, o_defer=None,
-               rows_prewait=False):  # fmt: skip
+               fused_tail=False, rows_prewait=False):  # fmt: skip
         """Layer l on the main stream; ``fork`` (the side stream's prediction of layer l+1) is called at the point
         ``fork_at`` names. ``finish_in``: layer l-1's MLP block left its sums unfinished, so this layer's q/k/v gather
         makes x_l (and this layer's MLP block clears that workspace); ``finish_out=False``: this layer's block leaves
         its own sums for layer l+1 (defer_mlp_finish). ``o_defer``: (sums, other) when the o_proj leaves its sums
         (zeroed ``[B, d]`` fp32) for the MLP block, which makes and writes the residual after attention from them;
-        the o_proj clears ``other`` (defer_oproj_finish). ``rows_prewait``: the q/k/v gather may read its selection
-        before its PDL wait (prewait_gathers)."""
+        the o_proj clears ``other`` (defer_oproj_finish); ``fused_tail``: with o_defer, the o_proj and the MLP block
+        run as one launch (fuse_oproj_mlp). ``rows_prewait``: the q/k/v gather may read its selection before its PDL
+        wait (prewait_gathers)."""
         point = self.fork_at if fork is not None else None
         if point == "start":
             fork()
@@ -919,7 +921,6 @@ class FastDecoder:
         # before the q/k/v gather, which has completed once they run
         # and x_next = mid + b2, into which cuBLAS adds fc2
         next_by_oproj = self._oproj_writes_next(l, o_defer is not None)
-        fused_tail = o_defer is not None and self._fused_tail()[l]
         if dense_heads:
             mid.addmm_(a.reshape(B, H * hd), at.wo_t)
         elif fused_tail:  # launched with the MLP block below (kernels.oproj_mlp)
