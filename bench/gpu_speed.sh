@@ -32,11 +32,12 @@ fi
 if [[ $STAGES == *,bench,* ]]; then
   # budgets so that the three runs fit one 10-minute device call (bench/NOTES.md)
   python -m dejavu.bench.decode --out "$OUT/bench" --models "$MODEL" --batches 1 \
-    --modes hf-eager,ours-dense,ours-sparse --budget-s 180 > "$OUT/bench_b1.txt" 2>&1
-  python -m dejavu.bench.decode --out "$OUT/bench" --models "$MODEL" --batches 2,4,16 --modes ours-dense,ours-sparse \
-    --n-new 32 --repeats 1 --no-check --budget-s 120 > "$OUT/bench_b4.txt" 2>&1
+    --modes hf-eager,ours-dense,ours-sparse,ours-sparse-int8 --budget-s 200 > "$OUT/bench_b1.txt" 2>&1
+  python -m dejavu.bench.decode --out "$OUT/bench" --models "$MODEL" --batches 2,4,16 \
+    --modes ours-dense,ours-sparse,ours-sparse-int8 --n-new 32 --repeats 1 --no-check --budget-s 130 \
+    > "$OUT/bench_b4.txt" 2>&1
   python -m dejavu.bench.decode --out "$OUT/bench" --models opt-30b,llama-2-7b,opt-6.7b --batches 1 \
-    --modes ours-dense,ours-sparse --quick --no-check --budget-s 110 > "$OUT/bench_other.txt" 2>&1
+    --modes ours-dense,ours-sparse,ours-sparse-int8 --quick --no-check --budget-s 130 > "$OUT/bench_other.txt" 2>&1
   tail -n 40 "$OUT/bench_b1.txt"
 fi
 if [[ $STAGES == *,hfcompile,* ]]; then

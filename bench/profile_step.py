@@ -68,6 +68,8 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   (the step captured on a stream of priority -1: ``FastDecoder.capture_priority``);
 * ``mlp_v23``: the MLP block's v23 rule, two loops where its programs outnumber the SMs, instead of the one loop
   capped at 128 registers (``mlp_block.ONE_LOOP_MAXNREG`` = None);
+* ``pred_int8``: the predictors rounded to int8 rows (``PredictorSet.quantize_int8``), which the step's GEMVs read
+  as int8 with an fp32 scale a row (half the predictor bytes); joined to others with '+', name it first;
 * ``fuse_tail``: the unfinished o_proj and the MLP block in one launch (``FastDecoder.fuse_oproj_mlp``,
   ``kernels.oproj_mlp``), with its tiles' knobs ``tail_cols_{256,1024}`` (``oproj_block.O_COLS``),
   ``tail_items_{2,3}`` (``O_ITEMS_PER_SM``), ``tail_stages_{2,4}`` (``O_STAGES``), ``tail_cap_128`` (``MAXNREG``),
@@ -90,6 +92,7 @@ the previous kernel.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -247,7 +250,7 @@ def main():
                          "finish_mlp,finish_o,"
                          "prewait_gathers,attn_pipelined,l0_inline,embed_nopdl,embed_torch,head_cublas,fma_max_2,"
                          "side_priority_0,mlp_v23,fuse_tail,tail_cols_{256,1024},tail_items_{2,3},tail_stages_{2,4},"
-                         "tail_cap_128,tail_ticketed; "
+                         "tail_cap_128,tail_ticketed,pred_int8 (first when joined: its predictors); "
                          "join several with '+'; a variant named again gets a decoder of its own, reported as "
                          "name#2, ... (bench/NOTES.md v21: the first variant built in a process ran 0.2-1.1%% slower "
                          "than identical later ones; name the baseline first and again last)")
@@ -262,6 +265,7 @@ def main():
     spec = bench_spec(args.model)
     model = build_random_model(spec)
     preds = random_predictors(model.spec)
+    preds8 = copy.deepcopy(preds).quantize_int8()
     ids = prompt_ids(spec.vocab_size, args.batch, 128, "cuda")
     res = {"gpu": torch.cuda.get_device_name(), "model": args.model, "point": [md, hd], "batch": args.batch,
            "pdl": os.environ.get("DEJAVU_PDL", "1") != "0"}
@@ -271,6 +275,7 @@ def main():
         "dense_attn_cublas": dict(predictors=None, mlp_density=1.0, head_density=1.0, kv_policy="all",
                                   dense_attn="cublas"),
         "sparse": dict(predictors=preds, mlp_density=md, head_density=hd),
+        "pred_int8": dict(predictors=preds8, mlp_density=md, head_density=hd),
         "unfused": dict(predictors=preds, mlp_density=md, head_density=hd, fuse_norm=False),
         "nopred": dict(predictors=preds, mlp_density=md, head_density=hd),
         "inline": dict(predictors=preds, mlp_density=md, head_density=hd, overlap=False),

@@ -51,14 +51,20 @@ def test_real_calibrate_eval_generate(tmp_path, capsys):
 
     rc = main(["eval", "--predictors", str(out), "--window", "64", "--wikitext-windows", "1", "--c4-docs", "1",
                "--tasks", "copa", "--limit", "2", "--no-baselines", "--out", str(tmp_path / "q"), "--no-progress",
-               "--json"])
+               "--int8-predictors", "--json"])
     assert rc == 0
     r = json.loads(capsys.readouterr().out)
     assert r["wikitext2"]["dense_ppl"] > 1 and r["wikitext2"]["sparse_ppl"] > 1
+    # the int8 column: the same operating point, its predictors rounded to int8 rows (close, not identical)
+    assert r["wikitext2"]["sparse_int8_ppl"] > 1 and r["c4"]["sparse_int8_ppl"] > 1
+    assert abs(r["wikitext2"]["sparse_int8_ppl"] / r["wikitext2"]["sparse_ppl"] - 1) < 0.05
+    assert len(r["predictor_recall_vs_oracle_topk_int8"]["mlp"]) == 30 and r["predictor_weights"] == "float32"
     assert set(r["tasks"]["copa"]) >= {"dense", "sparse", "n"}
     assert (tmp_path / "q.md").is_file() and (tmp_path / "q.json").is_file()
+    assert "sparse_int8 =" in (tmp_path / "q.md").read_text()
 
-    rc = main(["generate", "--predictors", str(out), "--mlp-density", "0.5", "--max-new-tokens", "4", "--json"])
+    rc = main(["generate", "--predictors", str(out), "--mlp-density", "0.5", "--max-new-tokens", "4", "--json",
+               "--int8-predictors"])
     assert rc == 0
     g = json.loads(capsys.readouterr().out)
     assert g["new_tokens"] >= 1 and abs(g["mlp_density"] - 0.5) < 0.01

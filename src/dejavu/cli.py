@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--no-baselines", action="store_true", help="skip the oracle / TEAL rows and the sweep")
     p.add_argument("--sweep-windows", type=int, default=8)
+    p.add_argument("--int8-predictors", action="store_true",
+                   help="also score with the predictors rounded to int8 rows (a sparse_int8 column: what the GPU "
+                        "decode reads with --int8-predictors)")
     p.add_argument("--out", default=None, help="write OUT.json, OUT.md and OUT.png")
 
     p = sub.add_parser("generate", help="stream a sparse continuation; ends with tokens/s and achieved density")
@@ -127,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--mlp-density", type=_density, default=None, help="override: uniform MLP density (top-k)")
     p.add_argument("--head-density", type=_density, default=None, help="override: uniform head density (top-k)")
+    p.add_argument("--int8-predictors", action="store_true",
+                   help="round the predictors' factors to int8 rows (half their bytes; the GPU decode reads int8)")
 
     p = sub.add_parser("demo", help="the main job on the embedded model: calibrate, choose, evaluate, generate")
     _common(p, model=False)
@@ -199,7 +204,7 @@ def cmd_eval(args, log, command=None):
     cfg = EvalConfig(window=args.window, wikitext_windows=args.wikitext_windows, c4_docs=args.c4_docs, tasks=tasks,
                      task_limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
                      baselines=not args.no_baselines, sweep_windows=args.sweep_windows, data_dir=args.data_dir,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, int8_predictors=args.int8_predictors)
     r = run_eval(lm, ps, cfg, log=log)
     r["command"] = command or "dejavu " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     md = to_markdown(r, r["command"])
@@ -222,10 +227,11 @@ def cmd_generate(args, log):
 
     lm = _load(args, log)
     if args.predictors:
-        sparsify(lm.model, _predictors(args.predictors, lm), mlp_density=args.mlp_density,
+        ps = _predictors(args.predictors, lm)
+        sparsify(lm.model, ps.quantize_int8() if args.int8_predictors else ps, mlp_density=args.mlp_density,
                  head_density=args.head_density)
-    elif args.mlp_density or args.head_density:
-        raise SystemExit("error: --mlp-density/--head-density need --predictors DIR")
+    elif args.mlp_density or args.head_density or args.int8_predictors:
+        raise SystemExit("error: --mlp-density/--head-density/--int8-predictors need --predictors DIR")
     return _run_generate(lm, args)
 
 

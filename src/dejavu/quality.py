@@ -8,6 +8,7 @@ predictors, oracle and TEAL (the plot).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,7 @@ class EvalConfig:
     num_fewshot: int = 0
     batch_size: int = 4
     baselines: bool = True
+    int8_predictors: bool = False  # also score with the predictors rounded to int8 rows (a sparse_int8 column)
     sweep_windows: int = 8  # WikiText windows for the perplexity-vs-bytes sweep (0 = no sweep)
     fidelity_windows: int = 4
     data_dir: str | None = None
@@ -95,6 +97,9 @@ def run_eval(lm: LoadedModel, predictors: PredictorSet, cfg: EvalConfig, log=pri
     md, hd = op["mlp_density"], op["head_density"]
     sparse = policy_from_operating_point(predictors, op)
     models = {"dense": _fn(model, None), "sparse": _fn(model, sparse)}
+    int8 = copy.deepcopy(predictors).quantize_int8() if cfg.int8_predictors and not predictors.int8 else None
+    if int8 is not None:  # the same operating point, its factors rounded to int8 rows (what the GPU decode reads)
+        models["sparse_int8"] = _fn(model, policy_from_operating_point(int8, op))
     if cfg.baselines and op.get("kv_policy", "all") == "all" and min(hd) < 1:  # the other KV policy, same selections
         models["sparse_kv_selected"] = _fn(model, policy_from_operating_point(predictors, op), kv_policy="selected")
     pol_oracle = None
@@ -131,11 +136,14 @@ def run_eval(lm: LoadedModel, predictors: PredictorSet, cfg: EvalConfig, log=pri
     tasks = evaluate_tasks(task_models, tok, cfg.tasks, data_dir=data_dir, num_fewshot=cfg.num_fewshot,
                            limit=cfg.task_limit, batch_size=max(1, cfg.batch_size * 2), progress=cfg.progress)
 
-    fid = FidelityPolicy(predictors, md, hd, mode=op["mode"], mlp_threshold=op.get("mlp_threshold"),
-                         head_threshold=op.get("head_threshold"))
+    fids = {name: FidelityPolicy(p, md, hd, mode=op["mode"], mlp_threshold=op.get("mlp_threshold"),
+                                 head_threshold=op.get("head_threshold"))
+            for name, p in (("fp", predictors), ("int8", int8)) if p is not None}  # fmt: skip
     with torch.no_grad():
         for w in wt[: cfg.fidelity_windows]:
-            model(w[None].to(model.device), sparsity=fid)
+            for fid in fids.values():
+                model(w[None].to(model.device), sparsity=fid)
+    fid = fids["fp"]
 
     result = {
         "model": spec.name, "source": lm.source, "dtype": str(model.dtype).replace("torch.", ""),
@@ -155,6 +163,9 @@ def run_eval(lm: LoadedModel, predictors: PredictorSet, cfg: EvalConfig, log=pri
                                                "holdout_ppl_increase")},
         "achieved_density_per_layer": achieved,
         "predictor_recall_vs_oracle_topk": fid.recall(),
+        **({"predictor_recall_vs_oracle_topk_int8": fids["int8"].recall()} if "int8" in fids else {}),
+        "predictor_weights": "int8" if predictors.int8 else str(next(predictors.parameters()).dtype).removeprefix(
+            "torch."),
         "teal_density": teal_density,
         "teal_block_bytes_skipped": teal_block_bytes_skipped(spec, teal_density) if teal_density else None,
         "predictors": {k: predictors.meta[k] for k in ("mlp_rank", "head_rank", "input", "labels", "calibration")},
@@ -166,18 +177,22 @@ def run_eval(lm: LoadedModel, predictors: PredictorSet, cfg: EvalConfig, log=pri
     accs = [(v["dense"], v["sparse"]) for v in result["tasks"].values()]
     result["task_avg"] = {"dense": sum(a for a, _ in accs) / len(accs), "sparse": sum(b for _, b in accs) / len(accs)}
     if cfg.sweep_windows and cfg.baselines:
-        result["sweep"] = sweep(lm, predictors, wt[: cfg.sweep_windows], teal_t, cfg, op_bytes, wiki)
+        result["sweep"] = sweep(lm, predictors, wt[: cfg.sweep_windows], teal_t, cfg, op_bytes, wiki, int8=int8)
     return result
 
 
-def sweep(lm, predictors, windows, teal_t, cfg, op_bytes, wiki_full) -> dict:
-    """Perplexity against block bytes skipped, uniform densities, for predictors / oracle / TEAL (same windows)."""
+def sweep(lm, predictors, windows, teal_t, cfg, op_bytes, wiki_full, int8=None) -> dict:
+    """Perplexity against block bytes skipped, uniform densities, for predictors / oracle / TEAL (same windows), and
+    the predictors rounded to int8 rows (``int8``, a quantized copy) where given."""
     model, spec = lm.model, lm.model.spec
     L = spec.n_layers
     models, points = {"dense": _fn(model, None)}, {}
     for lv in SWEEP_LEVELS:
         md, hd = [lv] * L, [1.0] * L
         models[f"predictor@{lv}"] = _fn(model, PredictorPolicy(predictors, md, hd))
+        if int8 is not None:
+            models[f"predictor_int8@{lv}"] = _fn(model, PredictorPolicy(int8, md, hd))
+            points[f"predictor_int8@{lv}"] = bytes_summary(spec, md, hd)["block_bytes_skipped"]
         models[f"oracle@{lv}"] = _fn(model, oracle_policy(spec, md, hd))
         models[f"teal@{lv}"] = _fn(model, teal_policy(teal_t, lv))
         skipped = bytes_summary(spec, md, hd)["block_bytes_skipped"]
@@ -208,9 +223,13 @@ def to_markdown(r: dict, command: str) -> str:
                      (f"C4 held-apart docs {c['docs'][0]}..{c['docs'][1] - 1} ({c['tokens']} tokens)", c)):
         L.append(f"| {label} | " + " | ".join(f"{d[n + '_ppl']:.3f}" for n in names)
                  + f" | {100 * (d['sparse_ppl'] / d['dense_ppl'] - 1):+.2f}% |")
-    L.append("\nsparse = learned predictors at the chosen operating point (KV cache policy as listed above); "
+    L.append(f"\nsparse = learned predictors ({r.get('predictor_weights', 'float')} weights) at the chosen operating "
+             "point (KV cache policy as listed above); "
              "sparse_kv_selected = the same selections with K/V computed only for the KV heads the selected query "
              "heads need (holes in the cache are masked for later tokens).")
+    if "sparse_int8_ppl" in w:
+        L.append("sparse_int8 = the same operating point with the predictors' factors rounded to int8 rows, one fp32 "
+                 "scale a row (what the GPU decode reads with `--int8-predictors`: half the predictor bytes of fp16).")
     if r.get("teal_density") is not None:
         L.append(f"oracle = exact top-k at the same per-layer densities; teal = magnitude thresholds at density "
                  f"{r['teal_density']:.3f} (block bytes skipped {r['teal_block_bytes_skipped']:.3f}).")
@@ -223,11 +242,14 @@ def to_markdown(r: dict, command: str) -> str:
     a = r["task_avg"]
     L.append(f"| **average** | | {a['dense']:.4f} | {a['sparse']:.4f} | | |")
     ad, rec = r["achieved_density_per_layer"], r["predictor_recall_vs_oracle_topk"]
-    L.append("\n| layer | MLP density | head density | MLP recall vs oracle top-k | head recall |")
-    L.append("|---|---|---|---|---|")
+    r8 = r.get("predictor_recall_vs_oracle_topk_int8")
+    L.append("\n| layer | MLP density | head density | MLP recall vs oracle top-k | head recall |"
+             + (" MLP recall, int8 | head recall, int8 |" if r8 else ""))
+    L.append("|---|---|---|---|---|" + ("---|---|" if r8 else ""))
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for i in range(len(ad["mlp"])):
-        L.append(f"| {i} | {ad['mlp'][i]:.3f} | {ad['heads'][i]:.3f} | {fmt(rec['mlp'][i])} | {fmt(rec['heads'][i])} |")
+        L.append(f"| {i} | {ad['mlp'][i]:.3f} | {ad['heads'][i]:.3f} | {fmt(rec['mlp'][i])} | {fmt(rec['heads'][i])} |"
+                 + (f" {fmt(r8['mlp'][i])} | {fmt(r8['heads'][i])} |" if r8 else ""))
     if "sweep" in r:
         s = r["sweep"]
         L.append(f"\nSweep ({s['windows']} WikiText-2 windows, uniform density, heads dense; dense ppl {s['dense_ppl']:.3f}):\n")
@@ -248,10 +270,13 @@ def plot(r: dict, path) -> bool:
         return False
     s = r["sweep"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, style in (("predictor", "o-"), ("oracle", "s--"), ("teal", "^:")):
+    labels = {"predictor": "learned predictors (uniform)", "predictor_int8": "the same, int8 rows",
+              "oracle": "oracle top-k", "teal": "TEAL thresholds"}
+    for method, style in (("predictor", "o-"), ("predictor_int8", "x-."), ("oracle", "s--"), ("teal", "^:")):
         rows = sorted((x for x in s["rows"] if x["method"] == method), key=lambda x: x["block_bytes_skipped"])
-        ax.plot([x["block_bytes_skipped"] for x in rows], [100 * x["ppl_increase"] for x in rows], style,
-                label={"predictor": "learned predictors (uniform)", "oracle": "oracle top-k", "teal": "TEAL thresholds"}[method])
+        if rows:
+            ax.plot([x["block_bytes_skipped"] for x in rows], [100 * x["ppl_increase"] for x in rows], style,
+                    label=labels[method])
     op = s["operating_point"]
     ax.plot([op["block_bytes_skipped"]], [100 * op["ppl_increase_full_wikitext"]], "r*", ms=14,
             label="chosen operating point (full WikiText-2)")

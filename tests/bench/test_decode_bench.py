@@ -148,8 +148,15 @@ def test_driver_end_to_end_on_cpu(tmp_path, monkeypatch):
     errors = [r for r in rows if r.get("error")]
     assert [r["model"] for r in errors] == ["nope"], errors
     assert warm == [(True, 1.0, 1.0, 1)]  # one throwaway decoder a process, of the first timed unit; no row of its own
-    per_model = 2 * (1 + len(decode.SPARSE_POINTS)) + 2 + 1  # ours x batches, hf-eager x batches, hf-compile B=1
+    # ours (dense, sparse and sparse-int8 at each point) x batches, hf-eager x batches, hf-compile B=1
+    per_model = 2 * (1 + 2 * len(decode.SPARSE_POINTS)) + 2 + 1
     assert len(rows) == 2 * per_model + 1
+    for r in rows:  # int8 predictor rows: the same point, fewer bytes (the predictors' factors at 1 byte a weight)
+        if r["mode"] == "ours-sparse-int8" and not r.get("error"):
+            fp = next(x for x in rows if x["mode"] == "ours-sparse" and all(
+                x[k] == r[k] for k in ("model", "batch", "mlp_density", "head_density")))
+            assert r["predictors"] == "random, int8 rows" and fp["predictors"] == "random"
+            assert (r["bytes_per_token"] < fp["bytes_per_token"]) == (r["mlp_density"] < 1 or r["head_density"] < 1)
     sparse = [r for r in rows if r["mode"] == "ours-sparse" and r["batch"] == 1 and r["mlp_density"] == 0.1
               and r["head_density"] == 0.5]
     assert len(sparse) == 2 and all("graph==eager" in r["check"] and "top1 4/4" in r["check"] for r in sparse)

@@ -253,14 +253,17 @@ build(A._decode_attn_combine_kernel, dict(part_o_ptr=torch.float32, part_lse_ptr
 for B, n, d, norm, bmax, loop in ((1, 640, 5120, True, False, False), (16, 20480, 320, False, True, False),
                                   (1, 20480, 320, False, True, True)):
     cfg = P._gemv_config(B, n, d); nw = cfg.pop("num_warps")
-    build(P._lowrank_gemv_kernel, dict(x_ptr=torch.float16, w_ptr=torch.float16, bias_ptr=torch.float16,
-          out_ptr=torch.float16, hist_ptr=torch.int32, B=B, N=n, D=d, stride_xb=d, stride_wn=d, stride_ob=n, eps=1e-6,
-          NORM=norm, HAS_BIAS=not norm, BATCH_MAX=bmax, HIST=False, LOOP=loop, **cfg), nw, cfg["NUM_STAGES"])
+    for wt in (torch.float16, torch.int8):  # int8: a predictor's int8 rows and their fp32 scales
+        build(P._lowrank_gemv_kernel, dict(x_ptr=torch.float16, w_ptr=wt, scale_ptr=torch.float32,
+              bias_ptr=torch.float16, out_ptr=torch.float16, hist_ptr=torch.int32, B=B, N=n, D=d, stride_xb=d,
+              stride_wn=d, stride_ob=n, eps=1e-6, NORM=norm, SCALE=wt == torch.int8, HAS_BIAS=not norm,
+              BATCH_MAX=bmax, HIST=False, LOOP=loop, **cfg), nw, cfg["NUM_STAGES"])  # fmt: skip
 build(P._topk_select_kernel, dict(s_ptr=torch.float16, out_ptr=torch.int64, B=1, N=40, k=20, stride_sb=40,
       copy_off=40, COPIES=3, BLOCK=64), 1, 1)
 for dt in (torch.float16, torch.bfloat16):
-    build(P._lowrank_gemv_kernel, dict(x_ptr=torch.float32, w_ptr=dt, bias_ptr=dt, out_ptr=dt, hist_ptr=torch.int32,
-          B=1, N=20480, D=320, stride_xb=640, stride_wn=320, stride_ob=20480, eps=1e-6, NORM=False, HAS_BIAS=True,
+    build(P._lowrank_gemv_kernel, dict(x_ptr=torch.float32, w_ptr=dt, scale_ptr=torch.float32, bias_ptr=dt,
+          out_ptr=dt, hist_ptr=torch.int32, B=1, N=20480, D=320, stride_xb=640, stride_wn=320, stride_ob=20480,
+          eps=1e-6, NORM=False, SCALE=False, HAS_BIAS=True,
           BATCH_MAX=True, HIST=True, BLOCK_B=1, BLOCK_N=16, BLOCK_D=512, NUM_STAGES=3, LOOP=False), 4, 3)
     build(P._radix_select_kernel, dict(s_ptr=dt, hist_ptr=torch.int32, cnt_ptr=torch.int32, out_ptr=torch.int64,
           N=20480, k=2048, copy_off=0, n_prog=20, COPIES=1, BINS=P.HIST_BINS, SUB=16, CHUNK=1024, SHARE=256), 4, 1)

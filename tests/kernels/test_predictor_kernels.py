@@ -6,6 +6,7 @@ from kernel_helpers import DEVICE, DTYPES, make_gen, randn
 
 from dejavu.kernels import lowrank_gemv, lowrank_gemv_ref, select_topk, topk_select, topk_select_ref
 from dejavu.kernels.predictor_ops import HIST_BINS, HIST_LEN, radix_histogram_ref, radix_select, radix_workspace
+from dejavu.predictors.model import quantize_rows
 
 pytestmark = pytest.mark.needs_kernels
 
@@ -24,6 +25,47 @@ def test_lowrank_gemv(norm, with_bias, N, D, B, dtype):
     exact = lowrank_gemv_ref(x.double(), w.double(), bias.double() if with_bias else None, norm=norm)
     err = (out.double().cpu() - exact.cpu()).abs().max().item()
     assert err <= 2e-5 * max(1.0, exact.abs().max().item()), err
+
+
+@pytest.mark.parametrize("B", [1, 3, 16])
+@pytest.mark.parametrize("N,D", [(1, 7), (37, 577), (4100, 24)])
+@pytest.mark.parametrize("norm,x_dtype,bias_dtype,batch_max", [
+    (True, torch.float16, None, False),  # a first factor: the model's x, normalized, no bias
+    (False, torch.float32, torch.float16, True),  # a second factor: the first's fp32 output, bias, batch max
+    (False, torch.float32, torch.bfloat16, False), (False, torch.float16, torch.float32, True)])
+def test_lowrank_gemv_int8_rows(norm, x_dtype, bias_dtype, batch_max, N, D, B):
+    """int8 rows with an fp32 scale per row (the predictors' int8 form): equal to the float64 reference on the same
+    stored values, and to the float kernel on the dequantized rows."""
+    g = make_gen("gemv-int8", B, N, D, x_dtype, norm, bias_dtype, batch_max)
+    x = randn(B, D, dtype=x_dtype, gen=g, scale=3.0)
+    q, s = quantize_rows(randn(N, D, gen=g, scale=0.1))
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    bias = randn(N, dtype=bias_dtype, gen=g) if bias_dtype is not None else None
+    out = lowrank_gemv(x, q, bias, scale=s, norm=norm, batch_max=batch_max)
+    assert out.shape == (1 if batch_max else B, N) and out.dtype == torch.float32
+    exact = lowrank_gemv_ref(x.double(), q.double(), bias.double() if bias is not None else None, scale=s.double(),
+                             norm=norm, batch_max=batch_max)  # fmt: skip
+    tol = 2e-5 * max(1.0, exact.abs().max().item())
+    assert (out.double().cpu() - exact.cpu()).abs().max().item() <= tol
+    deq = lowrank_gemv(x, (q.float() * s[:, None]), bias.float() if bias is not None else None, norm=norm,
+                       batch_max=batch_max)  # fmt: skip
+    assert (out - deq).abs().max().item() <= tol
+
+
+def test_lowrank_gemv_int8_rejects():
+    g = make_gen("gemv-int8-bad")
+    x = randn(2, 16, gen=g)
+    q, s = quantize_rows(randn(8, 16, gen=g))
+    with pytest.raises(ValueError, match="scale"):
+        lowrank_gemv(x, q)  # int8 rows without their scales
+    with pytest.raises(ValueError, match="scale"):
+        lowrank_gemv(x, q.float(), scale=s)  # a float w takes none
+    with pytest.raises(ValueError, match="scale"):
+        lowrank_gemv(x, q, scale=s.half())
+    with pytest.raises(ValueError, match="scale"):
+        lowrank_gemv(x, q, scale=s[:7].contiguous())
+    with pytest.raises(ValueError, match="bias"):
+        lowrank_gemv(x, q, torch.zeros(8, dtype=torch.int8, device=DEVICE), scale=s)
 
 
 @pytest.mark.parametrize("B", [1, 5, 16])

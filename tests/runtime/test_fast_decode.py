@@ -149,6 +149,22 @@ def test_sparse_batch1_equals_reference_policy(tiny, kv_policy):
         assert dec.k_kv == [1, model.spec.n_kv_heads, model.spec.n_kv_heads]  # gathered / dense-with-holes
 
 
+def test_int8_predictors_equal_reference_policy(tiny):
+    """A set rounded to int8 rows (PredictorSet.quantize_int8) is stored as int8 and scales, and the step's GEMVs,
+    multiplying the scales in, select as the reference does from the rounded float weights."""
+    model = tiny[1].to(DEV)
+    p = _predictors(model.spec).quantize_int8()
+    dec = FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=16, kv_policy="selected", backend="triton")
+    assert dec.describe()["predictor_weights"] == "int8"
+    for ent in filter(None, dec._pred):
+        assert ent["a_t"].dtype == torch.int8 and ent["a_scale"].shape == (ent["a_t"].shape[0],)
+        assert all(ent[kind][2].dtype == torch.int8 and ent[kind][4].dtype == torch.float32
+                   for kind in ("head", "mlp") if kind in ent)  # fmt: skip
+    errs, gap = _compare(model, dec, PredictorPolicy(p, MLP_D, HEAD_D), "selected", B=1)
+    assert max(errs) < TOL, errs
+    assert gap > 1e-3
+
+
 @pytest.mark.parametrize("kv_policy", ["all", "selected"])
 def test_prewait_gathers_equal_reference_policy(tiny, kv_policy):
     """prewait_gathers (A/B): the q/k/v gathers (but layer 0's) and the MLP blocks read their selection before their
@@ -412,6 +428,13 @@ def test_bytes_accounting(tiny):
     sel = FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=8, kv_policy="selected", backend="torch")
     assert sel.bytes_per_token() < sparse.bytes_per_token() < sparse.dense_bytes_per_token()
     assert sel.kv_bytes(10) == sum(sel.k_heads) * 10 * s.head_dim * 2 * 4
+    # int8 predictor rows: 1 byte a weight instead of 4, plus an fp32 scale a row (r + n per predictor)
+    q = FastDecoder(model, _predictors(s).quantize_int8(), MLP_D, HEAD_D, batch=1, max_len=8, kv_policy="all",
+                    backend="torch")  # fmt: skip
+    saved = sum(3 * (s.d_model * r + r * n) - 4 * (r + n) for l in range(s.n_layers)
+                for k, n, r in ((q.k_heads[l], s.n_heads, 4), (q.k_mlp[l], s.ffn_dim, 8)) if k < n)  # fmt: skip
+    assert saved > 0 and sparse.bytes_per_token() - q.bytes_per_token() == saved
+    assert sparse.describe()["predictor_weights"] == "float32" and dense.describe()["predictor_weights"] is None
 
 
 class _PoolStream:

@@ -12,6 +12,8 @@ configured size, which is all the speed depends on. Per (model, batch):
                projection as our gathers over every row, the norms folded in, the down projection cuBLAS; cuBLAS
                above) + our decode attention, one CUDA graph per step
   ours-sparse  FastDecoder at (mlp, head) density points, kv_policy "selected" by default
+  ours-sparse-int8  the same with the predictors' factors as int8 rows (``PredictorSet.quantize_int8``; half the
+               predictor bytes of fp16), at the same points
 
 Each row: median ms per decode step (one step = one token for each of the B sequences) and p10/p90 over all timed
 steps, tokens/s, weight bytes per step (predictors included), the copy bandwidth measured in this run, the roofline
@@ -41,7 +43,8 @@ import torch
 from . import report
 from .hf_baseline import build_hf, prompt_ids, run_compile, time_generate
 
-MODES = ("hf-eager", "hf-compile", "ours-dense", "ours-sparse")
+MODES = ("hf-eager", "hf-compile", "ours-dense", "ours-sparse", "ours-sparse-int8")
+SPARSE_MODES = ("ours-sparse", "ours-sparse-int8")
 SPARSE_POINTS = ((0.1, 0.5), (0.5, 1.0), (0.25, 0.5), (0.1, 0.25), (1.0, 1.0))  # most important first
 CHECK_POINT = (0.1, 0.5)  # the sparse configuration checked against the reference before timing
 PRIORITY = ("opt-13b",)  # run first whatever the order given
@@ -240,7 +243,7 @@ def _ours_decoder(bench: Bench, model, preds, md, hd, batch):
 
 
 def time_ours(bench: Bench, name, model, preds, md, hd, batch, weights):
-    mode = "ours-dense" if preds is None else "ours-sparse"
+    mode = "ours-dense" if preds is None else "ours-sparse-int8" if preds.int8 else "ours-sparse"
     dec = _ours_decoder(bench, model, preds, md, hd, batch)
     kvp = dec.kv_policy
     try:
@@ -260,7 +263,7 @@ def time_ours(bench: Bench, name, model, preds, md, hd, batch, weights):
             copy_bw_gbps=bench.result["copy_bw_gbps"], gpu=bench.gpu, weights=weights, check=chk,
             capture_s=round(capture_s, 3), prefill_ms=report.quantile([r.prefill_ms for r in runs[1:]], 0.5),
             k_heads=dec.k_heads[0], k_mlp=dec.k_mlp[0], k_kv=dec.k_kv[0],
-            predictors="random" if preds is not None else "none")  # fmt: skip
+            predictors="none" if preds is None else "random, int8 rows" if preds.int8 else "random")  # fmt: skip
     finally:
         del dec
         _free()
@@ -340,7 +343,8 @@ def run_ours(bench: Bench, name, spec, real: bool):
     else:
         model = build_random_model(spec)
     weights = "real" if real else "random"
-    preds = random_predictors(model.spec) if "ours-sparse" in bench.modes else None
+    preds = random_predictors(model.spec) if any(m in bench.modes for m in SPARSE_MODES) else None
+    preds8 = copy.deepcopy(preds).quantize_int8() if "ours-sparse-int8" in bench.modes else None
     try:
         if bench.check:
             fail = report.make_row(name, 1, "check", gpu=bench.gpu, weights=weights)
@@ -348,19 +352,20 @@ def run_ours(bench: Bench, name, spec, real: bool):
         points = SPARSE_POINTS[:2] if bench.quick else SPARSE_POINTS
         for b in bench.batches:
             units = ([(None, 1.0, 1.0)] if "ours-dense" in bench.modes else []) + \
-                    ([(preds, m, h) for m, h in points] if "ours-sparse" in bench.modes else [])
+                    ([(preds, m, h) for m, h in points] if "ours-sparse" in bench.modes else []) + \
+                    ([(preds8, m, h) for m, h in points] if preds8 is not None else [])
             if units and not bench.warmed:  # no timed row is the process's first decoder
                 p0, m0, h0 = units[0]
                 bench.guarded("warm-up", lambda mdl=model: warm_up_ours(bench, mdl, p0, m0, h0, b),
                               report.make_row(name, b, "ours-warm-up", gpu=bench.gpu, weights=weights))
             for p, m, h in units:
-                mode = "ours-dense" if p is None else "ours-sparse"
+                mode = "ours-dense" if p is None else "ours-sparse-int8" if p.int8 else "ours-sparse"
                 fail = report.make_row(name, b, mode, mlp_density=m, head_density=h, gpu=bench.gpu, weights=weights,
                                        kv_policy="all" if p is None else bench.kv_policy)
                 bench.guarded(f"{mode} B={b} ({m},{h})",
                               lambda p=p, m=m, h=h, b=b: time_ours(bench, name, model, p, m, h, b, weights), fail)
     finally:
-        del model, preds
+        del model, preds, preds8
         _free()
 
 
@@ -461,7 +466,7 @@ def run_model(bench: Bench, name: str):
     first, rest = bench.batches[:1], bench.batches[1:]
     if "hf-eager" in bench.modes:
         run_hf_eager(bench, name, spec, real, first)
-    if "ours-dense" in bench.modes or "ours-sparse" in bench.modes:
+    if any(m in bench.modes for m in ("ours-dense", *SPARSE_MODES)):
         bench.guarded(f"{name} ours", lambda: run_ours(bench, name, spec, real),
                       report.make_row(name, 1, "ours-build", weights="real" if real else "random"), need_s=30)
     if "hf-eager" in bench.modes and rest:

@@ -15,7 +15,7 @@ import tempfile
 import torch
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
-        torch.int64: "*i64", torch.uint8: "*u8"}  # fmt: skip
+        torch.int64: "*i64", torch.uint8: "*u8", torch.int8: "*i8"}  # fmt: skip
 
 # per SM of an H100 / H200 (compute capability 9.0)
 SM90_REGS, SM90_WARPS, SM90_SMEM, SM90_BLOCKS = 65536, 64, 233472, 32

@@ -6,7 +6,8 @@ The union over the batch of the highest-scoring entries becomes the index vector
 kernels consume.
 
 For the graph-captured decode step: :func:`lowrank_gemv` (Triton: one GEMV over a row-major
-factor, optional fused RMS normalization of ``x``, optional max over the batch in the epilogue,
+factor, 16-bit / fp32 or int8 rows with a per-row scale (half the bytes: ``predictors.quantize_rows``,
+bench/NOTES.md v26), optional fused RMS normalization of ``x``, optional max over the batch in the epilogue,
 fp32 accumulation, fp32 or 16-bit out, optionally counting its 16-bit outputs into a histogram) and
 :func:`select_topk` (the one-program :func:`topk_select` for short score vectors such as heads; for
 neurons the exact :func:`radix_select`, one launch given that histogram, or an unsorted
@@ -52,13 +53,15 @@ from ._checks import (
 )
 
 
-def predictor_bytes(d, r, N, dtype=torch.float16, bias=True):
-    """Bytes one predictor reads per decode step: ``a`` (d x r), ``b`` (r x N), ``bias`` (N)."""
+def predictor_bytes(d, r, N, dtype=torch.float16, bias=True, int8=False):
+    """Bytes one predictor reads per decode step: ``a`` (d x r), ``b`` (r x N), ``bias`` (N), at ``dtype``; with
+    ``int8``, both factors as int8 rows plus an fp32 scale per row (r + N), the bias still at ``dtype``."""
     if isinstance(dtype, str):
         dtype = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
                  "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}[dtype]  # fmt: skip
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return (d * r + r * N + (N if bias else 0)) * itemsize
+    weights = (d * r + r * N) + 4 * (r + N) if int8 else (d * r + r * N) * itemsize
+    return weights + (N * itemsize if bias else 0)
 
 
 
@@ -91,7 +94,8 @@ def _key16(v):
 @jit
 def _lowrank_gemv_kernel(
     x_ptr,  # [B, D] input (any float dtype; a strided view is fine)
-    w_ptr,  # [N, D] weight, row-major: one row per output
+    w_ptr,  # [N, D] weight, row-major: one row per output (16-bit / fp32, or int8 with SCALE)
+    scale_ptr,  # [N] fp32 per-row scale of an int8 weight (SCALE), or dummy
     bias_ptr,  # [N] or dummy
     out_ptr,  # [B, N] (or [1, N] with BATCH_MAX), fp32 or the weights' dtype
     hist_ptr,  # [HIST_LEN] int32 two-level histogram of the stored 16-bit scores' keys (HIST), or dummy
@@ -103,6 +107,7 @@ def _lowrank_gemv_kernel(
     stride_ob,
     eps,
     NORM: tl.constexpr,  # scale row b by rsqrt(mean(x[b]^2) + eps) (LowRank's normalization)
+    SCALE: tl.constexpr,  # int8 weight: output n times scale[n]
     HAS_BIAS: tl.constexpr,
     BATCH_MAX: tl.constexpr,  # write max over the batch (one row) instead of B rows
     HIST: tl.constexpr,  # also count the stored (16-bit) scores into hist_ptr (top 12 bits of the key, and the key)
@@ -113,7 +118,7 @@ def _lowrank_gemv_kernel(
     LOOP: tl.constexpr,  # fewer programs than row blocks (GEMV_MAX_PROGRAMS): each loops over its share
     PDL: tl.constexpr,
 ):
-    """out[b, n] = (x[b] . w[n]) * (rms^-1 of x[b] if NORM) + bias[n], fp32 accumulation.
+    """out[b, n] = (x[b] . w[n]) * (scale[n] if SCALE) * (rms^-1 of x[b] if NORM) + bias[n], fp32 accumulation.
 
     One program owns BLOCK_N weight rows and walks all of d; the batch is a tile inside the program, so each
     weight element is loaded once. Every program streams the whole x row anyway, so the RMS statistic costs
@@ -122,19 +127,21 @@ def _lowrank_gemv_kernel(
     """
     pdl_sync(PDL)
     if not LOOP:
-        _lowrank_rows(x_ptr, w_ptr, bias_ptr, out_ptr, hist_ptr, tl.program_id(0), B, N, D, stride_xb, stride_wn,
-                      stride_ob, eps, NORM, HAS_BIAS, BATCH_MAX, HIST, BLOCK_B, BLOCK_N, BLOCK_D, NUM_STAGES)
+        _lowrank_rows(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, hist_ptr, tl.program_id(0), B, N, D, stride_xb,
+                      stride_wn, stride_ob, eps, NORM, SCALE, HAS_BIAS, BATCH_MAX, HIST, BLOCK_B, BLOCK_N, BLOCK_D,
+                      NUM_STAGES)
     else:
         for blk in range(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
-            _lowrank_rows(x_ptr, w_ptr, bias_ptr, out_ptr, hist_ptr, blk, B, N, D, stride_xb, stride_wn, stride_ob,
-                          eps, NORM, HAS_BIAS, BATCH_MAX, HIST, BLOCK_B, BLOCK_N, BLOCK_D, NUM_STAGES)  # fmt: skip
+            _lowrank_rows(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, hist_ptr, blk, B, N, D, stride_xb, stride_wn,
+                          stride_ob, eps, NORM, SCALE, HAS_BIAS, BATCH_MAX, HIST, BLOCK_B, BLOCK_N, BLOCK_D,
+                          NUM_STAGES)  # fmt: skip
 
 
 @jit
-def _lowrank_rows(x_ptr, w_ptr, bias_ptr, out_ptr, hist_ptr, blk, B, N, D, stride_xb, stride_wn, stride_ob, eps,
-                  NORM: tl.constexpr, HAS_BIAS: tl.constexpr, BATCH_MAX: tl.constexpr, HIST: tl.constexpr,
-                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  NUM_STAGES: tl.constexpr):  # fmt: skip
+def _lowrank_rows(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, hist_ptr, blk, B, N, D, stride_xb, stride_wn,
+                  stride_ob, eps, NORM: tl.constexpr, SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BATCH_MAX: tl.constexpr, HIST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr):  # fmt: skip
     """Row block ``blk`` of :func:`_lowrank_gemv_kernel`: BLOCK_N outputs over all of d, epilogue included."""
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -154,6 +161,8 @@ def _lowrank_rows(x_ptr, w_ptr, bias_ptr, out_ptr, hist_ptr, blk, B, N, D, strid
         if NORM:
             ss += x * x
     acc = tl.sum(acc3, axis=2)  # [BLOCK_B, BLOCK_N]
+    if SCALE:  # int8 rows: the row's scale factors out of its dot product
+        acc = acc * tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
     if NORM:
         inv = 1.0 / tl.sqrt(tl.sum(ss, axis=1) / D + eps)
         acc = acc * inv[:, None]
@@ -186,8 +195,8 @@ def _gemv_config(batch: int, n: int, d: int) -> dict:
     return dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d, NUM_STAGES=3, num_warps=4)
 
 
-def lowrank_gemv(x, w, bias=None, *, norm=False, eps=1e-6, batch_max=False, out_dtype=torch.float32, out=None,
-                 hist=None):
+def lowrank_gemv(x, w, bias=None, *, scale=None, norm=False, eps=1e-6, batch_max=False, out_dtype=torch.float32,
+                 out=None, hist=None):
     """One predictor factor: ``rmsnorm(x) @ w.T + bias`` (``norm=True``) or ``x @ w.T + bias`` -> ``[B, N]``.
 
     Accumulation is fp32; the result is stored as ``out_dtype`` (fp32 by default). The decode step stores the final
@@ -200,8 +209,10 @@ def lowrank_gemv(x, w, bias=None, *, norm=False, eps=1e-6, batch_max=False, out_
     Args:
         x: ``[B, d]``, B <= 16, float16/bfloat16/float32; its last dimension must be contiguous (a column slice
             of a wider buffer is fine: the first factor's output is sliced per predictor).
-        w: ``[N, d]`` contiguous, row per output: ``LowRank.a.weight`` ([r, d]) or ``LowRank.b.weight`` ([N, r]).
-        bias: optional ``[N]``, same dtype as ``w``.
+        w: ``[N, d]`` contiguous, row per output: ``LowRank.a.weight`` ([r, d]) or ``LowRank.b.weight`` ([N, r]);
+            or its int8 rows (``predictors.quantize_rows``), which halve the bytes read, with ``scale``.
+        bias: optional ``[N]``, same dtype as ``w`` (a float dtype with int8 ``w``).
+        scale: with int8 ``w`` (and only then): fp32 ``[N]``, row n's weight is ``w[n] * scale[n]``.
         norm: scale each row of x by ``rsqrt(mean(x^2) + eps)`` first (``LowRank``'s RMS normalization, no gain).
         out_dtype: float32, float16 or bfloat16.
         out: optional preallocated ``out_dtype`` ``[B, N]`` (``[1, N]`` with ``batch_max``).
@@ -211,12 +222,23 @@ def lowrank_gemv(x, w, bias=None, *, norm=False, eps=1e-6, batch_max=False, out_
     """
     op = "lowrank_gemv"
     require_triton(op)
-    check_tensor(op, "w", w, ndim=2, contiguous=True)
+    quant = w.dtype == torch.int8  # int8 rows (predictors.quantize_rows) with their scale
+    check_tensor(op, "w", w, ndim=2, contiguous=True, dtype=torch.int8 if quant else None)
     check_launch_device(op, _lowrank_gemv_kernel, w)
     check_tensor(op, "x", x, ndim=2, device=w.device, shape=(None, w.shape[1]), last_dim_contiguous=True)
     check_batch(op, x.shape[0])
+    if quant != (scale is not None):
+        raise ValueError(f"{op}: an int8 w needs its per-row scale= (fp32 [N]) and a float w takes none (got w "
+                         f"{w.dtype}, scale {'None' if scale is None else scale.dtype}); quantize with "
+                         f"dejavu.predictors.quantize_rows.")
+    if quant:
+        check_tensor(op, "scale", scale, ndim=1, dtype=torch.float32, device=w.device, shape=(w.shape[0],),
+                     contiguous=True)
     if bias is not None:
-        check_tensor(op, "bias", bias, ndim=1, dtype=w.dtype, device=w.device, shape=(w.shape[0],), contiguous=True)
+        if quant and bias.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"{op}: bias must be float16, bfloat16 or float32 with an int8 w, got {bias.dtype}.")
+        check_tensor(op, "bias", bias, ndim=1, dtype=bias.dtype if quant else w.dtype, device=w.device,
+                     shape=(w.shape[0],), contiguous=True)
     if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"{op}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}.")
     if hist is not None:
@@ -237,15 +259,15 @@ def lowrank_gemv(x, w, bias=None, *, norm=False, eps=1e-6, batch_max=False, out_
     blocks = cdiv(N, cfg["BLOCK_N"])
     grid = blocks if GEMV_MAX_PROGRAMS is None else max(1, min(blocks, int(GEMV_MAX_PROGRAMS)))
     _lowrank_gemv_kernel[(grid,)](
-        x, w, bias if bias is not None else w, out, hist if hist is not None else out, B, N, D, x.stride(0),
-        w.stride(0), out.stride(0), float(eps), NORM=bool(norm), HAS_BIAS=bias is not None,
+        x, w, scale if quant else out, bias if bias is not None else out, out, hist if hist is not None else out, B, N,
+        D, x.stride(0), w.stride(0), out.stride(0), float(eps), NORM=bool(norm), SCALE=quant, HAS_BIAS=bias is not None,
         BATCH_MAX=bool(batch_max), HIST=hist is not None, LOOP=grid < blocks, PDL=pdl, launch_pdl=pdl > 0, num_warps=nw,
         num_stages=cfg["NUM_STAGES"], **cfg,
     )  # fmt: skip
     return out
 
 
-def lowrank_gemv_ref(x, w, bias=None, *, norm=False, eps=1e-6, batch_max=False, out_dtype=None):
+def lowrank_gemv_ref(x, w, bias=None, *, scale=None, norm=False, eps=1e-6, batch_max=False, out_dtype=None):
     """Reference for :func:`lowrank_gemv`: in fp32 from the stored values (float64 inputs stay float64), then cast to
     ``out_dtype`` if given."""
     ct = torch.promote_types(x.dtype, torch.float32)
@@ -253,6 +275,7 @@ def lowrank_gemv_ref(x, w, bias=None, *, norm=False, eps=1e-6, batch_max=False, 
     if norm:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     y = xf @ w.to(ct).T
+    y = y * scale.to(ct) if scale is not None else y
     y = y + bias.to(ct) if bias is not None else y
     y = y.amax(0, keepdim=True) if batch_max else y
     return y.to(out_dtype) if out_dtype is not None else y

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import atomic_path, write_json_atomic
-from ..models.spec import ModelSpec, dtype_bytes
+from ..kernels.predictor_ops import predictor_bytes
+from ..models.spec import ModelSpec
 
 WEIGHTS, META = "predictors.safetensors", "predictors.json"
 FORMAT_VERSION = 1
@@ -27,6 +28,17 @@ FORMAT_VERSION = 1
 
 class PredictorFileError(ValueError):
     pass
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: ``w[n] ~ q[n] * scale[n]`` with ``scale[n] = max|w[n]| / 127`` (1 for a zero
+    row). Returns ``(q, scale)``: int8 and fp32, contiguous, on w's device. Rows already of that form (``q * scale``)
+    come back as the same q."""
+    wf = w.detach().float()
+    scale = wf.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
 
 
 class LowRank(nn.Module):
@@ -71,15 +83,32 @@ class PredictorSet(nn.Module):
     def head_scores(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self.head[layer](x)
 
+    @property
+    def int8(self) -> bool:
+        """Whether the factors hold int8 rows (``quantize_int8``): the GPU decode then reads them as int8."""
+        return self.meta.get("weights") == "int8"
+
+    def quantize_int8(self) -> "PredictorSet":
+        """Round every factor's rows to int8 in place (``quantize_rows``) and mark the set (``meta["weights"]``).
+
+        The weights keep their dtype and hold ``q * scale``, so quality runs score with the values the GPU decode
+        reads: ``FastDecoder`` stores a marked set's factors as int8 rows and fp32 scales (half the predictor bytes of
+        fp16) and its GEMVs multiply the scale in. Saved and loaded with the mark; idempotent. Returns self."""
+        with torch.no_grad():
+            for mod in (*self.neuron, *self.head):
+                for lin in (mod.a, mod.b):
+                    q, s = quantize_rows(lin.weight)
+                    lin.weight.copy_((q.float() * s[:, None]).to(lin.weight.dtype))
+        self.meta["weights"] = "int8"
+        return self
+
     def bytes_per_token(self, dtype=torch.float16, mlp=True, heads=True) -> int:
-        """Weight bytes the predictors read per decode step (all layers), at ``dtype``."""
-        m = self.meta
-        n = 0
-        if mlp:
-            n += m["n_layers"] * (m["d_model"] * m["mlp_rank"] + m["mlp_rank"] * m["ffn_dim"] + m["ffn_dim"])
-        if heads:
-            n += m["n_layers"] * (m["d_model"] * m["head_rank"] + m["head_rank"] * m["n_heads"] + m["n_heads"])
-        return n * dtype_bytes(dtype)
+        """Weight bytes the predictors read per decode step (all layers), at ``dtype`` (int8 factors if marked)."""
+        m, n = self.meta, 0
+        for on, r, out in ((mlp, m["mlp_rank"], m["ffn_dim"]), (heads, m["head_rank"], m["n_heads"])):
+            if on:
+                n += m["n_layers"] * predictor_bytes(m["d_model"], r, out, dtype, int8=self.int8)
+        return n
 
     def check_model(self, spec: ModelSpec):
         want, have = self.meta.get("model", {}), spec.identity()

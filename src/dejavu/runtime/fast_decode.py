@@ -73,6 +73,7 @@ from .. import kernels as K
 from ..kernels import _checks as KC
 from ..kernels import fused_ops as FO
 from ..models.decoder import KV_POLICIES, DecoderLM, KVCache
+from ..predictors.model import quantize_rows
 from .policy import k_for, per_layer
 
 
@@ -185,8 +186,9 @@ class _TritonOps:
     def post(self, *a, **kw):
         return FO.qkv_post(*a, **kw)
 
-    def factor(self, x, w, bias, norm, out, batch_max=False, hist=None):  # -> [B, n] ([1, n]) in out's dtype
-        return K.lowrank_gemv(x, w, bias, norm=norm, batch_max=batch_max, out_dtype=out.dtype, out=out, hist=hist)
+    def factor(self, x, w, bias, norm, out, batch_max=False, hist=None, scale=None):  # -> [B, n] ([1, n]), out's dtype
+        return K.lowrank_gemv(x, w, bias, scale=scale, norm=norm, batch_max=batch_max, out_dtype=out.dtype, out=out,
+                              hist=hist)
 
     def select(self, scores, k, out, copies=1, offset=0, ws=None, hist_ready=False, radix=None):
         # top-k -> out (int64; heads ascending); ws: a radix workspace, its histogram filled by the scores' GEMV
@@ -242,8 +244,9 @@ class _TorchOps:
     def post(self, *a, **kw):
         return FO.qkv_post_ref(*a, **kw)
 
-    def factor(self, x, w, bias, norm, out, batch_max=False, hist=None):
-        return out.copy_(K.lowrank_gemv_ref(x, w, bias, norm=norm, batch_max=batch_max, out_dtype=out.dtype))
+    def factor(self, x, w, bias, norm, out, batch_max=False, hist=None, scale=None):
+        return out.copy_(K.lowrank_gemv_ref(x, w, bias, scale=scale, norm=norm, batch_max=batch_max,
+                                            out_dtype=out.dtype))
 
     def select(self, scores, k, out, copies=1, offset=0, ws=None, hist_ready=False, radix=None):
         return out.copy_(K.topk_select_ref(scores, k, copies=copies, copy_offset=offset))
@@ -509,23 +512,28 @@ class FastDecoder:
     def _prepare_predictors(self, p):
         """Row-per-output copies in the model's dtype: the first factors of the head and the MLP predictor of a layer
         stacked, ``a_t = [a_h; a_m]`` ([r_h + r_m, d]: both read the same input, one GEMV), and each second factor
-        ``b`` ([n, r], ``nn.Linear`` layout) with its bias. Entries: kind -> (lo, hi, b, bias), lo:hi its columns
-        of the first factor's output."""
+        ``b`` ([n, r], ``nn.Linear`` layout) with its bias. Entries: kind -> (lo, hi, b, bias, b_scale), lo:hi its
+        columns of the first factor's output; ``a_scale``. A set marked int8 (``PredictorSet.quantize_int8``) is
+        stored as int8 rows with their fp32 scales (``quantize_rows``), which the GEMVs multiply in; otherwise the
+        scales are None."""
         p.check_model(self.spec)
         kw = dict(device=self.device, dtype=self.dtype)
+
+        def rows(w):  # -> (weight as the GEMV reads it, its scale or None)
+            return quantize_rows(w.detach().to(self.device)) if p.int8 else (w.detach().to(**kw).contiguous(), None)
+
         out = []
         for l in range(self.spec.n_layers):
             ent, firsts = {}, []
             for kind, mod, k, n in (("head", p.head[l], self.k_heads[l], self.spec.n_heads),
                                     ("mlp", p.neuron[l], self.k_mlp[l], self.spec.ffn_dim)):
                 if k < n:  # dense layers run no predictor and keep no copy
-                    a = mod.a.weight.detach().to(**kw)
                     lo = sum(f.shape[0] for f in firsts)
-                    firsts.append(a)
-                    ent[kind] = (lo, lo + a.shape[0], mod.b.weight.detach().to(**kw).contiguous(),
-                                 mod.b.bias.detach().to(**kw).contiguous())
+                    firsts.append(mod.a.weight)
+                    b, b_scale = rows(mod.b.weight)
+                    ent[kind] = (lo, lo + mod.a.weight.shape[0], b, mod.b.bias.detach().to(**kw).contiguous(), b_scale)
             if firsts:
-                ent["a_t"] = torch.cat(firsts, 0).contiguous()
+                ent["a_t"], ent["a_scale"] = rows(torch.cat(firsts, 0))
             out.append(ent)
         return out
 
@@ -543,6 +551,7 @@ class FastDecoder:
         if not dense and self._fold_head() and self._fold_f.rowsum is not None:
             n += s.vocab_size * 8 // elem_size  # the folded layernorm's two fp32 constants per vocabulary row
         meta = self.predictors.meta if self.predictors is not None else None
+        pred = 0  # bytes: int8 factors are not in elem_size units
         for l in range(s.n_layers):
             kh, km, kkv = (H, N, Hkv) if dense else (self.k_heads[l], self.k_mlp[l], self.k_kv[l])
             n += 2 * nw * d
@@ -555,11 +564,10 @@ class FastDecoder:
                     if fold is not None and fold.rowsum is not None:
                         n += rows * (8 // elem_size - (1 if has_b else 0))
             if not dense and meta is not None:
-                if kh < H:
-                    n += d * meta["head_rank"] + meta["head_rank"] * H + H
-                if km < N:
-                    n += d * meta["mlp_rank"] + meta["mlp_rank"] * N + N
-        return n * elem_size
+                for k, full, r in ((kh, H, meta["head_rank"]), (km, N, meta["mlp_rank"])):
+                    if k < full:
+                        pred += K.predictor_bytes(d, r, full, self.dtype, int8=self.predictors.int8)
+        return n * elem_size + pred
 
     def dense_bytes_per_token(self) -> int:
         return self.bytes_per_token(dense=True)
@@ -583,6 +591,8 @@ class FastDecoder:
                 "dense_attn": self.dense_attn,
                 "oproj_writes_next": any(self._oproj_writes_next(l, on) for l, on in enumerate(deferred_o)),
                 "fold_final_norm": self._fold_head(),
+                "predictor_weights": None if self._pred is None else "int8" if self.predictors.int8 else
+                str(self.dtype).removeprefix("torch."),
                 "k_heads": self.k_heads, "k_mlp": self.k_mlp, "k_kv": self.k_kv,
                 "kernels_per_layer": self._kernel_summary()}
 
@@ -825,18 +835,18 @@ class FastDecoder:
             return
         ops = self.ops
         bufs = bufs or {"xa": self._xa, "scores": self._scores[self.spec.ffn_dim], "ws": self._radix}
-        a, off = ent["a_t"], 0
+        a, a_scale, off = ent["a_t"], ent["a_scale"], 0
         if do_h != do_m:  # one predictor's first factor only: its rows of a_t, its columns of the output
             off, hi = ent["head" if do_h else "mlp"][:2]
-            a = a[off:hi]
+            a, a_scale = a[off:hi], a_scale[off:hi] if a_scale is not None else None
         with self._launch(side, "first"):
-            xa = ops.factor(x, a, None, True, bufs["xa"][a.shape[0]])  # [B, r_h + r_m] (or r_h, r_m) fp32
+            xa = ops.factor(x, a, None, True, bufs["xa"][a.shape[0]], scale=a_scale)  # [B, r_h + r_m] (or r_h, r_m)
         if do_h:
-            lo, hi, b, bias = ent["head"]
+            lo, hi, b, bias, b_scale = ent["head"]
             kh, idx = self.k_heads[l], self._qkvidx[l]
             with self._launch(side, "heads"):
                 sc = ops.factor(xa[:, lo - off:hi - off], b, bias, False, self._scores[self.spec.n_heads],
-                                batch_max=True)  # fmt: skip
+                                batch_max=True, scale=b_scale)  # fmt: skip
                 if self.holes[l] and self.spec.group_size == 1:  # [q; k; v] rows of the same heads
                     ops.select(sc, kh, idx, copies=3, offset=self.spec.n_heads)
                 else:
@@ -847,11 +857,11 @@ class FastDecoder:
         if heads_done is not None:
             heads_done.record()
         if do_m:
-            lo, hi, b, bias = ent["mlp"]
+            lo, hi, b, bias, b_scale = ent["mlp"]
             ws, how = bufs["ws"], self._topk
             with self._launch(side, "scores"):
                 sc = ops.factor(xa[:, lo - off:hi - off], b, bias, False, bufs["scores"], batch_max=True,
-                                hist=ws["hist"] if how == "radix-gemv" else None)
+                                hist=ws["hist"] if how == "radix-gemv" else None, scale=b_scale)
             with self._launch(side, "select"):
                 ops.select(sc, self.k_mlp[l], self._nidx[l], ws=ws, hist_ready=how == "radix-gemv",
                            radix=how != "torch")
