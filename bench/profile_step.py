@@ -265,7 +265,8 @@ def main():
     spec = bench_spec(args.model)
     model = build_random_model(spec)
     preds = random_predictors(model.spec)
-    preds8 = copy.deepcopy(preds).quantize_int8()
+    wants_int8 = any(v.split("+")[0] == "pred_int8" for v in args.variants.split(","))
+    preds8 = copy.deepcopy(preds).quantize_int8() if wants_int8 else None  # a second copy only where asked for
     ids = prompt_ids(spec.vocab_size, args.batch, 128, "cuda")
     res = {"gpu": torch.cuda.get_device_name(), "model": args.model, "point": [md, hd], "batch": args.batch,
            "pdl": os.environ.get("DEJAVU_PDL", "1") != "0"}
