@@ -335,6 +335,8 @@ def main():
     unknown = {p for name in chosen for p in name.split("+")} - set(variants)
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; choose from {sorted(variants)} (or join them with '+')")
+    if any("pred_int8" in name.split("+")[1:] for name in chosen):  # it picks the predictors: only as the first part
+        ap.error("pred_int8 chooses the decoder's predictors: name it first (e.g. pred_int8+fork_qkv)")
     decs = {}
     for i, name in enumerate(chosen):
         parts = name.split("+")
