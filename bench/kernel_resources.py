@@ -86,13 +86,18 @@ def cases():
         BLOCK_ZO=next_pow2(cdiv(D, items["n_o"])), ZERO_O=True, STAGES_O=OM.O_STAGES, SPIN=True,
         PERSISTENT=OM.PERSISTENT, FENCE=True), \
         {"maxnreg": OM.MAXNREG} if OM.MAXNREG else {}
-    for name, n, d, first in (("predictor first factors", 2 * R, D, True), ("neuron scores", FFN, R, False)):
-        for w, tag in ((F16, ""), (torch.int8, ", int8 rows")):
-            yield name + tag, P._lowrank_gemv_kernel, dict(
-                x_ptr=F16 if first else F32, w_ptr=w, scale_ptr=F32, bias_ptr=F16, out_ptr=F32 if first else F16,
-                hist_ptr=I32, B=1, N=n, D=d, stride_xb=d, stride_wn=d, stride_ob=n, eps=1e-6, NORM=first,
-                SCALE=w == torch.int8, HAS_BIAS=not first, BATCH_MAX=not first, HIST=not first, LOOP=False,
-                **P._gemv_config(1, n, d)), {}
+    # the head scores from the head predictor's product on x (runs_as_product: model dtype, int8 sets too); the MLP
+    # predictor's first factor on x; its neuron scores on that (OPT-13B's tuned 32 rows a program)
+    for name, n, d, kind, int8s in (("head scores (product)", H, D, "product", (False,)),
+                                    ("MLP predictor first factor", R, D, "first", (False, True)),
+                                    ("neuron scores", FFN, R, "scores", (False, True))):
+        for int8 in int8s:
+            on_x, scores = kind != "scores", kind != "first"
+            yield name + (", int8 rows" if int8 else ""), P._lowrank_gemv_kernel, dict(
+                x_ptr=F16 if on_x else F32, w_ptr=torch.int8 if int8 else F16, scale_ptr=F32, bias_ptr=F16,
+                out_ptr=F16 if scores else F32, hist_ptr=I32, B=1, N=n, D=d, stride_xb=d, stride_wn=d, stride_ob=n,
+                eps=1e-6, NORM=on_x, SCALE=int8, HAS_BIAS=scores, BATCH_MAX=scores, HIST=kind == "scores",
+                LOOP=False, **P._gemv_config(1, n, d)), {}
     yield "radix select", P._radix_select_kernel, dict(
         s_ptr=F16, hist_ptr=I32, cnt_ptr=I32, out_ptr=I64, N=FFN, k=KM, copy_off=0, n_prog=FFN // 1024, COPIES=1,
         BINS=P.HIST_BINS, SUB=16, CHUNK=1024, SHARE=256, NUM_STAGES=1, num_warps=4), {}

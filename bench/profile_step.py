@@ -29,7 +29,9 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   own: ``mlp_block.ONE_LOOP``; by default its rule ``mlp_block.one_loop`` picks),
   ``attn_pipelined`` (the decode attention's tile loop 3 stages deep even where each split holds one tile:
   ``decode_attention.ONE_TILE_UNPIPELINED`` off), ``gemv_cap_<n>`` (the predictors' GEMVs on at most n programs,
-  each looping over its row blocks: ``predictor_ops.GEMV_MAX_PROGRAMS``), ``rows_tile_<k>_<d>`` (the q/k/v gather's
+  each looping over its row blocks: ``predictor_ops.GEMV_MAX_PROGRAMS``), ``gemv_rows_<n>`` (n rows a program in
+  the neuron-scores GEMV: ``predictor_ops.GEMV_LONG_ROWS``), ``gemv_short_<n>`` (n rows a program in the first
+  factors' and head scores' GEMVs instead of 4: ``GEMV_SHORT_ROWS``), ``rows_tile_<k>_<d>`` (the q/k/v gather's
   FMA tile at B <= 2: ``gather_mlp.ROWS_FMA_TILE``), ``rows_narrow`` (no 16-row tiles at B = 1:
   ``gather_mlp.ROWS_WIDE`` off, the v8 rule), ``rows_wide_window`` (16-row tiles only where they make 2-4 programs
   per SM, v9-v18's rule: ``gather_mlp.ROWS_WIDE_MAX`` = 4), ``reduce_serial`` (the column gathers' fused split-k
@@ -70,6 +72,11 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   capped at 128 registers (``mlp_block.ONE_LOOP_MAXNREG`` = None);
 * ``pred_int8``: the predictors rounded to int8 rows (``PredictorSet.quantize_int8``), which the step's GEMVs read
   as int8 with an fp32 scale a row (half the predictor bytes); joined to others with '+', name it first;
+* ``pred_factored``: the head predictors scored from their two factors, as up to v26, instead of from their product
+  (``fast_decode.PREDICTOR_PRODUCTS`` off while the decoder is built); ``mlp_first_early``: with head products, the
+  MLP predictor's first factor before the head product instead of after the head selection
+  (``fast_decode.MLP_FIRST_AFTER_HEADS`` off); ``products_b16``: head products at every batch size
+  (``fast_decode.PRODUCTS_MAX_BATCH`` = 16; by default batch 1 only);
 * ``fuse_tail``: the unfinished o_proj and the MLP block in one launch (``FastDecoder.fuse_oproj_mlp``,
   ``kernels.oproj_mlp``), with its tiles' knobs ``tail_cols_{256,1024}`` (``oproj_block.O_COLS``),
   ``tail_items_{2,3}`` (``O_ITEMS_PER_SM``), ``tail_stages_{2,4}`` (``O_STAGES``), ``tail_cap_128`` (``MAXNREG``),
@@ -245,12 +252,14 @@ def main():
                          "side_pdl_{on,off,first,heads,scores,mlp},"
                          "nopdl_{rows,attn,combine,oproj,mlp},signal_exit_{rows,attn,combine,oproj,mlp,gemv},"
                          "oproj_signal_after_loop,mlp_signal_early,mlp_maxnreg_128,gemv_cap_{32,64,132,264,396,528},"
+                         "gemv_rows_{16,32,64},gemv_short_{2,8},"
                          "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},mlp_rows_{8,32},mlp_one_loop,mlp_two_loops,"
                          "rows_narrow,rows_wide_window,reduce_serial,reduce_padded_rows,fork_{start,qkv,attn,oproj},main_priority,"
                          "finish_mlp,finish_o,"
                          "prewait_gathers,attn_pipelined,l0_inline,embed_nopdl,embed_torch,head_cublas,fma_max_2,"
                          "side_priority_0,mlp_v23,fuse_tail,tail_cols_{256,1024},tail_items_{2,3},tail_stages_{2,4},"
-                         "tail_cap_128,tail_ticketed,pred_int8 (first when joined: its predictors); "
+                         "tail_cap_128,tail_ticketed,pred_int8 (first when joined: its predictors),pred_factored,"
+                         "mlp_first_early,products_b16; "
                          "join several with '+'; a variant named again gets a decoder of its own, reported as "
                          "name#2, ... (bench/NOTES.md v21: the first variant built in a process ran 0.2-1.1%% slower "
                          "than identical later ones; name the baseline first and again last)")
@@ -302,6 +311,8 @@ def main():
         "mlp_maxnreg_128": (MB, "MAXNREG", 128), "attn_pipelined": (DA, "ONE_TILE_UNPIPELINED", False),
     }
     knobs.update({f"gemv_cap_{n}": (PO, "GEMV_MAX_PROGRAMS", n) for n in (32, 64, 132, 264, 396, 528)})
+    knobs.update({f"gemv_rows_{n}": (PO, "GEMV_LONG_ROWS", n) for n in (16, 32, 64)})
+    knobs.update({f"gemv_short_{n}": (PO, "GEMV_SHORT_ROWS", n) for n in (2, 8)})
     knobs.update({f"mlp_cols_{n}": (MB, "DOWN_COLS", n) for n in (256, 1024)})
     knobs.update({f"mlp_rows_{n}": (MB, "ROWS", n) for n in (8, 32)})
     knobs["mlp_one_loop"] = (MB, "ONE_LOOP", True)
@@ -328,7 +339,10 @@ def main():
     variants.update({name: dict(predictors=preds, mlp_density=md, head_density=hd) for name in knobs})
     # knobs read when the decoder is built (and by the kernels at capture): set around construction and capture
     build_knobs = {"fma_max_2": (C, "FMA_MAX_BATCH", 2), "side_priority_0": (FD, "SIDE_PRIORITY", 0),
-                   "mlp_v23": (MB, "ONE_LOOP_MAXNREG", None)}  # (mlp_v23 also decides the side stream's priority)
+                   "mlp_v23": (MB, "ONE_LOOP_MAXNREG", None),  # (mlp_v23 also decides the side stream's priority)
+                   "pred_factored": (FD, "PREDICTOR_PRODUCTS", False),  # head predictors from their factors (v26)
+                   "mlp_first_early": (FD, "MLP_FIRST_AFTER_HEADS", False),
+                   "products_b16": (FD, "PRODUCTS_MAX_BATCH", 16)}
     variants.update({name: dict(predictors=preds, mlp_density=md, head_density=hd) for name in build_knobs})
     knobs.update(build_knobs)
     chosen = args.variants.split(",")  # a variant may combine several, joined by "+" (e.g. fork_qkv+side_pdl_off)

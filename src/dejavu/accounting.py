@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
+from .kernels.predictor_ops import predictor_bytes
 from .models.spec import ModelSpec
 
 
@@ -47,13 +50,18 @@ def bytes_summary(spec: ModelSpec, mlp_density: Sequence[float], head_density: S
     }
 
 
-def predictor_params(meta: dict, mlp_density: Sequence[float], head_density: Sequence[float]) -> int:
-    """Predictor weights actually read: a layer kept dense runs no predictor for that part."""
+def predictor_params(meta: dict, mlp_density: Sequence[float], head_density: Sequence[float], dtype=torch.float16
+                     ) -> float:  # fmt: skip
+    """Predictor weights actually read, in parameters of ``dtype`` (bytes read / its size): a layer kept dense runs
+    no predictor for that part; a set rounded to int8 rows (``meta["weights"] == "int8"``) counts its int8 bytes and
+    scales; a predictor that reads fewer bytes as its factors' product is counted as that product
+    (``kernels.predictor_bytes``, the decode runtime's count)."""
     d, rm, rh, N, H = meta["d_model"], meta["mlp_rank"], meta["head_rank"], meta["ffn_dim"], meta["n_heads"]
+    int8 = meta.get("weights") == "int8"
     n = 0
     for m, h in zip(mlp_density, head_density):
         if m < 1:
-            n += d * rm + rm * N + N
+            n += predictor_bytes(d, rm, N, dtype, int8=int8)
         if h < 1:
-            n += d * rh + rh * H + H
-    return n
+            n += predictor_bytes(d, rh, H, dtype, int8=int8)
+    return n / torch.empty((), dtype=dtype).element_size()

@@ -159,6 +159,8 @@ def run_eval(lm: LoadedModel, predictors: PredictorSet, cfg: EvalConfig, log=pri
         "block_bytes_skipped": op_bytes["block_bytes_skipped"],
         "mlp_density": op_bytes["mlp_density"], "head_density": op_bytes["head_density"],
         "bytes": op_bytes,
+        **({"bytes_int8": bytes_summary(spec, md, hd, predictor_params=predictor_params(int8.meta, md, hd))}
+           if int8 is not None else {}),
         "operating_point": {k: op[k] for k in ("mode", "kv_policy", "max_ppl_increase", "mlp_density", "head_density",
                                                "holdout_ppl_increase")},
         "achieved_density_per_layer": achieved,
@@ -215,7 +217,9 @@ def to_markdown(r: dict, command: str) -> str:
     L.append(f"Operating point: mode {r['operating_point']['mode']}, KV policy {r['operating_point']['kv_policy']}, "
              f"mean MLP density {r['mlp_density']:.3f}, mean head density {r['head_density']:.3f}, "
              f"**block bytes skipped {r['block_bytes_skipped']:.3f}** (predictors read "
-             f"{100 * r['bytes']['predictor_fraction_of_blocks']:.1f}% of block bytes on top).\n")
+             f"{100 * r['bytes']['predictor_fraction_of_blocks']:.1f}% of block bytes on top"
+             + (f"; {100 * r['bytes_int8']['predictor_fraction_of_blocks']:.1f}% as int8 rows" if "bytes_int8" in r
+                else "") + ").\n")
     names = [k[:-4] for k in w if k.endswith("_ppl")]
     L.append("| perplexity | " + " | ".join(names) + " | sparse vs dense |")
     L.append("|---|" + "---|" * (len(names) + 1))

@@ -151,12 +151,17 @@ def test_driver_end_to_end_on_cpu(tmp_path, monkeypatch):
     # ours (dense, sparse and sparse-int8 at each point) x batches, hf-eager x batches, hf-compile B=1
     per_model = 2 * (1 + 2 * len(decode.SPARSE_POINTS)) + 2 + 1
     assert len(rows) == 2 * per_model + 1
-    for r in rows:  # int8 predictor rows: the same point, fewer bytes (the predictors' factors at 1 byte a weight)
+    for r in rows:  # int8 predictor rows: the same point, the predictors' factors at 1 byte a weight
         if r["mode"] == "ours-sparse-int8" and not r.get("error"):
             fp = next(x for x in rows if x["mode"] == "ours-sparse" and all(
                 x[k] == r[k] for k in ("model", "batch", "mlp_density", "head_density")))
             assert r["predictors"] == "random, int8 rows" and fp["predictors"] == "random"
-            assert (r["bytes_per_token"] < fp["bytes_per_token"]) == (r["mlp_density"] < 1 or r["head_density"] < 1)
+            # fewer bytes where a running predictor keeps its factors: the head predictors (rank 2), and the MLP ones
+            # (rank 128 over d = 32) above batch 1; at batch 1 those read their product, at the model's dtype
+            # (runs_as_product, fast_decode.PRODUCTS_MAX_BATCH)
+            assert r["bytes_per_token"] <= fp["bytes_per_token"]
+            factored = r["head_density"] < 1 or (r["mlp_density"] < 1 and r["batch"] > 1)
+            assert (r["bytes_per_token"] < fp["bytes_per_token"]) == factored
     sparse = [r for r in rows if r["mode"] == "ours-sparse" and r["batch"] == 1 and r["mlp_density"] == 0.1
               and r["head_density"] == 0.5]
     assert len(sparse) == 2 and all("graph==eager" in r["check"] and "top1 4/4" in r["check"] for r in sparse)
@@ -175,3 +180,23 @@ def test_rerun_into_same_dir_keeps_rows_and_commands(tmp_path, monkeypatch):
     assert bench.result["rows"] == prev["rows"]
     assert bench.result["command"].split(" ; ")[:2] == ["first run", "second run"]
     assert bench.result["command"].count(" ; ") == 2
+
+
+def test_rerun_keeps_each_invocations_settings(tmp_path, monkeypatch):
+    """Invocations with other settings into the same --out: the notes keep a settings line for each, naming its
+    models and batches, and each row carries its own prompt_len, n_new and repeats."""
+    monkeypatch.setattr(decode, "_gpu_name", lambda: "CPU Smoke")
+    first = decode.Bench(argparse.Namespace(out=str(tmp_path), models="opt-13b", batches="1"), print)
+    first.add(report.make_row("opt-13b", 1, "ours-dense", step_ms=[7.0]))
+    report.write_outputs(first.result, tmp_path, png=False)
+    second = decode.Bench(argparse.Namespace(out=str(tmp_path), models="opt-13b", batches="2,4", n_new=32, repeats=1),
+                          print)  # fmt: skip
+    second.add(report.make_row("opt-13b", 4, "ours-dense", step_ms=[7.5]))
+    settings = [n for n in second.result["notes"] if "new tokens" in n]
+    assert len(settings) == 2 and settings[0].startswith("opt-13b at batch 1: prompt 128 tokens, 128 new tokens")
+    assert settings[1].startswith("opt-13b at batch 2, 4: prompt 128 tokens, 32 new tokens")
+    assert "1 timed runs" in settings[1]
+    rows = {r["batch"]: r for r in second.result["rows"]}
+    assert (rows[1]["n_new"], rows[1]["repeats"], rows[4]["n_new"], rows[4]["repeats"]) == (128, 3, 32, 1)
+    md = report.markdown(second.result)
+    assert settings[0] in md and settings[1] in md

@@ -250,13 +250,16 @@ build(G._reduce_splits_kernel, dict(part_ptr=torch.float32, bias_ptr=torch.float
 build(_checks._noop_kernel, dict(flag_ptr=torch.int32), 4, 1)
 build(A._decode_attn_combine_kernel, dict(part_o_ptr=torch.float32, part_lse_ptr=torch.float32, out_ptr=torch.bfloat16,
       KH=4, HD=128, stride_ob=512, stride_oh=128, NUM_SPLITS=8, BLOCK_SPLITS=8, BLOCK_H=128), 4, 1)
-for B, n, d, norm, bmax, loop in ((1, 640, 5120, True, False, False), (16, 20480, 320, False, True, False),
-                                  (1, 20480, 320, False, True, True)):
+# (a first factor; the neuron scores at B = 16 and B = 1, OPT-13B's 32 rows a program; a head predictor's product on
+# x: norm, bias and batch max together)
+for B, n, d, norm, bias, bmax, loop in ((1, 640, 5120, True, False, False, False),
+                                        (16, 20480, 320, False, True, True, False),
+                                        (1, 20480, 320, False, True, True, True), (3, 40, 5120, True, True, True, False)):
     cfg = P._gemv_config(B, n, d); nw = cfg.pop("num_warps")
     for wt in (torch.float16, torch.int8):  # int8: a predictor's int8 rows and their fp32 scales
         build(P._lowrank_gemv_kernel, dict(x_ptr=torch.float16, w_ptr=wt, scale_ptr=torch.float32,
               bias_ptr=torch.float16, out_ptr=torch.float16, hist_ptr=torch.int32, B=B, N=n, D=d, stride_xb=d,
-              stride_wn=d, stride_ob=n, eps=1e-6, NORM=norm, SCALE=wt == torch.int8, HAS_BIAS=not norm,
+              stride_wn=d, stride_ob=n, eps=1e-6, NORM=norm, SCALE=wt == torch.int8, HAS_BIAS=bias,
               BATCH_MAX=bmax, HIST=False, LOOP=loop, **cfg), nw, cfg["NUM_STAGES"])  # fmt: skip
 build(P._topk_select_kernel, dict(s_ptr=torch.float16, out_ptr=torch.int64, B=1, N=40, k=20, stride_sb=40,
       copy_off=40, COPIES=3, BLOCK=64), 1, 1)

@@ -249,6 +249,44 @@ def test_scores_histogram_at_decode_shapes(B):
     _same_top_values(sc, out, k)
 
 
+@pytest.mark.parametrize("rows", [16, 32, 64])
+@pytest.mark.parametrize("B", [1, 4, 16])
+@pytest.mark.parametrize("int8", [False, True])
+def test_lowrank_gemv_long_rows(rows, B, int8, monkeypatch):
+    """The neuron-scores GEMV at 16, 32 or 64 rows a program (GEMV_LONG_ROWS; 32 is OPT-13B's tuned count): the
+    float64 reference's scores on the same stored values, a ragged last row block (N = 4100), and a histogram of
+    exactly what was stored."""
+    from dejavu.kernels import predictor_ops as PO
+
+    monkeypatch.setattr(PO, "GEMV_LONG_ROWS", rows)
+    assert PO._gemv_config(B, 4100, 320)["BLOCK_N"] == rows
+    g = make_gen("gemv-rows", rows, B, int8)
+    x = randn(B, 320, gen=g, dtype=torch.float32, scale=3.0)
+    w, s = randn(4100, 320, gen=g, dtype=torch.float16, scale=0.1), None
+    if int8:
+        w, s = quantize_rows(w)
+    bias = randn(4100, gen=g, dtype=torch.float16)
+    ws = radix_workspace(DEVICE)
+    sc = lowrank_gemv(x, w, bias, scale=s, batch_max=True, out_dtype=torch.float16, hist=ws["hist"])
+    exact = lowrank_gemv_ref(x.double(), w.double(), bias.double(), scale=s.double() if int8 else None,
+                             batch_max=True)  # fmt: skip
+    assert (sc.double().cpu() - exact.cpu()).abs().max().item() <= 1e-3 * max(1.0, exact.abs().max().item())
+    assert torch.equal(ws["hist"], radix_histogram_ref(sc))
+
+
+def test_gemv_rows_tuned_by_shape(monkeypatch):
+    """16 rows a program for long outputs unless GEMV_LONG_ROWS_TUNED names the (N, d) (OPT-13B's neuron scores:
+    32); GEMV_LONG_ROWS forces a count everywhere; short outputs take GEMV_SHORT_ROWS."""
+    from dejavu.kernels import predictor_ops as PO
+
+    assert PO._gemv_config(1, 20480, 320)["BLOCK_N"] == 32
+    assert PO._gemv_config(4, 20480, 320)["BLOCK_N"] == 32
+    assert PO._gemv_config(1, 28672, 448)["BLOCK_N"] == PO._gemv_config(1, 11008, 256)["BLOCK_N"] == 16
+    assert PO._gemv_config(1, 640, 5120)["BLOCK_N"] == 4
+    monkeypatch.setattr(PO, "GEMV_LONG_ROWS", 16)
+    assert PO._gemv_config(1, 20480, 320)["BLOCK_N"] == 16
+
+
 def test_radix_bad_input():
     s16 = randn(2000).half()
     out = torch.empty(10, dtype=torch.int64, device=DEVICE)

@@ -32,9 +32,11 @@ def test_quantize_int8_set(tmp_path):
     p = PredictorSet.for_model(_tiny_spec(), mlp_rank=8, head_rank=4)
     fp = {k: v.clone() for k, v in p.state_dict().items()}
     assert not p.int8
-    assert p.bytes_per_token(torch.float16) == 2 * 2 * (32 * 8 + 8 * 48 + 48 + 32 * 4 + 4 * 4 + 4)
+    # the head predictor (4 heads, rank 4) reads fewer bytes as its 4 x 32 product (runs_as_product) than as factors
+    assert p.bytes_per_token(torch.float16) == 2 * 2 * (32 * 8 + 8 * 48 + 48 + 4 * 32 + 4)
     assert p.quantize_int8() is p and p.int8
-    # int8 factors (1 byte a weight, 4 a row's scale), biases still 2 bytes
+    # int8 factors (1 byte a weight, 4 a row's scale), biases still 2 bytes; the head product stays at fp16 (256
+    # bytes) against 128 + 16 + 32 of int8 factors and scales, so that predictor keeps its factors
     assert p.bytes_per_token(torch.float16) == 2 * (32 * 8 + 8 * 48 + 4 * (8 + 48) + 2 * 48
                                                     + 32 * 4 + 4 * 4 + 4 * (4 + 4) + 2 * 4)  # fmt: skip
     after = p.state_dict()

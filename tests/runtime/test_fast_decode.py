@@ -165,6 +165,47 @@ def test_int8_predictors_equal_reference_policy(tiny):
     assert gap > 1e-3
 
 
+@pytest.mark.parametrize("B", [1, 3])
+def test_predictor_products_equal_factors(tiny, monkeypatch, B):
+    """A predictor that reads fewer bytes as its factors' product (kernels.runs_as_product: the head predictors here,
+    rank 8 over 4 or 6 heads at d = 48) is scored from that product in one GEMV (fast_decode.PREDICTOR_PRODUCTS):
+    the same selections and logits (fp32) as from its two factors, and fewer bytes, by exactly the difference. By
+    default only at batch 1 (PRODUCTS_MAX_BATCH); raised here to check the batch-max path too."""
+    from dejavu.runtime import fast_decode as FD
+
+    model = tiny[1].to(DEV)
+    s = model.spec
+    torch.manual_seed(0)
+    p = PredictorSet.for_model(s, mlp_rank=8, head_rank=8).eval().requires_grad_(False).to(DEV)
+    sparse_heads = [l for l, h in enumerate(HEAD_D) if h < 1]
+    assert FD.PREDICTOR_PRODUCTS and FD.PRODUCTS_MAX_BATCH == 1
+    if B > 1:  # the default keeps the factors above batch 1
+        dec = FastDecoder(model, p, MLP_D, HEAD_D, batch=B, max_len=8, backend="triton")
+        assert not dec.predictor_products and all(dec._pred[l]["head"][0] is not None for l in sparse_heads)
+        monkeypatch.setattr(FD, "PRODUCTS_MAX_BATCH", B)
+    ids = torch.randint(0, s.vocab_size, (B, 5), generator=torch.Generator().manual_seed(B)).to(DEV)
+    decs, outs = {}, {}
+    for on in (True, False):
+        monkeypatch.setattr(FD, "PREDICTOR_PRODUCTS", on)
+        dec = decs[on] = FastDecoder(model, p, MLP_D, HEAD_D, batch=B, max_len=12, backend="triton")
+        tok = dec.prefill(ids).argmax(-1)
+        outs[on] = []
+        for _ in range(2):
+            logits = dec.decode_step(tok).clone()
+            outs[on].append((logits, [h.clone() for h in dec._hidx], [n.clone() for n in dec._nidx]))
+            tok = outs[on][-1][0].argmax(-1)
+    for (a, ha, na), (b, hb, nb) in zip(outs[True], outs[False]):
+        torch.testing.assert_close(a, b, rtol=TOL, atol=TOL)
+        assert all(torch.equal(x, y) for x, y in zip(ha + na, hb + nb))
+    assert sparse_heads and all(decs[True]._pred[l]["head"][0] is None for l in sparse_heads)  # products
+    assert decs[True].describe()["predictor_products"] == ["head"]
+    assert decs[False].describe()["predictor_products"] == []
+    assert all(decs[False]._pred[l]["head"][0] is not None for l in sparse_heads)
+    assert all(decs[True]._pred[l]["mlp"][0] is not None for l in range(s.n_layers) if "mlp" in decs[True]._pred[l])
+    d, H = s.d_model, s.n_heads
+    assert decs[False].bytes_per_token() - decs[True].bytes_per_token() == 4 * len(sparse_heads) * (8 * (d + H) - H * d)
+
+
 @pytest.mark.parametrize("kv_policy", ["all", "selected"])
 def test_prewait_gathers_equal_reference_policy(tiny, kv_policy):
     """prewait_gathers (A/B): the q/k/v gathers (but layer 0's) and the MLP blocks read their selection before their
@@ -296,9 +337,11 @@ def test_radix_neuron_selection_16bit(arch):
     preds = random_predictors(spec, device=DEV, dtype=dt)
     dec = FastDecoder(model, preds, 0.25, 0.5, batch=1, max_len=12, backend="triton")
     assert dec._radix is not None
-    if arch == "opt":  # first factors, head scores + select, neuron scores + radix select (torch.topk: 13 more);
-        # layer 0's split prediction (GPU) runs each half's first factor apart, its neuron half embedding x0 itself
-        assert [p["side"] for p in dec.kernels_per_layer()] == [5 + 2 * dec._split0(), 5]
+    if arch == "opt":  # the head first factor, head scores + select, the neuron scores from their product (rank 128
+        # above d = 32: runs_as_product) + radix select (torch.topk: 13 more); layer 0's split prediction (GPU) has its
+        # neuron half embed x0 itself
+        assert dec._pred[0]["mlp"][0] is None and dec._pred[0]["head"][0] is not None
+        assert [p["side"] for p in dec.kernels_per_layer()] == [5 + dec._split0(), 5]
     dec.prefill(torch.randint(0, 64, (1, 4), device=DEV))
     dec.decode_step(torch.zeros(1, dtype=torch.long, device=DEV))
     torch.cuda.synchronize() if CUDA else None
@@ -422,7 +465,7 @@ def test_bytes_accounting(tiny):
     assert dense.dense_bytes_per_token() == dense.bytes_per_token() - fold == 4 * (weights + extra)
     sparse = FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=8, kv_policy="all", backend="torch")
     ref = bytes_summary(s, [k / s.ffn_dim for k in sparse.k_mlp], [k / s.n_heads for k in sparse.k_heads],
-                        predictor_params=predictor_params(p.meta, MLP_D, HEAD_D), bytes_per_param=4)
+                        predictor_params=predictor_params(p.meta, MLP_D, HEAD_D, torch.float32), bytes_per_param=4)
     got = sparse.bytes_per_token() / sparse.dense_bytes_per_token()
     assert got == pytest.approx(ref["step_bytes_ratio"], rel=0.05)  # the accounting ignores biases and norms
     sel = FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=8, kv_policy="selected", backend="torch")
@@ -431,8 +474,12 @@ def test_bytes_accounting(tiny):
     # int8 predictor rows: 1 byte a weight instead of 4, plus an fp32 scale a row (r + n per predictor)
     q = FastDecoder(model, _predictors(s).quantize_int8(), MLP_D, HEAD_D, batch=1, max_len=8, kv_policy="all",
                     backend="torch")  # fmt: skip
-    saved = sum(3 * (s.d_model * r + r * n) - 4 * (r + n) for l in range(s.n_layers)
-                for k, n, r in ((q.k_heads[l], s.n_heads, 4), (q.k_mlp[l], s.ffn_dim, 8)) if k < n)  # fmt: skip
+    # (a predictor reads its fp32 product instead of its factors where that is fewer bytes: runs_as_product)
+    d = s.d_model
+    fp32 = {n: 4 * min(n * d, r * (d + n)) for n, r in ((s.n_heads, 4), (s.ffn_dim, 8))}
+    int8 = {n: min(4 * n * d, r * (d + n) + 4 * (r + n)) for n, r in ((s.n_heads, 4), (s.ffn_dim, 8))}
+    saved = sum(fp32[n] - int8[n] for l in range(s.n_layers)
+                for k, n in ((q.k_heads[l], s.n_heads), (q.k_mlp[l], s.ffn_dim)) if k < n)  # fmt: skip
     assert saved > 0 and sparse.bytes_per_token() - q.bytes_per_token() == saved
     assert sparse.describe()["predictor_weights"] == "float32" and dense.describe()["predictor_weights"] is None
 
@@ -583,7 +630,9 @@ def test_split_first_prediction_equal(tiny, B):
     ref, dec = (FastDecoder(model, p, md, hd, batch=B, max_len=32) for _ in range(2))
     ref.split_first_prediction = False
     assert dec._split0() and not ref._split0()
-    assert [k["side"] for k in dec.kernels_per_layer()][0] == [k["side"] for k in ref.kernels_per_layer()][0] + 2
+    # its neuron half's embedding, and a first factor of its own where both predictors are factored (not products)
+    both = all(dec._pred[0][kind][0] is not None for kind in ("head", "mlp"))
+    assert [k["side"] for k in dec.kernels_per_layer()][0] == [k["side"] for k in ref.kernels_per_layer()][0] + 1 + both
     _assert_same_generation(ref, dec, torch.randint(0, model.spec.vocab_size, (B, 7), device="cuda"))
     if B == 1:
         fresh = FastDecoder(model, p, md, hd, batch=1, max_len=32)

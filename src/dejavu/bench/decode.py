@@ -156,18 +156,21 @@ class Bench:
         self.broken = None  # set when a CUDA error poisons the context
         self.warmed = False  # a throwaway decoder has been built and run in this process (warm_up_ours)
         self.checks: dict[str, dict] = {}
+        self.models = _order(_list(getattr(args, "models", None) or "opt-13b"))
         self.result = {"gpu": self.gpu, "copy_bw_gbps": None, "rows": [], "command": " ".join(sys.argv),
                        "notes": self._notes(), "torch": torch.__version__,
                        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                        "config": {"prompt_len": self.prompt_len, "n_new": self.n_new, "repeats": self.repeats,
                                   "batches": self.batches, "modes": self.modes, "kv_policy": self.kv_policy}}
         old = self.out / (report.slug(self.gpu) + ".json")
-        if old.is_file():  # an earlier invocation into the same directory: keep its rows and name its command too
+        if old.is_file():  # an earlier invocation into the same directory: keep its rows, name its command too, and
+            # keep its notes (each invocation's settings line names its models and batches)
             try:
                 prev = json.loads(old.read_text())
                 self.result["rows"] = prev.get("rows", [])
                 cmds = [c for c in prev.get("command", "").split(" ; ") if c] + [self.result["command"]]
                 self.result["command"] = " ; ".join(dict.fromkeys(cmds))
+                self.result["notes"] = list(dict.fromkeys(prev.get("notes", []) + self.result["notes"]))
             except (OSError, ValueError):
                 pass
 
@@ -175,9 +178,11 @@ class Bench:
         return ["OPT/Llama-2 models use RANDOM fp16 weights with the real shapes (speed does not depend on values); "
                 "smollm2-135m uses its real weights (dequantized GGUF). Predictors are random (rank max(d/16,128) "
                 "MLP, d/16 heads): selection sizes are as configured, which is what speed depends on.",
-                f"prompt {self.prompt_len} tokens, {self.n_new} new tokens (first from prefill, {self.n_new - 1} "
-                f"timed decode steps per run), {self.repeats} timed runs after a warm-up run; ms_per_token = median "
-                "time of one decode step (it makes one token for each of the B sequences), p10/p90 over all steps.",
+                f"{', '.join(self.models)} at batch {', '.join(map(str, self.batches))}: prompt {self.prompt_len} "
+                f"tokens, {self.n_new} new tokens (first from prefill, {self.n_new - 1} timed decode steps per run), "
+                f"{self.repeats} timed runs after a warm-up run (each row's prompt_len, n_new, repeats).",
+                "ms_per_token = median time of one decode step (it makes one token for each of the B sequences), "
+                "p10/p90 over all steps.",
                 "hf-*: per-step intervals between streamer callbacks (generate syncs every step anyway). "
                 "hf-compile: generate(cache_implementation='static'), transformers' auto torch.compile "
                 "(reduce-overhead), in a subprocess with a time limit.",
@@ -196,6 +201,8 @@ class Bench:
 
     def add(self, row):
         row.setdefault("gpu", self.gpu)
+        for key in ("prompt_len", "n_new", "repeats"):  # the invocation's settings (rows of several may merge)
+            row.setdefault(key, getattr(self, key))
         row.setdefault("copy_bw_gbps", self.result["copy_bw_gbps"])
         self.result["rows"] = report.merge_rows(self.result["rows"], [row])
         report.write_outputs(self.result, self.out, png=False)
@@ -505,7 +512,7 @@ def main(args, log=print) -> dict:
         raise SystemExit("dejavu bench: Triton is not installed (pip install triton).")
     torch.set_grad_enabled(False)
     bench = Bench(args, log)
-    models = _order(_list(getattr(args, "models", "opt-13b")))
+    models = bench.models
     bench.log(f"GPU {bench.gpu}; models {models}; batches {bench.batches}; modes {bench.modes}; "
               f"budget {bench.budget:.0f} s; out {bench.out}")
     bench.result["copy_bw_gbps"] = measure_copy_bw()

@@ -14,8 +14,8 @@ Launchers (need Triton; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`
   :func:`select_topk` (the decode step's choice between it, :func:`radix_select` for long 16-bit
   score vectors, and an unsorted ``torch.topk``).
 
-Plain torch (no Triton needed): :func:`kv_heads_for`, :func:`predictor_bytes`, :func:`fold_norm`, :func:`norm_ref`
-and every ``*_ref``.
+Plain torch (no Triton needed): :func:`kv_heads_for`, :func:`predictor_bytes`, :func:`runs_as_product`,
+:func:`fold_norm`, :func:`norm_ref` and every ``*_ref``.
 
 ``HAS_TRITON`` tells whether the launchers can run; without Triton they raise ``RuntimeError``.
 All launchers check their inputs and raise ``ValueError`` naming the problem and the fix;
@@ -57,6 +57,7 @@ from .predictor_ops import (
     lowrank_gemv_ref,
     predictor_bytes,
     radix_select,
+    runs_as_product,
     radix_workspace,
     select_topk,
     topk_select,
@@ -103,4 +104,5 @@ __all__ = [
     "topk_select",
     "topk_select_ref",
     "predictor_bytes",
+    "runs_as_product",
 ]

@@ -53,15 +53,35 @@ from ._checks import (
 )
 
 
-def predictor_bytes(d, r, N, dtype=torch.float16, bias=True, int8=False):
-    """Bytes one predictor reads per decode step: ``a`` (d x r), ``b`` (r x N), ``bias`` (N), at ``dtype``; with
-    ``int8``, both factors as int8 rows plus an fp32 scale per row (r + N), the bias still at ``dtype``."""
+def _itemsize(dtype) -> int:
     if isinstance(dtype, str):
         dtype = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
                  "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}[dtype]  # fmt: skip
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    weights = (d * r + r * N) + 4 * (r + N) if int8 else (d * r + r * N) * itemsize
-    return weights + (N * itemsize if bias else 0)
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def runs_as_product(d, r, N, dtype=torch.float16, int8=False) -> bool:
+    """Does a predictor read fewer bytes as the product of its factors, ``b @ a`` ([N, d] at ``dtype``), than as the
+    factors themselves (int8 rows with ``int8``)? True for a head predictor (N = n_heads, well below r = d/16 and
+    more): OPT-13B's 40 x 5120 product is 0.4 MB in fp16 against 1.65 MB of int8 factors at r = 320. The map is the
+    same (a linear low-rank predictor has rank at most min(r, N) either way); the decode runtime then scores it in
+    one GEMV instead of two (``FastDecoder._prepare_predictors``)."""
+    item = _itemsize(dtype)
+    factors = (d * r + r * N) + 4 * (r + N) if int8 else (d * r + r * N) * item
+    return N * d * item < factors
+
+
+def predictor_bytes(d, r, N, dtype=torch.float16, bias=True, int8=False, products=True):
+    """Bytes one predictor reads per decode step: ``a`` (d x r), ``b`` (r x N), ``bias`` (N), at ``dtype``; with
+    ``int8``, both factors as int8 rows plus an fp32 scale per row (r + N), the bias still at ``dtype``. Where the
+    product ``b @ a`` reads fewer (:func:`runs_as_product`), that product at ``dtype`` instead of the factors, unless
+    ``products=False`` (a decoder that keeps the factors)."""
+    item = _itemsize(dtype)
+    if products and runs_as_product(d, r, N, dtype, int8):
+        weights = N * d * item
+    else:
+        weights = (d * r + r * N) + 4 * (r + N) if int8 else (d * r + r * N) * item
+    return weights + (N * item if bias else 0)
 
 
 
@@ -186,11 +206,31 @@ several row blocks: the predictors then hold fewer SM slots next to the main str
 read at launch: ``bench/profile_step.py``'s ``gemv_cap_<n>``, bench/NOTES.md v8)."""
 
 
+GEMV_LONG_ROWS_TUNED = {(20480, 320): 32}
+"""Rows a :func:`lowrank_gemv` program owns for long outputs (N >= 4096: the neuron scores), by (N, d) where not 16:
+tuned in the decode step, where the GEMV runs on the side stream beside the main stream's kernels and what decides
+is where its programs land, not the GEMV alone. H200, batch 1 (0.1, 0.5) with int8 rows, against 16 rows, baseline
+first and again last (bench/NOTES.md v27): OPT-13B's (20480, 320) -1.5% to -2.6% over three calls at 32 rows (also
+(0.1, 0.25) -0.6%, (0.25, 0.5) -0.9%, B=4 -4.8%, fp16 factors -2.3%), -0.6% at 64; OPT-30B's (28672, 448) +0.5% at 32,
++0.8% at 64; LLaMA-2-7B's (11008, 256) +3.6% / +6.5%; OPT-6.7B's (16384, 256) +0.1% at 32. (v24 had tried 32 rows
+before the head predictors ran as their product: OPT-13B -0.6%, the others +0.6% to +2.2%.)"""
+GEMV_LONG_ROWS = None
+"""Force that row count for every long output (A/B knob, read at launch: ``bench/profile_step.py``'s
+``gemv_rows_<n>``); None: ``GEMV_LONG_ROWS_TUNED``, else 16."""
+GEMV_SHORT_ROWS = 4
+"""The same for short outputs (the first factors, the head scores). A/B knob, read at launch: ``gemv_short_<n>``
+(2 and 8 lost on OPT-13B and LLaMA-2-7B, v27)."""
+
+
 def _gemv_config(batch: int, n: int, d: int) -> dict:
     """4 rows per program for short outputs (the first factor: r rows of length d), 16 for long ones (the second:
-    N rows of length r); the fp32 product tile [B, rows, d-chunk] held to 64 registers/thread at 4 warps."""
+    N rows of length r; ``GEMV_LONG_ROWS_TUNED`` where tuned); the fp32 product tile [B, rows, d-chunk] held to 64
+    registers/thread at 4 warps."""
     block_b = next_pow2(batch)
-    block_n = 16 if n >= 4096 else 4
+    if n >= 4096:
+        block_n = GEMV_LONG_ROWS or GEMV_LONG_ROWS_TUNED.get((n, d), 16)
+    else:
+        block_n = GEMV_SHORT_ROWS
     block_d = max(16, min(512, next_pow2(d), 8192 // (block_b * block_n)))
     return dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d, NUM_STAGES=3, num_warps=4)
 

@@ -103,7 +103,10 @@ class PredictorSet(nn.Module):
         return self
 
     def bytes_per_token(self, dtype=torch.float16, mlp=True, heads=True) -> int:
-        """Weight bytes the predictors read per decode step (all layers), at ``dtype`` (int8 factors if marked)."""
+        """Weight bytes the predictors read per decode step (all layers), at ``dtype`` (int8 factors if marked), as the
+        batch-1 decode reads them: a predictor that reads fewer bytes as its factors' product (a head predictor,
+        ``kernels.runs_as_product``) counted as that product (``FastDecoder`` keeps factors above
+        ``fast_decode.PRODUCTS_MAX_BATCH``)."""
         m, n = self.meta, 0
         for on, r, out in ((mlp, m["mlp_rank"], m["ffn_dim"]), (heads, m["head_rank"], m["n_heads"])):
             if on:

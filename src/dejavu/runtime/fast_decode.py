@@ -89,6 +89,26 @@ moved the step by -0.3% to +1.1%, so there the side stream stays at 0. Read when
 side stream at the step's priority."""
 
 
+PREDICTOR_PRODUCTS = True
+"""Score a predictor that reads fewer bytes as the product of its factors (``kernels.runs_as_product``: the head
+predictors) from that product, in one GEMV, instead of from its factors. Same map; OPT-13B reads 0.4 MB a layer
+instead of 1.65 (int8 factors) or 3.3 (fp16), and the head selection, which the next layer's q/k/v gather waits on,
+is two launches away from the stream instead of three. Only up to ``PRODUCTS_MAX_BATCH`` sequences. Read when a
+decoder is built; False keeps the factors (A/B: ``bench/profile_step.py``'s ``pred_factored``)."""
+PRODUCTS_MAX_BATCH = 1
+"""The largest batch whose decoders score a predictor from its product (``PREDICTOR_PRODUCTS``). H200, int8 rows, the
+product against the factors (bench/NOTES.md v27): batch 1 OPT-13B (0.1, 0.5) -3.0% to -3.4% (with its 32-row
+neuron scores), LLaMA-2-7B -1.6%, OPT-30B -0.6%; batch 16 OPT-13B +12%: there the head product and the MLP
+predictor's first factor, two GEMVs of 40 steps along d each (16-sequence tiles), run one after the other on the
+neuron selection's path instead of as one stacked GEMV. Batch 4 was measured after the committed bench, -1.6%
+with products (batch 2 not measured): a candidate for raising the bound. Read when a decoder is built (A/B:
+``products_b16``)."""
+MLP_FIRST_AFTER_HEADS = True
+"""Where a layer's heads are scored from their predictor's product and its MLP predictor is factored, the MLP's first
+factor runs after the head selection (the selection the next q/k/v gather waits on is then two launches from the
+stream), instead of before the head product. A/B knob, read at capture: ``bench/profile_step.py``'s
+``mlp_first_early``."""
+
 def distinct_streams(device, n: int, priority: int = 0, avoid=(), make=None) -> list:
     """``n`` CUDA streams whose handles differ from each other's and from those of the streams in ``avoid`` (None
     entries ignored). ``torch.cuda.Stream()`` hands out the streams of a process-wide pool, 32 a priority in turn,
@@ -372,6 +392,7 @@ class FastDecoder:
         self._h = torch.zeros(B, d, dtype=self.dtype, **dev)  # normed activations (reused by both norms)
         self._q = {kh: torch.zeros(B, kh, hd, dtype=self.dtype, **dev)  # RoPE'd q (qkv_post's output)
                    for kh in (set() if self.fuse_attn else set(self.k_heads))}
+        self.predictor_products = PREDICTOR_PRODUCTS and B <= PRODUCTS_MAX_BATCH
         self._pred = self._prepare_predictors(predictors) if predictors is not None else None
         # predictor outputs: first-factor activations per width (fp32); scores per output size, in the model's dtype
         # as the reference LowRank stores them (16-bit keys also halve torch.topk's radix passes), already reduced to
@@ -379,7 +400,8 @@ class FastDecoder:
         # (widths: both predictors' first factors stacked, or one predictor's alone where only its half runs)
         widths = set()
         for e in filter(None, self._pred or []):
-            widths |= {e["a_t"].shape[0]} | {e[kind][1] - e[kind][0] for kind in ("head", "mlp") if kind in e}
+            widths |= {e["a_t"].shape[0]} if "a_t" in e else set()
+            widths |= {e[kind][1] - e[kind][0] for kind in ("head", "mlp") if kind in e and e[kind][0] is not None}
         self._xa = {r: torch.zeros(B, r, dtype=torch.float32, **dev) for r in widths}
         self._scores = {n: torch.zeros(1, n, dtype=self.dtype, **dev) for n in (H, N)}
         # how the neuron top-k runs: "radix-gemv" (16-bit scores, Triton: the scores GEMV fills the histogram in
@@ -399,9 +421,9 @@ class FastDecoder:
         side_prio = SIDE_PRIORITY if overlap and self._capped_mlp() else 0
         self._side = distinct_streams(self.device, 1, side_prio)[0] if overlap else None
         # layer 0 has no layer before it to hide its prediction behind: its heads are chosen on the main stream (their
-        # own first factor), and its neurons, needed only before its MLP block, on a stream of their own with their
-        # own buffers (it may overlap the side stream's prediction of layer 1) and its own copy of x0, joined before
-        # that block (split_first_prediction, read at capture; bench/NOTES.md v14)
+        # own first factor, or their product), and its neurons, needed only before its MLP block, on a stream of their
+        # own with their own buffers (it may overlap the side stream's prediction of layer 1) and its own copy of x0,
+        # joined before that block (split_first_prediction, read at capture; bench/NOTES.md v14)
         self.split_first_prediction = True
         l0 = self._pred[0] if self._pred is not None else {}
         self._side0 = self._bufs0 = None
@@ -409,7 +431,7 @@ class FastDecoder:
             lo, hi = l0["mlp"][:2]
             self._side0 = distinct_streams(self.device, 1, avoid=(self._side,))[0]
             self._bufs0 = {"x": torch.zeros(B, d, dtype=self.dtype, **dev),
-                           "xa": {hi - lo: torch.zeros(B, hi - lo, dtype=torch.float32, **dev)},
+                           "xa": {} if lo is None else {hi - lo: torch.zeros(B, hi - lo, dtype=torch.float32, **dev)},
                            "scores": torch.zeros(1, N, dtype=self.dtype, **dev),
                            "ws": K.predictor_ops.radix_workspace(self.device) if self._radix is not None else None}
         # side -> main joins, per layer: its heads are needed before its q/k/v gather, its neurons only before its
@@ -515,7 +537,9 @@ class FastDecoder:
         ``b`` ([n, r], ``nn.Linear`` layout) with its bias. Entries: kind -> (lo, hi, b, bias, b_scale), lo:hi its
         columns of the first factor's output; ``a_scale``. A set marked int8 (``PredictorSet.quantize_int8``) is
         stored as int8 rows with their fp32 scales (``quantize_rows``), which the GEMVs multiply in; otherwise the
-        scales are None."""
+        scales are None. A predictor that reads fewer bytes as its product (``kernels.runs_as_product``: a head
+        predictor) is kept as ``b @ a`` ([n, d], made in float64 from the stored factors, then the model's dtype),
+        scored from the stream in one GEMV: (None, None, b @ a, bias, None), and has no rows in ``a_t``."""
         p.check_model(self.spec)
         kw = dict(device=self.device, dtype=self.dtype)
 
@@ -527,11 +551,18 @@ class FastDecoder:
             ent, firsts = {}, []
             for kind, mod, k, n in (("head", p.head[l], self.k_heads[l], self.spec.n_heads),
                                     ("mlp", p.neuron[l], self.k_mlp[l], self.spec.ffn_dim)):
-                if k < n:  # dense layers run no predictor and keep no copy
+                if k >= n:  # dense layers run no predictor and keep no copy
+                    continue
+                bias = mod.b.bias.detach().to(**kw).contiguous()
+                r = mod.a.weight.shape[0]
+                if self.predictor_products and K.runs_as_product(self.spec.d_model, r, n, self.dtype, p.int8):
+                    w = mod.b.weight.detach().double() @ mod.a.weight.detach().double()
+                    ent[kind] = (None, None, w.to(**kw).contiguous(), bias, None)
+                else:
                     lo = sum(f.shape[0] for f in firsts)
                     firsts.append(mod.a.weight)
                     b, b_scale = rows(mod.b.weight)
-                    ent[kind] = (lo, lo + mod.a.weight.shape[0], b, mod.b.bias.detach().to(**kw).contiguous(), b_scale)
+                    ent[kind] = (lo, lo + r, b, bias, b_scale)
             if firsts:
                 ent["a_t"], ent["a_scale"] = rows(torch.cat(firsts, 0))
             out.append(ent)
@@ -566,7 +597,8 @@ class FastDecoder:
             if not dense and meta is not None:
                 for k, full, r in ((kh, H, meta["head_rank"]), (km, N, meta["mlp_rank"])):
                     if k < full:
-                        pred += K.predictor_bytes(d, r, full, self.dtype, int8=self.predictors.int8)
+                        pred += K.predictor_bytes(d, r, full, self.dtype, int8=self.predictors.int8,
+                                                  products=self.predictor_products)
         return n * elem_size + pred
 
     def dense_bytes_per_token(self) -> int:
@@ -593,6 +625,8 @@ class FastDecoder:
                 "fold_final_norm": self._fold_head(),
                 "predictor_weights": None if self._pred is None else "int8" if self.predictors.int8 else
                 str(self.dtype).removeprefix("torch."),
+                "predictor_products": [kind for kind in ("head", "mlp")
+                                       if any(e.get(kind, (0,))[0] is None for e in self._pred or [])],
                 "k_heads": self.k_heads, "k_mlp": self.k_mlp, "k_kv": self.k_kv,
                 "kernels_per_layer": self._kernel_summary()}
 
@@ -822,11 +856,13 @@ class FastDecoder:
 
         One GEMV for the first factors with LowRank's RMS normalization fused (fp32 out): both predictors' stacked,
         or only the one predictor's rows where only its half runs; one GEMV per second factor (+ bias, max over the
-        batch in its epilogue), then the top-k (``select_topk``); the head selection goes straight into the combined
-        q/k/v index (MHA with K/V holes: three offset copies in the same launch), the neuron selection into the
-        layer's index (unsorted: the gathers take any order). ``heads_done``: an event recorded on the current
-        stream once the head selection is written (before the neuron half). ``bufs``: the neuron half's own first
-        factor, scores and radix buffers (``_bufs0``), for a call that may overlap another prediction."""
+        batch in its epilogue), then the top-k (``select_topk``). A predictor kept as its product (a head predictor,
+        ``PREDICTOR_PRODUCTS``) is one GEMV on x, normalization, bias and batch max fused, then its top-k. The head
+        selection goes straight into the combined q/k/v index (MHA with K/V holes: three offset copies in the same
+        launch), the neuron selection into the layer's index (unsorted: the gathers take any order). ``heads_done``:
+        an event recorded on the current stream once the head selection is written (before the neuron half).
+        ``bufs``: the neuron half's own first factor, scores and radix buffers (``_bufs0``), for a call that may
+        overlap another prediction."""
         ent = self._pred[l] if self._pred is not None else {}
         do_h, do_m = heads and "head" in ent, mlp and "mlp" in ent
         if not (do_h or do_m):
@@ -835,18 +871,21 @@ class FastDecoder:
             return
         ops = self.ops
         bufs = bufs or {"xa": self._xa, "scores": self._scores[self.spec.ffn_dim], "ws": self._radix}
-        a, a_scale, off = ent["a_t"], ent["a_scale"], 0
-        if do_h != do_m:  # one predictor's first factor only: its rows of a_t, its columns of the output
-            off, hi = ent["head" if do_h else "mlp"][:2]
-            a, a_scale = a[off:hi], a_scale[off:hi] if a_scale is not None else None
-        with self._launch(side, "first"):
-            xa = ops.factor(x, a, None, True, bufs["xa"][a.shape[0]], scale=a_scale)  # [B, r_h + r_m] (or r_h, r_m)
+        # the first factors of the predictors that run here and are not kept as their product: one GEMV, first; after
+        # the head selection where the heads are scored from their product (MLP_FIRST_AFTER_HEADS)
+        factored = [kind for kind, on in (("head", do_h), ("mlp", do_m)) if on and ent[kind][0] is not None]
+        late = do_h and ent["head"][0] is None and MLP_FIRST_AFTER_HEADS
+        xa, off = (None, 0) if late or not factored else self._first_factors(ent, x, factored, side, bufs)
+
+        def scores(kind, out, hist=None):  # -> [1, n]: the second factor on xa, or the product on x (normalized)
+            lo, hi, b, bias, b_scale = ent[kind]
+            src, norm = (x, True) if lo is None else (xa[:, lo - off:hi - off], False)
+            return ops.factor(src, b, bias, norm, out, batch_max=True, hist=hist, scale=b_scale)
+
         if do_h:
-            lo, hi, b, bias, b_scale = ent["head"]
             kh, idx = self.k_heads[l], self._qkvidx[l]
             with self._launch(side, "heads"):
-                sc = ops.factor(xa[:, lo - off:hi - off], b, bias, False, self._scores[self.spec.n_heads],
-                                batch_max=True, scale=b_scale)  # fmt: skip
+                sc = scores("head", self._scores[self.spec.n_heads])
                 if self.holes[l] and self.spec.group_size == 1:  # [q; k; v] rows of the same heads
                     ops.select(sc, kh, idx, copies=3, offset=self.spec.n_heads)
                 else:
@@ -857,14 +896,24 @@ class FastDecoder:
         if heads_done is not None:
             heads_done.record()
         if do_m:
-            lo, hi, b, bias, b_scale = ent["mlp"]
+            if late and factored:
+                xa, off = self._first_factors(ent, x, factored, side, bufs)
             ws, how = bufs["ws"], self._topk
             with self._launch(side, "scores"):
-                sc = ops.factor(xa[:, lo - off:hi - off], b, bias, False, bufs["scores"], batch_max=True,
-                                hist=ws["hist"] if how == "radix-gemv" else None, scale=b_scale)
+                sc = scores("mlp", bufs["scores"], hist=ws["hist"] if how == "radix-gemv" else None)
             with self._launch(side, "select"):
                 ops.select(sc, self.k_mlp[l], self._nidx[l], ws=ws, hist_ready=how == "radix-gemv",
                            radix=how != "torch")
+
+    def _first_factors(self, ent, x, factored, side, bufs):
+        """The first factors of the ``factored`` predictors of a layer entry on x, in one GEMV with LowRank's RMS
+        normalization fused: -> (xa [B, width] fp32, off: the first column's offset in the stacked ``a_t``)."""
+        a, a_scale, off = ent["a_t"], ent["a_scale"], 0
+        if len(factored) == 1:  # one predictor's first factor only: its rows of a_t, its columns of the output
+            off, hi = ent[factored[0]][:2]
+            a, a_scale = a[off:hi], a_scale[off:hi] if a_scale is not None else None
+        with self._launch(side, "first"):
+            return self.ops.factor(x, a, None, True, bufs["xa"][a.shape[0]], scale=a_scale), off
 
     def _select_kv(self, l, heads):
         """GQA: a fixed-size KV set, the needed KV heads first, padded with unneeded ones (-> self._kvidx[l])."""
@@ -1011,13 +1060,14 @@ class FastDecoder:
             side = 0
             ent = self._pred[l] if self._pred is not None else {}
             if ent:
-                # first factors with the RMS norm fused: both in one GEMV, or one each where the halves run apart
-                # (without lookahead; layer 0's split)
+                # first factors with the RMS norm fused: those of the factored predictors in one GEMV, or one each
+                # where the halves run apart (without lookahead; layer 0's split); none where both are products
                 apart = not self.lookahead or (l == 0 and self._split0())
-                side = 2 if apart and "head" in ent and "mlp" in ent else 1
+                factored = sum(1 for kind in ("head", "mlp") if kind in ent and ent[kind][0] is not None)
+                side = min(factored, 2 if apart else 1)
                 side += 1 if l == 0 and self._split0() else 0  # the split neuron half's own embedding launch
                 if "head" in ent:
-                    side += 2  # second factor, top-k (MHA: q/k/v index copies in the same launch)
+                    side += 2  # second factor (or the product), top-k (MHA: q/k/v index copies in the same launch)
                     side += 5 if (self.holes[l] and s.group_size > 1) else 0  # KV set: fill, topk, sort, copy, add
                 if "mlp" in ent:
                     # second factor; top-k: one launch (short vectors, or radix select after the histogram the
