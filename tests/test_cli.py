@@ -59,9 +59,13 @@ def test_real_calibrate_eval_generate(tmp_path, capsys):
     assert r["wikitext2"]["sparse_int8_ppl"] > 1 and r["c4"]["sparse_int8_ppl"] > 1
     assert abs(r["wikitext2"]["sparse_int8_ppl"] / r["wikitext2"]["sparse_ppl"] - 1) < 0.05
     assert len(r["predictor_recall_vs_oracle_topk_int8"]["mlp"]) == 30 and r["predictor_weights"] == "float32"
+    # the int8 rows' byte summary: fewer predictor bytes than the float set's, the same block bytes
+    assert 0 < r["bytes_int8"]["predictor_params"] < r["bytes"]["predictor_params"]
+    assert r["bytes_int8"]["block_bytes_skipped"] == r["bytes"]["block_bytes_skipped"]
     assert set(r["tasks"]["copa"]) >= {"dense", "sparse", "n"}
     assert (tmp_path / "q.md").is_file() and (tmp_path / "q.json").is_file()
     assert "sparse_int8 =" in (tmp_path / "q.md").read_text()
+    assert "as int8 rows)" in (tmp_path / "q.md").read_text()
 
     rc = main(["generate", "--predictors", str(out), "--mlp-density", "0.5", "--max-new-tokens", "4", "--json",
                "--int8-predictors"])

@@ -60,6 +60,11 @@ def _itemsize(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _factor_bytes(d, r, N, item, int8) -> int:
+    """Weight bytes of a predictor's two factors: ``item``-byte elements, or int8 rows and an fp32 scale a row."""
+    return (d * r + r * N) + 4 * (r + N) if int8 else (d * r + r * N) * item
+
+
 def runs_as_product(d, r, N, dtype=torch.float16, int8=False) -> bool:
     """Does a predictor read fewer bytes as the product of its factors, ``b @ a`` ([N, d] at ``dtype``), than as the
     factors themselves (int8 rows with ``int8``)? True for a head predictor (N = n_heads, well below r = d/16 and
@@ -67,8 +72,7 @@ def runs_as_product(d, r, N, dtype=torch.float16, int8=False) -> bool:
     same (a linear low-rank predictor has rank at most min(r, N) either way); the decode runtime then scores it in
     one GEMV instead of two (``FastDecoder._prepare_predictors``)."""
     item = _itemsize(dtype)
-    factors = (d * r + r * N) + 4 * (r + N) if int8 else (d * r + r * N) * item
-    return N * d * item < factors
+    return N * d * item < _factor_bytes(d, r, N, item, int8)
 
 
 def predictor_bytes(d, r, N, dtype=torch.float16, bias=True, int8=False, products=True):
@@ -77,10 +81,7 @@ def predictor_bytes(d, r, N, dtype=torch.float16, bias=True, int8=False, product
     product ``b @ a`` reads fewer (:func:`runs_as_product`), that product at ``dtype`` instead of the factors, unless
     ``products=False`` (a decoder that keeps the factors)."""
     item = _itemsize(dtype)
-    if products and runs_as_product(d, r, N, dtype, int8):
-        weights = N * d * item
-    else:
-        weights = (d * r + r * N) + 4 * (r + N) if int8 else (d * r + r * N) * item
+    weights = N * d * item if products and runs_as_product(d, r, N, dtype, int8) else _factor_bytes(d, r, N, item, int8)
     return weights + (N * item if bias else 0)
 
 
