@@ -42,7 +42,8 @@ def cases():
         x_ptr=F16, w_ptr=F16, w2_ptr=F16, idx_ptr=I64, bias_ptr=F32, out_ptr=F16, g_ptr=F16, rg_ptr=F32, xs_ptr=F32,
         xb_ptr=F16, xr_ptr=F16, xo_ptr=F16, xob_ptr=F16, B=1, n_out=3 * KH * HD, D=D, eps=1e-5, stride_xb=D,
         stride_xd=1, stride_wn=D, stride_w2n=D, stride_ob=3 * KH * HD, stride_xr=D, ROWS_PER_IDX=HD, ACT=0, NORM=1,
-        HAS_BIAS=True, DOT_FP32=False, X_SUM=True, HAS_XB=True, X_OUT2=False, HAS_XOB=False, PREWAIT=False, **rows), cap
+        HAS_BIAS=True, DOT_FP32=False, X_SUM=True, HAS_XB=True, X_OUT2=False, HAS_XOB=False,
+        PREWAIT=True, **rows), cap  # (prewait_gathers="rows": every layer's but layer 0's, v28)
     attn = A._attn_config(1, KH, S, HD, 2, cpu, None)
     yield "decode attention (fused q/k/v finish)", A._decode_attn_kernel, dict(
         q_ptr=F16, k_ptr=F16, v_ptr=F16, seq_lens_ptr=I64, head_idx_ptr=I64, out_ptr=F16, part_o_ptr=F32,

@@ -53,8 +53,9 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   ``finish_mlp`` (each MLP block adds its bias and residual itself: ``FastDecoder.defer_mlp_finish`` off),
   ``finish_o`` (each o_proj sums its split-k partials itself, instead of the fused MLP block or, in the dense step,
   the up gather: ``FastDecoder.defer_oproj_finish`` off);
-* ``prewait_gathers``: the q/k/v gathers (but layer 0's) and the MLP blocks read their selection and first weight
-  chunk before their PDL wait (``FastDecoder.prewait_gathers``);
+* where kernels read their selection and first weight chunk before their PDL wait (``FastDecoder.prewait_gathers``;
+  by default the q/k/v gathers but layer 0's, "rows"): ``prewait_gathers`` (the MLP blocks too), ``prewait_rows``
+  (the default), ``prewait_mlp`` (only the MLP blocks), ``prewait_off`` (neither, as up to v27);
 * the step's start: ``l0_inline`` (layer 0's heads and neurons both chosen on the main stream before its q/k/v
   gather, one stacked first factor: ``FastDecoder.split_first_prediction`` off), ``embed_nopdl`` (the step's
   embedding launched without PDL), ``embed_torch`` (the embedding by torch ops instead of
@@ -72,11 +73,13 @@ isolate one design choice each (``a+b`` combines variants, e.g. ``fork_start+sid
   capped at 128 registers (``mlp_block.ONE_LOOP_MAXNREG`` = None);
 * ``pred_int8``: the predictors rounded to int8 rows (``PredictorSet.quantize_int8``), which the step's GEMVs read
   as int8 with an fp32 scale a row (half the predictor bytes); joined to others with '+', name it first;
+* ``pred_int8_half_rank``: int8 rows, the MLP predictors at half the rank (d/32): the bytes that int4 rows at rank
+  d/16 would read, a proxy for what they could save in the step (not a trained set); name it first too;
 * ``pred_factored``: the head predictors scored from their two factors, as up to v26, instead of from their product
   (``fast_decode.PREDICTOR_PRODUCTS`` off while the decoder is built); ``mlp_first_early``: with head products, the
   MLP predictor's first factor before the head product instead of after the head selection
   (``fast_decode.MLP_FIRST_AFTER_HEADS`` off); ``products_b16``: head products at every batch size
-  (``fast_decode.PRODUCTS_MAX_BATCH`` = 16; by default batch 1 only);
+  (``fast_decode.PRODUCTS_MAX_BATCH`` = 16; by default up to batch 4);
 * ``fuse_tail``: the unfinished o_proj and the MLP block in one launch (``FastDecoder.fuse_oproj_mlp``,
   ``kernels.oproj_mlp``), with its tiles' knobs ``tail_cols_{256,1024}`` (``oproj_block.O_COLS``),
   ``tail_items_{2,3}`` (``O_ITEMS_PER_SM``), ``tail_stages_{2,4}`` (``O_STAGES``), ``tail_cap_128`` (``MAXNREG``),
@@ -109,6 +112,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from dejavu.atomic import write_json_atomic
 from dejavu.bench.decode import build_random_model, random_predictors
 from dejavu.bench.hf_baseline import prompt_ids
 from dejavu.kernels import _checks as C
@@ -219,6 +223,10 @@ def _setup(dec: FastDecoder, name: str) -> None:
         dec.fuse_oproj_mlp = True
     if name == "prewait_gathers":  # A/B: the q/k/v gathers (but layer 0's) and MLP blocks read early
         dec.prewait_gathers = True
+    if name in ("prewait_rows", "prewait_mlp"):  # A/B: only the gathers (the default), or only the blocks
+        dec.prewait_gathers = name[len("prewait_"):]
+    if name == "prewait_off":  # A/B: no early reads (v27's step)
+        dec.prewait_gathers = False
     if name == "torch_topk":  # A/B: the neuron top-k by torch.topk instead of the radix select
         dec._topk = "torch"
     if name == "radix_torch_hist":  # A/B: radix select, its histogram built by torch ops instead of the GEMV
@@ -256,10 +264,11 @@ def main():
                          "rows_tile_{16_256,16_512,8_256},mlp_cols_{256,1024},mlp_rows_{8,32},mlp_one_loop,mlp_two_loops,"
                          "rows_narrow,rows_wide_window,reduce_serial,reduce_padded_rows,fork_{start,qkv,attn,oproj},main_priority,"
                          "finish_mlp,finish_o,"
-                         "prewait_gathers,attn_pipelined,l0_inline,embed_nopdl,embed_torch,head_cublas,fma_max_2,"
+                         "prewait_gathers,prewait_rows,prewait_mlp,prewait_off,attn_pipelined,"
+                         "l0_inline,embed_nopdl,embed_torch,head_cublas,fma_max_2,"
                          "side_priority_0,mlp_v23,fuse_tail,tail_cols_{256,1024},tail_items_{2,3},tail_stages_{2,4},"
-                         "tail_cap_128,tail_ticketed,pred_int8 (first when joined: its predictors),pred_factored,"
-                         "mlp_first_early,products_b16; "
+                         "tail_cap_128,tail_ticketed,pred_int8 / pred_int8_half_rank (first when joined: its "
+                         "predictors),pred_factored,mlp_first_early,products_b16; "
                          "join several with '+'; a variant named again gets a decoder of its own, reported as "
                          "name#2, ... (bench/NOTES.md v21: the first variant built in a process ran 0.2-1.1%% slower "
                          "than identical later ones; name the baseline first and again last)")
@@ -274,8 +283,17 @@ def main():
     spec = bench_spec(args.model)
     model = build_random_model(spec)
     preds = random_predictors(model.spec)
-    wants_int8 = any(v.split("+")[0] == "pred_int8" for v in args.variants.split(","))
-    preds8 = copy.deepcopy(preds).quantize_int8() if wants_int8 else None  # a second copy only where asked for
+    firsts = {v.split("+")[0] for v in args.variants.split(",")}
+    preds8 = copy.deepcopy(preds).quantize_int8() if "pred_int8" in firsts else None  # a copy only where asked for
+    preds8h = None
+    if "pred_int8_half_rank" in firsts:  # the MLP predictors' bytes of int4 rows at rank d/16: rank d/32 as int8
+        from dejavu.predictors.model import PredictorSet
+
+        torch.manual_seed(1)
+        d = model.spec.d_model
+        with torch.device("cuda"):
+            preds8h = PredictorSet.for_model(model.spec, mlp_rank=max(d // 16, 128) // 2, head_rank=max(d // 16, 1))
+        preds8h = preds8h.to(torch.float16).eval().requires_grad_(False).quantize_int8()
     ids = prompt_ids(spec.vocab_size, args.batch, 128, "cuda")
     res = {"gpu": torch.cuda.get_device_name(), "model": args.model, "point": [md, hd], "batch": args.batch,
            "pdl": os.environ.get("DEJAVU_PDL", "1") != "0"}
@@ -286,6 +304,7 @@ def main():
                                   dense_attn="cublas"),
         "sparse": dict(predictors=preds, mlp_density=md, head_density=hd),
         "pred_int8": dict(predictors=preds8, mlp_density=md, head_density=hd),
+        "pred_int8_half_rank": dict(predictors=preds8h, mlp_density=md, head_density=hd),
         "unfused": dict(predictors=preds, mlp_density=md, head_density=hd, fuse_norm=False),
         "nopred": dict(predictors=preds, mlp_density=md, head_density=hd),
         "inline": dict(predictors=preds, mlp_density=md, head_density=hd, overlap=False),
@@ -300,8 +319,8 @@ def main():
            for m in SIDE_PDL_OFF},
         "main_priority": dict(predictors=preds, mlp_density=md, head_density=hd),
         **{name: dict(predictors=preds, mlp_density=md, head_density=hd)
-           for name in ("finish_mlp", "finish_o", "fuse_tail", "prewait_gathers", "l0_inline", "embed_nopdl",
-                         "embed_torch", "head_cublas")},
+           for name in ("finish_mlp", "finish_o", "fuse_tail", "prewait_gathers", "prewait_rows", "prewait_mlp",
+                        "prewait_off", "l0_inline", "embed_nopdl", "embed_torch", "head_cublas")},
         "add_launch": dict(predictors=None, mlp_density=1.0, head_density=1.0, kv_policy="all"),
         **{f"fork_{m}": dict(predictors=preds, mlp_density=md, head_density=hd) for m in FORK_POINTS},
     }
@@ -349,7 +368,7 @@ def main():
     unknown = {p for name in chosen for p in name.split("+")} - set(variants)
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; choose from {sorted(variants)} (or join them with '+')")
-    if any("pred_int8" in name.split("+")[1:] for name in chosen):  # it picks the predictors: only as the first part
+    if any({"pred_int8", "pred_int8_half_rank"} & set(name.split("+")[1:]) for name in chosen):  # only first
         ap.error("pred_int8 chooses the decoder's predictors: name it first (e.g. pred_int8+fork_qkv)")
     decs = {}
     for i, name in enumerate(chosen):
@@ -401,8 +420,13 @@ def main():
         for k in t.get("kernels", [])[:14]:
             print(f"   {k['us_per_step']:9.1f} us  x{k['count']:<6} {k['name']}")
     point = "" if args.point == "0.1,0.5" else "_p" + args.point.replace(",", "_")
-    with open(os.path.join(args.out, f"profile_{args.model}{point}_b{args.batch}{args.tag}.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    stem = os.path.join(args.out, f"profile_{args.model}{point}_b{args.batch}{args.tag}")
+    path, n = stem + ".json", 1
+    while os.path.exists(path):  # a second run of the same model, point, batch and tag in one directory: keep both
+        n += 1
+        path = f"{stem}_{n}.json"
+    write_json_atomic(path, res)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

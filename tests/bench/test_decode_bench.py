@@ -9,6 +9,7 @@ import torch
 
 from dejavu.bench import decode, report
 from dejavu.bench.hf_baseline import hf_config, run_compile, time_generate
+from dejavu.runtime import fast_decode as FD
 
 CUDA = torch.cuda.is_available()
 
@@ -157,10 +158,10 @@ def test_driver_end_to_end_on_cpu(tmp_path, monkeypatch):
                 x[k] == r[k] for k in ("model", "batch", "mlp_density", "head_density")))
             assert r["predictors"] == "random, int8 rows" and fp["predictors"] == "random"
             # fewer bytes where a running predictor keeps its factors: the head predictors (rank 2), and the MLP ones
-            # (rank 128 over d = 32) above batch 1; at batch 1 those read their product, at the model's dtype
-            # (runs_as_product, fast_decode.PRODUCTS_MAX_BATCH)
+            # (rank 128 over d = 32) above fast_decode.PRODUCTS_MAX_BATCH; up to it those read their product, at the
+            # model's dtype (runs_as_product)
             assert r["bytes_per_token"] <= fp["bytes_per_token"]
-            factored = r["head_density"] < 1 or (r["mlp_density"] < 1 and r["batch"] > 1)
+            factored = r["head_density"] < 1 or (r["mlp_density"] < 1 and r["batch"] > FD.PRODUCTS_MAX_BATCH)
             assert (r["bytes_per_token"] < fp["bytes_per_token"]) == factored
     sparse = [r for r in rows if r["mode"] == "ours-sparse" and r["batch"] == 1 and r["mlp_density"] == 0.1
               and r["head_density"] == 0.5]

@@ -165,12 +165,12 @@ def test_int8_predictors_equal_reference_policy(tiny):
     assert gap > 1e-3
 
 
-@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("B", [1, 3, 5])
 def test_predictor_products_equal_factors(tiny, monkeypatch, B):
     """A predictor that reads fewer bytes as its factors' product (kernels.runs_as_product: the head predictors here,
     rank 8 over 4 or 6 heads at d = 48) is scored from that product in one GEMV (fast_decode.PREDICTOR_PRODUCTS):
     the same selections and logits (fp32) as from its two factors, and fewer bytes, by exactly the difference. By
-    default only at batch 1 (PRODUCTS_MAX_BATCH); raised here to check the batch-max path too."""
+    default only up to batch 4 (PRODUCTS_MAX_BATCH); raised here for B = 5."""
     from dejavu.runtime import fast_decode as FD
 
     model = tiny[1].to(DEV)
@@ -178,8 +178,8 @@ def test_predictor_products_equal_factors(tiny, monkeypatch, B):
     torch.manual_seed(0)
     p = PredictorSet.for_model(s, mlp_rank=8, head_rank=8).eval().requires_grad_(False).to(DEV)
     sparse_heads = [l for l, h in enumerate(HEAD_D) if h < 1]
-    assert FD.PREDICTOR_PRODUCTS and FD.PRODUCTS_MAX_BATCH == 1
-    if B > 1:  # the default keeps the factors above batch 1
+    assert FD.PREDICTOR_PRODUCTS and FD.PRODUCTS_MAX_BATCH == 4
+    if B > FD.PRODUCTS_MAX_BATCH:  # the default keeps the factors above it
         dec = FastDecoder(model, p, MLP_D, HEAD_D, batch=B, max_len=8, backend="triton")
         assert not dec.predictor_products and all(dec._pred[l]["head"][0] is not None for l in sparse_heads)
         monkeypatch.setattr(FD, "PRODUCTS_MAX_BATCH", B)

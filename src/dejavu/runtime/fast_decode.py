@@ -95,14 +95,13 @@ predictors) from that product, in one GEMV, instead of from its factors. Same ma
 instead of 1.65 (int8 factors) or 3.3 (fp16), and the head selection, which the next layer's q/k/v gather waits on,
 is two launches away from the stream instead of three. Only up to ``PRODUCTS_MAX_BATCH`` sequences. Read when a
 decoder is built; False keeps the factors (A/B: ``bench/profile_step.py``'s ``pred_factored``)."""
-PRODUCTS_MAX_BATCH = 1
+PRODUCTS_MAX_BATCH = 4
 """The largest batch whose decoders score a predictor from its product (``PREDICTOR_PRODUCTS``). H200, int8 rows, the
-product against the factors (bench/NOTES.md v27): batch 1 OPT-13B (0.1, 0.5) -3.0% to -3.4% (with its 32-row
-neuron scores), LLaMA-2-7B -1.6%, OPT-30B -0.6%; batch 16 OPT-13B +12%: there the head product and the MLP
-predictor's first factor, two GEMVs of 40 steps along d each (16-sequence tiles), run one after the other on the
-neuron selection's path instead of as one stacked GEMV. Batch 4 was measured after the committed bench, -1.6%
-with products (batch 2 not measured): a candidate for raising the bound. Read when a decoder is built (A/B:
-``products_b16``)."""
+product against the factors (bench/NOTES.md v27, v28): batch 1 OPT-13B (0.1, 0.5) -3.0% to -3.4% (with its 32-row
+neuron scores), LLaMA-2-7B -1.6%, OPT-30B -0.6%; batch 2 OPT-13B -1.9%, batch 4 -1.6% (twice); batch 16 OPT-13B
++12%: there the head product and the MLP predictor's first factor, two GEMVs of 40 steps along d each (16-sequence
+tiles), run one after the other on the neuron selection's path instead of as one stacked GEMV. Read when a decoder
+is built (A/B: ``products_b16``, products at every batch)."""
 MLP_FIRST_AFTER_HEADS = True
 """Where a layer's heads are scored from their predictor's product and its MLP predictor is factored, the MLP's first
 factor runs after the head selection (the selection the next q/k/v gather waits on is then two launches from the
@@ -462,11 +461,12 @@ class FastDecoder:
         # where the o_proj leaves its sums for the fused MLP block (defer_oproj_finish), both run as one launch of
         # ticketed work items, o_proj items first (kernels.oproj_mlp; A/B, read at capture; bench/NOTES.md v25)
         self.fuse_oproj_mlp = False
-        # the q/k/v gathers (but layer 0's, whose heads the kernel right before it chooses) and the MLP blocks read
-        # their selection and first weight chunk before their PDL wait (A/B, read at capture; lookahead only). It
-        # passes the GPU tests, but the H200 step moved -1.6% to +2.4% by model, and the gathers alone or the
-        # blocks alone are no more uniform (bench/NOTES.md v13), so it stays off
-        self.prewait_gathers = False
+        # the q/k/v gathers (but layer 0's, whose heads the kernel right before it chooses) read their selection and
+        # first weight chunk before their PDL wait ("rows"; True: the MLP blocks too; read at capture; lookahead
+        # only). Both kinds moved the H200 step by -1.6% to +2.4% by model in v13, when neither alone was uniform
+        # either; on v27's step the gathers alone gained on all four bench models (OPT-13B, OPT-30B, LLaMA-2-7B,
+        # OPT-6.7B: -0.2% to -1.6% over two calls) while the blocks lost up to 4.7% on LLaMA-2-7B (bench/NOTES.md v28)
+        self.prewait_gathers = "rows"
         # a dense MLP part after the sparse path's o_proj (dense_mlp="up_gather", qkv_gather): the o_proj's epilogue
         # also writes x_next = mid + b2, into which cuBLAS adds fc2, instead of an elementwise launch of its own
         # (A/B, read at capture; bench/profile_step.py's add_launch), where the o_proj finishes its own sums (not
@@ -767,7 +767,7 @@ class FastDecoder:
             self._block(l, lens, rope, mlp_ready=self._mlp_ready[l] if neurons_side else None, fork=fork,
                         finish_in=l > 0 and defer[l - 1], finish_out=not defer[l], o_defer=o_defer.get(l),
                         fused_tail=fused_tail[l],
-                        rows_prewait=self.prewait_gathers and self.lookahead and l > 0)  # fmt: skip
+                        rows_prewait=self.prewait_gathers in (True, "rows") and self.lookahead and l > 0)  # fmt: skip
         if forked:
             main.wait_stream(self._side)
         if split0:
@@ -1032,7 +1032,8 @@ class FastDecoder:
                     if o_defer is not None:  # and make mid from the o_proj's sums
                         defer["x_sum"] = K.XSum(o_defer[0], at.bo, x)
                     ops.mlp(xin, mlp.w1, mlp.w3, mlp.w2t, nidx, b1, b2, res, x_next, fold2, ws,
-                            prewait=self.prewait_gathers and self.lookahead, **defer)  # fmt: skip
+                            prewait=self.prewait_gathers in (True, "mlp") and self.lookahead,
+                            **defer)  # fmt: skip
             else:
                 act = ops.up(xin, mlp.w1, mlp.w3, nidx, b1, norm=fold2)
                 ops.down(act, mlp.w2t, nidx, mlp.b2, mid, x_next)
