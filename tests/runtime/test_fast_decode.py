@@ -206,17 +206,20 @@ def test_predictor_products_equal_factors(tiny, monkeypatch, B):
     assert decs[False].bytes_per_token() - decs[True].bytes_per_token() == 4 * len(sparse_heads) * (8 * (d + H) - H * d)
 
 
-@pytest.mark.parametrize("kv_policy", ["all", "selected"])
-def test_prewait_gathers_equal_reference_policy(tiny, kv_policy):
+@pytest.mark.parametrize("kv_policy, which", [("all", True), ("selected", True), ("all", "rows"), ("selected", "rows"),
+                                              ("all", "mlp")])
+def test_prewait_gathers_equal_reference_policy(tiny, kv_policy, which):
     """prewait_gathers (A/B): the q/k/v gathers (but layer 0's) and the MLP blocks read their selection before their
     PDL wait. The per-layer densities here make layer 0's prediction end in its head top-k, the kernel right before
     layer 0's gather: read early there, the selection can be the previous step's (the likely cause of the GPU
     failures in bench/NOTES.md v12), so several steps must match the reference per token. Without PDL (CPU, the
-    interpreter) prewait changes nothing and this equals the plain reference test; it is meant for the GPU run."""
+    interpreter) prewait changes nothing and this equals the plain reference test; it is meant for the GPU run.
+    ``which``: both kinds, the gathers only ("rows", the default) or the blocks only ("mlp")."""
     model = tiny[1].to(DEV)
     p = _predictors(model.spec)
     dec = FastDecoder(model, p, MLP_D, HEAD_D, batch=1, max_len=16, kv_policy=kv_policy, backend="triton")
-    dec.prewait_gathers = True
+    assert dec.prewait_gathers == "rows"
+    dec.prewait_gathers = which
     errs, _ = _compare(model, dec, PredictorPolicy(p, MLP_D, HEAD_D), kv_policy, B=1, steps=5)
     assert max(errs) < TOL, errs
     assert dec.describe()["prewait_gathers"]
@@ -765,4 +768,7 @@ def test_fork_point_and_side_pdl_checked(tiny):
         dec.decode_step(tok)
     dec.fork_at, dec.side_pdl = "attn", "some"
     with pytest.raises(ValueError, match="side_pdl must be one of"):
+        dec.decode_step(tok)
+    dec.side_pdl, dec.prewait_gathers = "off", "row"
+    with pytest.raises(ValueError, match="prewait_gathers must be one of"):
         dec.decode_step(tok)

@@ -146,6 +146,9 @@ SIDE_PDL_OFF = {"on": (), "off": ("first", "heads", "scores", "select"), "first"
                 "scores": ("scores",), "mlp": ("scores", "select")}
 """FastDecoder.side_pdl -> the parts of a side-stream prediction launched without PDL (the first factors, the head
 scores and top-k, the neuron scores, the neuron top-k)."""
+PREWAIT_FORMS = (False, True, "rows", "mlp")
+"""FastDecoder.prewait_gathers: which kernels read their selection and first weight chunk before their PDL wait: none,
+the q/k/v gathers and the MLP blocks, the gathers only (the default), the blocks only."""
 
 
 @dataclass
@@ -312,8 +315,8 @@ class FastDecoder:
         self.k_heads = [k_for(d, H) for d in hd_]
         scheme = predictors.input_scheme if predictors is not None else "lookahead"
         if scheme not in ("lookahead", "same"):
-            raise ValueError(f"FastDecoder supports predictors with input scheme 'lookahead' or 'same', not {scheme!r}; "
-                             "re-run `dejavu calibrate --predictor-input lookahead`")
+            raise ValueError(f"FastDecoder supports predictors with input scheme 'lookahead' or 'same', not "
+                             f"{scheme!r}; re-run `dejavu calibrate --predictor-input lookahead`")
         self.lookahead = scheme == "lookahead"
         cuda = self.device.type == "cuda"
         self.use_graph = bool(use_graph) and cuda
@@ -465,7 +468,7 @@ class FastDecoder:
         # first weight chunk before their PDL wait ("rows"; True: the MLP blocks too; read at capture; lookahead
         # only). Both kinds moved the H200 step by -1.6% to +2.4% by model in v13, when neither alone was uniform
         # either; on v27's step the gathers alone gained on all four bench models (OPT-13B, OPT-30B, LLaMA-2-7B,
-        # OPT-6.7B: -0.2% to -1.6% over two calls) while the blocks lost up to 4.7% on LLaMA-2-7B (bench/NOTES.md v28)
+        # OPT-6.7B: -0.2% to -1.6% over three calls) while the blocks lost up to 4.7% on LLaMA-2-7B (bench/NOTES.md v28)
         self.prewait_gathers = "rows"
         # a dense MLP part after the sparse path's o_proj (dense_mlp="up_gather", qkv_gather): the o_proj's epilogue
         # also writes x_next = mid + b2, into which cuBLAS adds fc2, instead of an elementwise launch of its own
@@ -712,6 +715,8 @@ class FastDecoder:
             raise ValueError(f"fork_at must be one of {FORK_POINTS}, got {self.fork_at!r}")
         if self.side_pdl not in SIDE_PDL_OFF:
             raise ValueError(f"side_pdl must be one of {tuple(SIDE_PDL_OFF)}, got {self.side_pdl!r}")
+        if self.prewait_gathers not in PREWAIT_FORMS:
+            raise ValueError(f"prewait_gathers must be one of {PREWAIT_FORMS}, got {self.prewait_gathers!r}")
         m, L = self.model, self.spec.n_layers
         pos = self._pos
         x0 = self._x[0]
