@@ -287,13 +287,8 @@ def main():
     preds8 = copy.deepcopy(preds).quantize_int8() if "pred_int8" in firsts else None  # a copy only where asked for
     preds8h = None
     if "pred_int8_half_rank" in firsts:  # the MLP predictors' bytes of int4 rows at rank d/16: rank d/32 as int8
-        from dejavu.predictors.model import PredictorSet
-
-        torch.manual_seed(1)
-        d = model.spec.d_model
-        with torch.device("cuda"):
-            preds8h = PredictorSet.for_model(model.spec, mlp_rank=max(d // 16, 128) // 2, head_rank=max(d // 16, 1))
-        preds8h = preds8h.to(torch.float16).eval().requires_grad_(False).quantize_int8()
+        half = preds.meta["mlp_rank"] // 2
+        preds8h = random_predictors(model.spec, mlp_rank=half).quantize_int8()
     ids = prompt_ids(spec.vocab_size, args.batch, 128, "cuda")
     res = {"gpu": torch.cuda.get_device_name(), "model": args.model, "point": [md, hd], "batch": args.batch,
            "pdl": os.environ.get("DEJAVU_PDL", "1") != "0"}

@@ -99,13 +99,14 @@ def build_random_model(spec, device=None, dtype=None, seed: int = 0):
     return model.eval().requires_grad_(False)
 
 
-def random_predictors(spec, device=None, dtype=None, seed: int = 1):
+def random_predictors(spec, device=None, dtype=None, seed: int = 1, mlp_rank=None):
+    """Random predictors of the bench's ranks: max(d/16, 128) for the MLP (or ``mlp_rank``), d/16 for the heads."""
     from ..predictors.model import PredictorSet
 
     torch.manual_seed(seed)
     d = spec.d_model
     with torch.device(device or DEVICE):
-        p = PredictorSet.for_model(spec, mlp_rank=max(d // 16, 128), head_rank=max(d // 16, 1))
+        p = PredictorSet.for_model(spec, mlp_rank=mlp_rank or max(d // 16, 128), head_rank=max(d // 16, 1))
     return p.to(dtype or DTYPE).eval().requires_grad_(False)
 
 
